@@ -1,0 +1,361 @@
+"""The model bundle: the contract between a trained model and every scene it predicts.
+
+A bundle is either a directory holding ``model.json`` (the contract) and ``weights.safetensors``,
+or a single ``.safetensors`` file whose metadata carries the contract under ``geoseg_contract``.
+Weights are read with safetensors (or ``torch.load(weights_only=True)`` for ``.pt``/``.pth``):
+loading a bundle never executes code from the file.
+
+This module does not import torch; :func:`load_model` does, when it is called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoseg.errors import BundleError
+
+if TYPE_CHECKING:
+    import torch
+
+    from geoseg.raster import SceneInfo
+
+log = logging.getLogger(__name__)
+
+CONTRACT_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+METADATA_KEY = "geoseg_contract"
+FORMAT_VERSION = 1
+
+
+class ClassInfo(BaseModel):
+    """One output class: the id written to the class map, a name and an RGB colour."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: int = Field(ge=0, le=65534)
+    name: str
+    color: tuple[int, int, int] = (128, 128, 128)
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError(f"colour components must be 0..255, got {v}")
+        return v
+
+
+class InputSpec(BaseModel):
+    """What the network takes: bands in order, their default scene indexes and normalisation.
+
+    ``mean`` and ``std`` are in the scene's raw units (digital numbers, reflectance...), so that
+    ``(raw - mean) / std`` is the network input whatever the dtype.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    bands: list[str] = Field(min_length=1)
+    band_indexes: list[int] | None = None
+    mean: list[float]
+    std: list[float]
+    dtype: str | None = None
+    pixel_size: float | None = Field(default=None, gt=0, description="metres per pixel at training")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> InputSpec:
+        n = len(self.bands)
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != n:
+                raise ValueError(f"input.{key} has {len(getattr(self, key))} values for {n} bands")
+        if self.band_indexes is not None and len(self.band_indexes) != n:
+            raise ValueError(f"input.band_indexes has {len(self.band_indexes)} values for {n} bands")
+        if self.band_indexes is not None and min(self.band_indexes) < 1:
+            raise ValueError("input.band_indexes are 1-based scene band numbers")
+        if any(not (s > 0 and math.isfinite(s)) for s in self.std):
+            raise ValueError("input.std values must be positive")
+        return self
+
+    @property
+    def default_indexes(self) -> list[int]:
+        return list(self.band_indexes) if self.band_indexes else list(range(1, len(self.bands) + 1))
+
+
+class ArchSpec(BaseModel):
+    """The network: an architecture from the registry in :mod:`geoseg.models` and its arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: str = "unet"
+    encoder: str | None = "resnet34"
+    params: dict[str, Any] = Field(default_factory=dict)
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+
+
+class Contract(BaseModel):
+    """Everything ``predict`` needs to use a model as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    name: str = "model"
+    model: ArchSpec
+    input: InputSpec
+    classes: list[ClassInfo] = Field(min_length=1)
+    chip_size: int = Field(default=512, ge=16)
+    overlap: int = Field(default=128, ge=0)
+    background_class: int | None = None
+    weights: str = WEIGHTS_FILE
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> Contract:
+        ids = [c.id for c in self.classes]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"class ids must be unique, got {ids}")
+        if self.overlap * 2 > self.chip_size:
+            raise ValueError(f"overlap {self.overlap} must be at most half of chip_size {self.chip_size}")
+        if self.model.activation == "sigmoid" and len(self.classes) != 2:
+            raise ValueError("a sigmoid (single-logit) model needs exactly two classes")
+        if self.background_class is not None and self.background_class not in ids:
+            raise ValueError(f"background_class {self.background_class} is not a class id {ids}")
+        return self
+
+    @property
+    def out_channels(self) -> int:
+        return 1 if self.model.activation == "sigmoid" else len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.input.bands)
+
+    @property
+    def class_ids(self) -> list[int]:
+        return [c.id for c in self.classes]
+
+
+@dataclass
+class Bundle:
+    """A contract and where its weights are. Cheap: no torch, no weights read."""
+
+    contract: Contract
+    path: Path
+    weights_path: Path
+
+    @property
+    def name(self) -> str:
+        return self.contract.name
+
+
+@dataclass
+class LoadedModel:
+    """A bundle with its network built and its weights loaded (in eval mode, on the CPU)."""
+
+    bundle: Bundle
+    module: torch.nn.Module
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def contract(self) -> Contract:
+        return self.bundle.contract
+
+
+def _parse_contract(data: Any, where: Path) -> Contract:
+    try:
+        return Contract.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise BundleError(
+            f"{where}: invalid model contract at '{loc}': {first['msg']} ({len(exc.errors())} problem(s)); "
+            "fix the bundle's model.json or re-export it with geoseg"
+        ) from None
+
+
+def read_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Read a bundle's contract without loading weights or torch.
+
+    Raises:
+        BundleError: the path is missing, is not a bundle, or its contract does not validate.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BundleError(f"{p}: no such model bundle; give a bundle directory (with {CONTRACT_FILE}) "
+                          "or a .safetensors file made by geoseg")
+    if p.is_dir():
+        cfile = p / CONTRACT_FILE
+        if not cfile.is_file():
+            raise BundleError(f"{p}: not a model bundle (no {CONTRACT_FILE} inside); "
+                              "point --model at a directory written by geoseg train or geoseg demo")
+        try:
+            data = json.loads(cfile.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{cfile}: cannot read the contract ({exc}); restore or re-export the bundle") from None
+        contract = _parse_contract(data, cfile)
+        weights = p / contract.weights
+        if not weights.is_file():
+            raise BundleError(f"{p}: weights file {contract.weights!r} is missing; re-export the bundle")
+        return Bundle(contract, p, weights)
+    if p.suffix == ".json":
+        return read_bundle(p.parent)
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="numpy") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises its own error types
+            raise BundleError(f"{p}: not a readable safetensors file ({exc})") from None
+        if METADATA_KEY not in meta:
+            raise BundleError(f"{p}: safetensors file without a geoseg contract in its metadata; "
+                              "save it with geoseg.save_bundle or use a bundle directory")
+        try:
+            data = json.loads(meta[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{p}: the embedded contract is not JSON ({exc})") from None
+        return Bundle(_parse_contract(data, p), p, p)
+    raise BundleError(f"{p}: not a model bundle; expected a directory or a .safetensors file")
+
+
+def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights), device="cpu")
+    if weights.suffix in (".pt", ".pth", ".ckpt"):
+        import torch
+
+        obj = torch.load(str(weights), map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise BundleError(f"{weights}: expected a state dict of tensors")
+        return obj
+    raise BundleError(f"{weights}: unknown weights format; use .safetensors (or .pt with tensors only)")
+
+
+def load_model(path: str | os.PathLike[str] | Bundle) -> LoadedModel:
+    """Load a bundle: contract, network and weights, ready for inference on the CPU.
+
+    Args:
+        path: a bundle directory, a geoseg ``.safetensors`` file, or an already read :class:`Bundle`.
+
+    Raises:
+        BundleError: the bundle is not valid or its weights do not fit its architecture.
+    """
+    from geoseg.models import build_network
+
+    bundle = path if isinstance(path, Bundle) else read_bundle(path)
+    net = build_network(bundle.contract)
+    try:
+        state = _read_state_dict(bundle.weights_path)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"{bundle.weights_path}: cannot read weights ({exc}); re-export the bundle") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0]
+        raise BundleError(f"{bundle.weights_path}: weights do not fit the contract's network ({msg})") from None
+    net.eval()
+    return LoadedModel(bundle, net)
+
+
+def save_bundle(
+    path: str | os.PathLike[str], contract: Contract, network: torch.nn.Module | dict[str, torch.Tensor],
+    *, overwrite: bool = False,
+) -> Bundle:
+    """Write a bundle atomically: a directory, or a single file when ``path`` ends in ``.safetensors``.
+
+    Raises:
+        OutputExistsError: the path exists and ``overwrite`` is false.
+    """
+    from safetensors.torch import save_file
+
+    from geoseg.errors import OutputExistsError
+
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputExistsError(f"{p}: already exists; choose another path or pass overwrite")
+    state = network if isinstance(network, dict) else network.state_dict()
+    # safetensors refuses shared or non-contiguous storage: give it plain copies
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".safetensors":
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        meta = {METADATA_KEY: contract.model_dump_json()}
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, p)
+        return Bundle(contract, p, p)
+    c = contract.model_copy(update={"weights": WEIGHTS_FILE})
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=p.parent))
+    try:
+        save_file(state, str(tmpdir / WEIGHTS_FILE))
+        (tmpdir / CONTRACT_FILE).write_text(json.dumps(c.model_dump(mode="json"), indent=2) + "\n")
+        if p.exists():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        os.replace(tmpdir, p)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return Bundle(c, p, p / WEIGHTS_FILE)
+
+
+@dataclass
+class Preflight:
+    """The outcome of checking a bundle against one scene: which scene bands feed the model."""
+
+    band_indexes: list[int]
+    warnings: list[str]
+
+
+def check_scene(contract: Contract, scene: SceneInfo, bands: list[int] | None = None) -> Preflight:
+    """Check that a scene fits the contract before any model work.
+
+    Args:
+        contract: the model contract.
+        scene: the scene as described by :func:`geoseg.raster.inspect_scene`.
+        bands: 1-based scene band numbers feeding the model inputs in order (the ``--bands`` flag);
+            default: the contract's ``input.band_indexes``, else bands 1..n.
+
+    Raises:
+        BundleError: band count or numbers that do not fit.
+    """
+    need = contract.in_channels
+    names = ", ".join(contract.input.bands)
+    if bands is not None:
+        if len(bands) != need:
+            raise BundleError(
+                f"{scene.path}: --bands gives {len(bands)} band(s) but model {contract.name!r} takes {need} "
+                f"({names}); give {need} comma-separated scene band numbers"
+            )
+        idx = list(bands)
+    else:
+        idx = contract.input.default_indexes
+    bad = [i for i in idx if not 1 <= i <= scene.count]
+    if bad:
+        hint = ",".join(["1"] * need) if scene.count == 1 else ",".join(str(min(i, scene.count)) for i in idx)
+        raise BundleError(
+            f"{scene.path}: has {scene.count} band(s) but model {contract.name!r} reads band(s) "
+            f"{','.join(map(str, idx))} for its inputs ({names}); map scene bands to model inputs "
+            f"with --bands, e.g. --bands {hint}"
+        )
+    warnings: list[str] = []
+    want = contract.input.pixel_size
+    have = scene.pixel_size_m
+    if want and have and not 0.5 <= have / want <= 2.0:
+        warnings.append(
+            f"{scene.path}: pixel size {have:.3g} m is far from the {want:.3g} m model {contract.name!r} "
+            "was trained at; expect poor results (resample the scene, or use a model trained at this scale)"
+        )
+    if contract.input.dtype and scene.dtype != contract.input.dtype:
+        warnings.append(
+            f"{scene.path}: dtype {scene.dtype} differs from the {contract.input.dtype} model "
+            f"{contract.name!r} was trained on; its normalisation may not fit"
+        )
+    return Preflight(idx, warnings)

@@ -1,0 +1,392 @@
+"""Raster I/O: open and describe scenes, read chips with their validity masks, write outputs atomically.
+
+Everything that touches GDAL for rasters lives here. Outputs are first written as a tiled GeoTIFF in a
+hidden temporary folder beside their final path, converted to a Cloud Optimized GeoTIFF by GDAL's COG
+driver, and moved into place only when complete; on any failure the temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512  # internal tile size of every output, and the row granularity of writes
+COMPRESSIONS = ("deflate", "zstd", "lzw")
+
+GDAL_OPTIONS: dict[str, Any] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing per open (remote scenes)
+    "GDAL_CACHEMAX": 256,  # MB; bounded whatever the scene size
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt",
+}
+
+
+def gdal_env(**options: Any) -> rasterio.Env:
+    """A :class:`rasterio.Env` with geoseg's GDAL settings, overridden by ``options``."""
+    return rasterio.Env(**{**GDAL_OPTIONS, **options})
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What geoseg needs to know about a scene, read from its header only."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: Any
+    transform: Any
+    nodata: float | None
+    mask: str  # "none", "nodata", "alpha" or "internal"
+    alpha_band: int | None
+    block_shapes: tuple[tuple[int, int], ...]
+    driver: str
+    bounds: tuple[float, float, float, float]
+    descriptions: tuple[str | None, ...]
+    pixel_size_m: float | None = None
+    compression: str | None = None
+    overviews: tuple[int, ...] = ()
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def area_km2(self) -> float | None:
+        return None if self.pixel_size_m is None else self.pixels * self.pixel_size_m**2 / 1e6
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "driver": self.driver, "width": self.width, "height": self.height,
+            "count": self.count, "dtype": self.dtype,
+            "crs": self.crs.to_string() if self.crs else None,
+            "transform": list(self.transform)[:6] if self.transform else None,
+            "bounds": list(self.bounds), "nodata": self.nodata, "mask": self.mask,
+            "alpha_band": self.alpha_band, "block_shapes": [list(b) for b in self.block_shapes],
+            "pixel_size_m": self.pixel_size_m, "area_km2": self.area_km2,
+            "compression": self.compression, "overviews": list(self.overviews),
+            "descriptions": list(self.descriptions),
+        }
+
+
+def _pixel_size_m(ds: rasterio.DatasetReader) -> float | None:
+    if ds.crs is None:
+        return None
+    xres, yres = abs(ds.transform.a), abs(ds.transform.e)
+    if ds.crs.is_geographic:
+        lat = math.radians((ds.bounds.top + ds.bounds.bottom) / 2)
+        return math.sqrt(xres * 111_320 * math.cos(lat) * yres * 110_574)
+    try:
+        factor = ds.crs.linear_units_factor[1]
+    except Exception:  # CRS without linear units: take the units as metres
+        factor = 1.0
+    return math.sqrt(xres * yres) * factor
+
+
+def _mask_kind(ds: rasterio.DatasetReader) -> tuple[str, int | None]:
+    alpha = next((i + 1 for i, ci in enumerate(ds.colorinterp) if ci == ColorInterp.alpha), None)
+    if alpha is not None:
+        return "alpha", alpha
+    flags = ds.mask_flag_enums
+    if any(MaskFlags.per_dataset in f for f in flags):
+        return "internal", None
+    if any(MaskFlags.nodata in f for f in flags):
+        return "nodata", None
+    return "none", None
+
+
+def open_scene(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
+    """Open a scene for reading, with a one-line error naming the file when GDAL cannot."""
+    p = os.fspath(path)
+    try:
+        return rasterio.open(p)
+    except RasterioIOError as exc:
+        if "://" not in p and not os.path.exists(p):
+            raise InputError(f"{p}: no such file; check the path (globs must match at least one file)") from None
+        raise InputError(f"{p}: cannot be read as a raster ({exc}); give a GeoTIFF or another GDAL raster") from None
+
+
+def inspect_scene(path: str | os.PathLike[str]) -> SceneInfo:
+    """Describe a scene from its header (no pixel reads).
+
+    Raises:
+        InputError: the file cannot be opened as a raster.
+    """
+    with gdal_env(), open_scene(path) as ds:
+        mask, alpha = _mask_kind(ds)
+        return SceneInfo(
+            path=os.fspath(path), width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0],
+            crs=ds.crs, transform=ds.transform, nodata=ds.nodata, mask=mask, alpha_band=alpha,
+            block_shapes=tuple(tuple(b) for b in ds.block_shapes), driver=ds.driver,
+            bounds=tuple(ds.bounds), descriptions=tuple(ds.descriptions), pixel_size_m=_pixel_size_m(ds),
+            compression=ds.compression.value if ds.compression else None,
+            overviews=tuple(ds.overviews(1)) if ds.count else (),
+        )
+
+
+def band_validity(data: np.ndarray, ds: rasterio.DatasetReader, indexes: Sequence[int], window: Window,
+                  kind: str) -> np.ndarray:
+    """Per-band validity ``(bands, rows, cols)`` of ``data`` read from ``window`` of ``ds``.
+
+    A value is valid when the raster's mask (nodata value, alpha band or internal mask) says so and it is
+    finite.
+    """
+    valid = np.isfinite(data) if data.dtype.kind == "f" else np.ones(data.shape, dtype=bool)
+    if kind == "nodata" and ds.nodata is not None:
+        nd = ds.nodata
+        if isinstance(nd, float) and math.isnan(nd):
+            pass  # already excluded as non-finite
+        else:
+            valid &= data != np.asarray(nd).astype(data.dtype)
+    elif kind in ("alpha", "internal"):
+        m = ds.read_masks(indexes[0], window=window) > 0
+        valid &= m[None]
+    return valid
+
+
+class SceneReader:
+    """Thread-safe chip reader: one GDAL handle per thread (GDAL handles are not thread-safe).
+
+    ``read(window)`` returns the bands the model takes as float32, normalised with ``mean`` and ``std``,
+    with invalid values set to 0 (the band mean), plus the 2-D validity mask. A pixel is valid when at
+    least one of its bands is valid (GDAL's dataset-mask rule), so a legitimate 0 in one band of a scene
+    with nodata 0 is not a hole.
+    """
+
+    def __init__(self, path: str, indexes: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+        self.path = path
+        self.indexes = list(indexes)
+        self._mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+        self._inv_std = (1.0 / np.asarray(std, dtype=np.float32))[:, None, None]
+        self._local = threading.local()
+        self._handles: list[rasterio.DatasetReader] = []
+        self._lock = threading.Lock()
+        with self._dataset() as _:
+            pass
+
+    @contextlib.contextmanager
+    def _dataset(self) -> Iterator[rasterio.DatasetReader]:
+        ds = getattr(self._local, "ds", None)
+        if ds is None:
+            ds = open_scene(self.path)
+            self._local.ds = ds
+            self._local.kind = _mask_kind(ds)[0]
+            with self._lock:
+                self._handles.append(ds)
+        yield ds
+
+    @property
+    def unique_indexes(self) -> list[int]:
+        return sorted(set(self.indexes))
+
+    def read(self, window: Window, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Read ``window`` (clipped to the scene), padded by reflection to ``size`` (rows, cols).
+
+        Returns:
+            ``(data, valid)``: float32 ``(bands, rows, cols)`` normalised input and bool ``(rows, cols)``.
+        """
+        with self._dataset() as ds:
+            uniq = self.unique_indexes
+            raw = ds.read(uniq, window=window)
+            bvalid = band_validity(raw, ds, uniq, window, self._local.kind)
+        pos = [uniq.index(i) for i in self.indexes]
+        raw, bvalid = raw[pos], bvalid[pos]
+        data = raw.astype(np.float32, copy=False)
+        # the same scene band may feed several inputs, so normalise a fresh array
+        data = (data - self._mean) * self._inv_std
+        data[~bvalid] = 0.0
+        valid = bvalid.any(axis=0)
+        if size is not None and (data.shape[1], data.shape[2]) != size:
+            ph, pw = size[0] - data.shape[1], size[1] - data.shape[2]
+            data = np.pad(data, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
+            valid = np.pad(valid, ((0, ph), (0, pw)), mode="constant", constant_values=False)
+        return np.ascontiguousarray(data, dtype=np.float32), valid
+
+    def close(self) -> None:
+        with self._lock:
+            for ds in self._handles:
+                ds.close()
+            self._handles.clear()
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class OutputSpec:
+    """A named output profile: what to write and how the COG is built."""
+
+    dtype: str
+    count: int
+    nodata: float | None
+    resampling: str  # COG overview resampling: "MODE" for classes, "AVERAGE" for probabilities
+    descriptions: list[str] = field(default_factory=list)
+    colormap: dict[int, tuple[int, int, int, int]] | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    scales: list[float] | None = None
+    nbits: int | None = None
+    predictor: int | None = None
+
+
+def class_dtype(class_ids: Sequence[int]) -> tuple[str, int]:
+    """The smallest dtype for ``class_ids`` and its nodata value (the dtype's maximum)."""
+    if max(class_ids) < 255:
+        return "uint8", 255
+    return "uint16", 65535
+
+
+def classes_spec(classes: Sequence[Any], extra_tags: dict[str, str] | None = None) -> OutputSpec:
+    """Output profile of a class map: one band of ids with a colour table and class names."""
+    ids = [c.id for c in classes]
+    dtype, nodata = class_dtype(ids)
+    tags = {f"CLASS_{c.id}": c.name for c in classes}
+    tags["CLASSES"] = json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes])
+    tags.update(extra_tags or {})
+    cmap = {c.id: (*c.color, 255) for c in classes}
+    return OutputSpec(dtype, 1, nodata, "MODE", ["class"], cmap, tags)
+
+
+def probabilities_spec(classes: Sequence[Any], dtype: str, extra_tags: dict[str, str] | None = None) -> OutputSpec:
+    """Output profile of per-class probabilities: uint8 (value / 254, nodata 255), float16 or float32 (NaN)."""
+    names = [c.name for c in classes]
+    tags = {"CLASSES": json.dumps([{"id": c.id, "name": c.name} for c in classes]), **(extra_tags or {})}
+    if dtype == "uint8":
+        tags["SCALE"] = "probability = value / 254"
+        return OutputSpec("uint8", len(names), 255, "AVERAGE", names, None, tags,
+                          scales=[1 / 254] * len(names), predictor=2)
+    if dtype in ("float16", "float32"):
+        return OutputSpec("float32", len(names), float("nan"), "AVERAGE", names, None, tags,
+                          nbits=16 if dtype == "float16" else None, predictor=3)
+    raise InputError(f"probabilities dtype must be uint8, float16 or float32, got {dtype!r}")
+
+
+def qml_style(classes: Sequence[Any]) -> str:
+    """A QGIS layer style (paletted renderer with a legend), loaded by QGIS from ``<name>.qml``."""
+    entries = "\n".join(
+        f'        <paletteEntry value="{c.id}" color="#{c.color[0]:02x}{c.color[1]:02x}{c.color[2]:02x}" '
+        f"alpha=\"255\" label={quoteattr(c.name)}/>"
+        for c in classes
+    )
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28.0" styleCategories="AllStyleCategories">\n'
+        "  <pipe>\n"
+        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
+        "      <rasterTransparency/>\n"
+        "      <colorPalette>\n"
+        f"{entries}\n"
+        "      </colorPalette>\n"
+        "    </rasterrenderer>\n"
+        "  </pipe>\n"
+        "</qgis>\n"
+    )
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``; make sure its folder can be created."""
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it or choose another --output-dir")
+
+
+class OutputRaster:
+    """A raster output on the scene's grid, written in windows and published as a COG on ``commit``.
+
+    Writes are serialised by a lock (GDAL handles are not thread-safe); callers write whole internal
+    tiles (rows in multiples of :data:`BLOCK`) so that no compressed tile is rewritten.
+    """
+
+    def __init__(self, path: Path, scene: SceneInfo, spec: OutputSpec, *, compress: str = "deflate",
+                 overwrite: bool = False, workdir: Path | None = None):
+        if compress not in COMPRESSIONS:
+            raise InputError(f"unknown compression {compress!r}; valid: {', '.join(COMPRESSIONS)}")
+        check_writable(path, overwrite)
+        self.path = path
+        self.spec = spec
+        self.compress = compress
+        self.overwrite = overwrite
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=workdir or path.parent))
+        self._tmp = self._tmpdir / "stage.tif"
+        profile = dict(
+            driver="GTiff", width=scene.width, height=scene.height, count=spec.count, dtype=spec.dtype,
+            crs=scene.crs, transform=scene.transform, nodata=spec.nodata, tiled=True,
+            blockxsize=BLOCK, blockysize=BLOCK, compress="zstd", zstd_level=1, bigtiff="if_safer",
+        )
+        if spec.nbits:
+            profile["nbits"] = spec.nbits
+        try:
+            self._ds = rasterio.open(self._tmp, "w", **profile)
+            for i, d in enumerate(spec.descriptions, start=1):
+                self._ds.set_band_description(i, d)
+            if spec.colormap:
+                self._ds.write_colormap(1, spec.colormap)
+            if spec.scales:
+                self._ds.scales = tuple(spec.scales)
+                self._ds.offsets = tuple([0.0] * spec.count)
+            if spec.tags:
+                self._ds.update_tags(**spec.tags)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, array: np.ndarray, window: Window) -> None:
+        """Write ``array`` ``(bands, rows, cols)`` at ``window``."""
+        with self._lock:
+            self._ds.write(array, window=window)
+
+    def commit(self, sidecars: dict[str, str] | None = None) -> Path:
+        """Build the COG and move it (and text sidecars, by suffix) into place."""
+        try:
+            self._ds.close()
+            cog = self._tmpdir / "cog.tif"
+            opts: dict[str, Any] = dict(
+                driver="COG", COMPRESS=self.compress.upper(), BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
+                OVERVIEW_RESAMPLING=self.spec.resampling, NUM_THREADS="ALL_CPUS",
+            )
+            if self.spec.predictor:
+                opts["PREDICTOR"] = self.spec.predictor
+            if self.spec.nbits:
+                opts["NBITS"] = self.spec.nbits
+            with gdal_env():
+                rasterio.shutil.copy(self._tmp, cog, **opts)
+            check_writable(self.path, self.overwrite)
+            for suffix, text in (sidecars or {}).items():
+                side = self._tmpdir / f"side{suffix}"
+                side.write_text(text)
+                os.replace(side, self.path.with_suffix(suffix))
+            os.replace(cog, self.path)
+            return self.path
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written so far (safe to call twice)."""
+        ds = getattr(self, "_ds", None)
+        if ds is not None and not ds.closed:
+            with contextlib.suppress(RasterioError):
+                ds.close()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
