@@ -1,0 +1,282 @@
+"""The model stage: one consumer per device that turns batches of chips into probabilities.
+
+Readers submit chips (``(C, H, W)`` float32, already normalised) from any thread and get a future of the
+chip's probabilities ``(K, H, W)`` float32. A single thread owns the network: it gathers chips into
+batches of ``batch_size`` (or fewer when no chip has arrived for ``max_wait`` seconds), runs them and
+resolves the futures. On CUDA it uses pinned host buffers, a side stream for host-to-device copies and
+mixed precision, and prepares batch k+1 while the device computes batch k.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from geoseg.bundle import LoadedModel
+from geoseg.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU.
+
+    Raises:
+        InputError: an unknown device, or ``cuda`` on a machine without one.
+    """
+    name = device.lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or ``None`` for float32. ``auto``: bf16 on CUDA when supported, else fp16; fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# test-time augmentation: (forward transform, inverse transform) on (N, C, H, W) tensors
+_TTA: list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = [
+    (lambda t: t, lambda t: t),
+    (lambda t: t.flip(-1), lambda t: t.flip(-1)),
+    (lambda t: t.flip(-2), lambda t: t.flip(-2)),
+    (lambda t: t.rot90(1, (-2, -1)), lambda t: t.rot90(-1, (-2, -1))),
+    (lambda t: t.rot90(2, (-2, -1)), lambda t: t.rot90(-2, (-2, -1))),
+    (lambda t: t.rot90(3, (-2, -1)), lambda t: t.rot90(-3, (-2, -1))),
+]
+
+
+class Predictor:
+    """Runs a loaded model on batches: ``(N, C, H, W)`` float32 array in, ``(N, K, H, W)`` probabilities out.
+
+    Args:
+        model: the loaded bundle.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (autocast on CUDA only).
+        tta: average the probabilities over flips and 90-degree rotations (6x the model work).
+    """
+
+    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False):
+        self.contract = model.contract
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_precision(precision, self.device)
+        self.tta = tta
+        net = model.module.to(self.device).eval()
+        if self.device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.net = net
+        self.sigmoid = self.contract.model.activation == "sigmoid"
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """logits -> probabilities for one device batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` float32."""
+        transforms = _TTA if self.tta else _TTA[:1]
+        probs: torch.Tensor | None = None
+        for fwd, inv in transforms:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = self.net(fwd(x))
+            if isinstance(logits, (tuple, list)):  # smp models with aux heads return (mask, label)
+                logits = logits[0]
+            logits = inv(logits.float())
+            if self.sigmoid:
+                p1 = torch.sigmoid(logits[:, :1])
+                p = torch.cat([1 - p1, p1], dim=1)
+            else:
+                p = torch.softmax(logits, dim=1)
+            probs = p if probs is None else probs + p
+        assert probs is not None
+        return probs / len(transforms) if len(transforms) > 1 else probs
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self.device)
+        return self._forward(x).cpu().numpy()
+
+
+@dataclass
+class _Item:
+    data: np.ndarray
+    future: Future[np.ndarray]
+
+
+_STOP = object()
+
+
+class ModelServer:
+    """The single consumer of chips for one device (see the module docstring).
+
+    Use as a context manager; :meth:`submit` may be called from any thread.
+    """
+
+    def __init__(self, predictor: Predictor, batch_size: int = 8, max_wait: float = 0.02):
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        self.predictor = predictor
+        self.batch_size = batch_size
+        self.max_wait = max_wait
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="geoseg-model", daemon=True)
+        self.seconds = 0.0  # time the model thread spent running batches
+        self.batches = 0
+        self.chips = 0
+        self._error: BaseException | None = None
+        cuda = predictor.device.type == "cuda"
+        self._cuda = cuda
+        self._copy_stream = torch.cuda.Stream(predictor.device) if cuda else None
+        self._host_in: list[torch.Tensor] = []
+        self._host_out: list[torch.Tensor] = []
+
+    def __enter__(self) -> ModelServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def submit(self, data: np.ndarray) -> Future[np.ndarray]:
+        """Queue one chip ``(C, H, W)`` float32; the future resolves to ``(K, H, W)`` float32."""
+        fut: Future[np.ndarray] = Future()
+        if self._error is not None:
+            fut.set_exception(self._error)
+            return fut
+        self._queue.put(_Item(data, fut))
+        return fut
+
+    def _gather(self) -> tuple[list[_Item], bool]:
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        items = [first]
+        stop = False
+        while len(items) < self.batch_size:
+            try:
+                nxt = self._queue.get(timeout=self.max_wait)
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                stop = True
+                break
+            items.append(nxt)
+        return items, stop
+
+    def _loop(self) -> None:
+        pending: tuple[list[_Item], Any] | None = None
+        slot = 0
+        stop = False
+        while not stop:
+            if pending is not None and (not self._cuda or self._queue.empty()):
+                # nothing to overlap with (or no device to overlap on): publish the results now
+                self._finish(*pending)
+                pending = None
+            items, stop = self._gather()
+            if items:
+                try:
+                    launched = self._launch(items, slot)
+                except BaseException as exc:  # resolve the futures, never kill the thread silently
+                    self._fail(items, exc)
+                    launched = None
+                slot ^= 1
+            else:
+                launched = None
+            if pending is not None:
+                self._finish(*pending)
+            pending = (items, launched) if launched is not None else None
+        if pending is not None:
+            self._finish(*pending)
+        # anything submitted after the stop sentinel
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item.future.set_exception(RuntimeError("the model server was closed"))
+
+    def _launch(self, items: list[_Item], slot: int) -> Any:
+        """Start a batch; on CUDA this returns before the device is done."""
+        t0 = time.perf_counter()
+        batch = np.stack([it.data for it in items])
+        pred = self.predictor
+        with torch.inference_mode():
+            if not self._cuda:
+                probs = pred._forward(torch.from_numpy(batch))
+                self.seconds += time.perf_counter() - t0
+                return probs.numpy()
+            n = len(items)
+            host_in = self._pinned(self._host_in, slot, batch.shape)
+            host_in[:n].copy_(torch.from_numpy(batch))
+            assert self._copy_stream is not None
+            with torch.cuda.stream(self._copy_stream):
+                x = host_in[:n].to(pred.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            torch.cuda.current_stream(pred.device).wait_stream(self._copy_stream)
+            x.record_stream(torch.cuda.current_stream(pred.device))
+            probs = pred._forward(x)
+            k = probs.shape[1]
+            host_out = self._pinned(self._host_out, slot, (self.batch_size, k, *batch.shape[2:]))
+            host_out[:n].copy_(probs, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.seconds += time.perf_counter() - t0
+            return (host_out, n, done, t0)
+
+    def _pinned(self, pool: list[torch.Tensor], slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        full = (self.batch_size, *shape[1:])
+        while len(pool) <= slot:
+            pool.append(torch.empty(0))
+        if tuple(pool[slot].shape) != full:
+            pool[slot] = torch.empty(full, dtype=torch.float32, pin_memory=True)
+        return pool[slot]
+
+    def _finish(self, items: list[_Item], launched: Any) -> None:
+        try:
+            if self._cuda:
+                host_out, n, done, t0 = launched
+                t1 = time.perf_counter()
+                done.synchronize()
+                self.seconds += time.perf_counter() - t1
+                probs = host_out[:n].numpy().copy()  # the pinned buffer is reused two batches later
+            else:
+                probs = launched
+        except BaseException as exc:
+            self._fail(items, exc)
+            return
+        self.batches += 1
+        self.chips += len(items)
+        for i, it in enumerate(items):
+            it.future.set_result(probs[i])
+
+    def _fail(self, items: list[_Item], exc: BaseException) -> None:
+        self._error = exc
+        for it in items:
+            if not it.future.done():
+                it.future.set_exception(exc)

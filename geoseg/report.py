@@ -1,0 +1,106 @@
+"""Run reports and descriptions: what ran, with which settings, how fast, and with how much memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from geoseg import __version__
+
+if TYPE_CHECKING:
+    from geoseg.predict import RunResult
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 1024 / 1024
+
+
+def versions() -> dict[str, str]:
+    """Versions of geoseg and the libraries that shape its results."""
+    import numpy
+    import rasterio
+
+    out = {"geoseg": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+           "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__}
+    for mod in ("torch", "segmentation_models_pytorch"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def run_report(run: RunResult) -> dict[str, Any]:
+    """A JSON-ready report of a predict run."""
+    mpix = run.pixels / 1e6
+    area = sum(s.area_km2 or 0.0 for s in run.scenes)
+    hours = run.seconds / 3600
+    opts = dataclasses.asdict(run.options)
+    if callable(opts.get("blend")):
+        opts["blend"] = getattr(opts["blend"], "__name__", "custom")
+    return {
+        "geoseg_report": 1,
+        "inputs": [s.scene for s in run.scenes],
+        "outputs": [
+            {"scene": s.scene, "classes": str(s.classes_path),
+             "probabilities": str(s.probabilities_path) if s.probabilities_path else None,
+             "width": s.width, "height": s.height, "chips": s.chips, "chips_skipped": s.chips_skipped,
+             "bands": s.band_indexes, "seconds": round(s.seconds, 3), "warnings": s.warnings}
+            for s in run.scenes
+        ],
+        "model": {"path": run.model_path, "name": run.model.name, "architecture": run.model.model.architecture,
+                  "encoder": run.model.model.encoder, "classes": [c.name for c in run.model.classes]},
+        "settings": {**opts, "tile_size": run.scenes[0].tile_size if run.scenes else None,
+                     "overlap": run.scenes[0].overlap if run.scenes else None,
+                     "device": run.device, "amp": run.amp},
+        "seconds": round(run.seconds, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in run.stage_seconds.items()},
+        "stage_seconds_note": "busy seconds summed over threads; stages overlap, so they can add up to more "
+                              "than the wall time",
+        "megapixels": round(mpix, 3),
+        "mpix_per_s": round(mpix / run.seconds, 4) if run.seconds else None,
+        "km2_per_hour": round(area / hours, 2) if hours and area else None,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "versions": versions(),
+    }
+
+
+def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
+    """Write a JSON report atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, p)
+    return p
+
+
+def describe_path(path: str) -> dict[str, Any]:
+    """Describe a model bundle or a scene, for ``geoseg info``."""
+    from geoseg.bundle import CONTRACT_FILE, read_bundle
+    from geoseg.raster import inspect_scene
+
+    p = Path(path)
+    if (p.is_dir() and (p / CONTRACT_FILE).exists()) or p.suffix == ".safetensors":
+        b = read_bundle(p)
+        c = b.contract
+        return {
+            "kind": "model bundle", "path": str(b.path), "name": c.name,
+            "architecture": c.model.architecture, "encoder": c.model.encoder,
+            "bands": c.input.bands, "band_indexes": c.input.default_indexes,
+            "mean": c.input.mean, "std": c.input.std, "pixel_size_m": c.input.pixel_size,
+            "classes": [{"id": k.id, "name": k.name, "color": list(k.color)} for k in c.classes],
+            "chip_size": c.chip_size, "overlap": c.overlap, "weights": str(b.weights_path),
+            "metadata": c.metadata,
+        }
+    return {"kind": "scene", **inspect_scene(path).as_dict()}
