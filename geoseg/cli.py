@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -90,14 +89,19 @@ class _ChipBar:
     """A tqdm bar over chips with the output rate in MPix/s."""
 
     def __init__(self, quiet: bool, desc: str = "predict"):
-        from tqdm import tqdm
-
-        self.bar = None if quiet else tqdm(total=0, desc=desc, unit="chip", dynamic_ncols=True, mininterval=0.5)
+        self.quiet = quiet
+        self.desc = desc
+        self.bar: Any = None  # created at the first event, so errors before any work print alone
         self.t0 = time.perf_counter()
 
     def __call__(self, ev: Any) -> None:
-        if self.bar is None:
+        if self.quiet:
             return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=ev.chips_total, desc=self.desc, unit="chip", dynamic_ncols=True, mininterval=0.5)
+            self.t0 = time.perf_counter()
         self.bar.total = ev.chips_total
         self.bar.n = ev.chips_done
         rate = ev.pixels_done / max(time.perf_counter() - self.t0, 1e-9) / 1e6

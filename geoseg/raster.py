@@ -217,7 +217,7 @@ class SceneReader:
         # the same scene band may feed several inputs, so normalise a fresh array
         data = (data - self._mean) * self._inv_std
         data[~bvalid] = 0.0
-        valid = bvalid.any(axis=0)
+        valid: np.ndarray = np.asarray(bvalid.any(axis=0))
         if size is not None and (data.shape[1], data.shape[2]) != size:
             ph, pw = size[0] - data.shape[1], size[1] - data.shape[2]
             data = np.pad(data, ((0, 0), (0, ph), (0, pw)), mode="symmetric")

@@ -47,3 +47,48 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
         return write_raster(tmp_path / name, data, **kwargs)
 
     return make
+
+
+def make_bundle(path: Path, n_bands: int = 3, n_classes: int | None = None, *, chip: int = 64, overlap: int = 16,
+                architecture: str = "conv1x1", identity: bool = True, seed: int = 0, **contract: Any) -> Path:
+    """Write a tiny model bundle. ``conv1x1`` with ``identity`` maps input band k to logit k exactly."""
+    import torch
+
+    from geoseg.bundle import ArchSpec, ClassInfo, Contract, InputSpec, save_bundle
+    from geoseg.models import build_network
+
+    n_classes = n_classes or n_bands
+    params: dict[str, Any] = {}
+    encoder = None
+    if architecture != "conv1x1":
+        encoder = "resnet18"
+        params = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+    fields: dict[str, Any] = dict(
+        name="tiny", model=ArchSpec(architecture=architecture, encoder=encoder, params=params),
+        input=InputSpec(bands=[f"b{i + 1}" for i in range(n_bands)], mean=[0.0] * n_bands, std=[1.0] * n_bands),
+        classes=[ClassInfo(id=i + 1, name=f"class {i + 1}", color=(40 * i % 256, 90, 200)) for i in range(n_classes)],
+        chip_size=chip, overlap=overlap,
+    )
+    fields.update(contract)
+    c = Contract(**fields)
+    torch.manual_seed(seed)
+    net = build_network(c)
+    if architecture == "conv1x1" and identity:
+        with torch.no_grad():
+            net.weight.zero_()
+            net.bias.zero_()
+            for i in range(min(n_bands, n_classes)):
+                net.weight[i, i] = 1.0
+    net.eval()
+    save_bundle(path, c, net, overwrite=True)
+    return path
+
+
+@pytest.fixture
+def bundle_factory(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``bundle_factory(name="model", **make_bundle kwargs)`` writes a bundle into ``tmp_path``."""
+
+    def make(name: str = "model", **kwargs: Any) -> Path:
+        return make_bundle(tmp_path / name, **kwargs)
+
+    return make

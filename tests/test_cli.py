@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import rasterio
+from click.testing import CliRunner
+
+from geoseg.cli import main
+from tests.conftest import make_bundle, write_raster
+
+
+def test_predict_info_and_report(tmp_path):
+    model = make_bundle(tmp_path / "m")
+    scene = write_raster(tmp_path / "s.tif", np.random.default_rng(0).normal(size=(3, 90, 120)).astype(np.float32))
+    report = tmp_path / "run.json"
+    res = CliRunner().invoke(main, ["predict", str(scene), "--model", str(model), "-o", str(tmp_path / "out"),
+                                    "--probabilities", "--report", str(report), "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert "s.classes.tif" in res.output and "MPix/s" in res.output
+    rep = json.loads(report.read_text())
+    assert set(rep["stage_seconds"]) == {"read", "model", "blend", "write", "cog"}
+    assert rep["versions"]["gdal"] and rep["peak_memory_mb"] > 0 and rep["mpix_per_s"] > 0
+    assert rep["outputs"][0]["probabilities"].endswith("s.probs.tif")
+    with rasterio.open(tmp_path / "out" / "s.classes.tif") as ds:
+        assert ds.count == 1
+    res = CliRunner().invoke(main, ["info", str(scene)])
+    assert res.exit_code == 0 and "width: 120" in res.output and "EPSG:32633" in res.output
+    res = CliRunner().invoke(main, ["info", str(model), "--json"])
+    assert json.loads(res.output)["kind"] == "model bundle"
+
+
+def test_errors_are_one_line_with_non_zero_exit(tmp_path):
+    model = make_bundle(tmp_path / "m")
+    one = write_raster(tmp_path / "one.tif", np.zeros((1, 10, 10), np.uint8))
+    res = CliRunner().invoke(main, ["predict", str(one), "--model", str(model), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "one.tif" in lines[0] and "--bands" in lines[0]
+    res = CliRunner().invoke(main, ["predict", str(one), "--model", str(model), "--bands", "0,1"])
+    assert res.exit_code == 2 and "start at 1" in res.output
+    res = CliRunner().invoke(main, ["predict", str(tmp_path / "missing.tif"), "--model", str(model)])
+    assert res.exit_code == 1 and "missing.tif: no such file" in res.output
+    res = CliRunner().invoke(main, ["predict", str(one), "--model", str(tmp_path / "nomodel")])
+    assert res.exit_code == 1 and "no such model bundle" in res.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from geoseg.cli import main; sys.argv=['geoseg','--help']\n" \
+           "try:\n main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
