@@ -54,19 +54,34 @@ print(json.dumps({"seconds": time.perf_counter() - t0,
 
 
 def make_inputs(tmp: Path, sizes: list[int]) -> tuple[Path, dict[int, Path]]:
+    """Generate the bundle and scenes in a child process.
+
+    On Linux a child's ru_maxrss starts from its parent's peak (exec keeps the high-water mark), so the
+    parent must stay small: it never imports torch nor holds a scene.
+    """
+    code = (f"import sys; sys.path[:0] = [{str(HERE)!r}]; from bench_predict_memory import _make_inputs; "
+            f"_make_inputs({str(tmp)!r}, {sizes!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return tmp / "tiny", {n: tmp / f"scene{n}.tif" for n in sizes}
+
+
+def _make_inputs(tmp_dir: str, sizes: list[int]) -> None:
+    tmp = Path(tmp_dir)
     sys.path.insert(0, str(HERE.parent / "tests"))
     from conftest import make_bundle
 
     from geoseg.synthetic import make_scene
 
-    bundle = make_bundle(tmp / "tiny", n_bands=3, n_classes=5, chip=512, overlap=128, identity=False,
+    make_bundle(tmp / "tiny", n_bands=3, n_classes=5, chip=512, overlap=128, identity=False,
                          input={"bands": ["red", "green", "blue"], "mean": [120.0] * 3, "std": [50.0] * 3})
     scenes = {}
     for n in sizes:
         t0 = time.perf_counter()
+        if (tmp / f"scene{n}.tif").exists():  # --workdir of an earlier run
+            scenes[n] = tmp / f"scene{n}.tif"
+            continue
         scenes[n] = make_scene(tmp / f"scene{n}.tif", tmp / f"labels{n}.tif", n, seed=n).image
         print(f"generated {n}x{n} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return bundle, scenes
 
 
 def run_geoseg(scene: Path, bundle: Path, out: Path, workers: int | None) -> dict:
@@ -97,14 +112,16 @@ def main() -> None:
     ap.add_argument("--no-baseline-above", type=int, default=16384,
                     help="skip the whole-scene baseline for larger scenes (it needs ~40 bytes per pixel)")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) the generated scenes here")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="geoseg-bench-") as d:
-        tmp = Path(d)
+        tmp = args.workdir or Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
         bundle, scenes = make_inputs(tmp, args.sizes)
         for n in args.sizes:
             out = tmp / f"out{n}"
-            out.mkdir()
+            out.mkdir(exist_ok=True)
             g = run_geoseg(scenes[n], bundle, out, args.workers)
             b = run_baseline(scenes[n], bundle, out) if n <= args.no_baseline_above else None
             rows.append((n, g, b))

@@ -120,52 +120,69 @@ def _compute_weights(profile: Profile, chip: int, overlap: int,
 class RollingAccumulator:
     """Weighted sums of probabilities over a band of rows that rolls down a panel of the scene.
 
-    The buffer holds ``rows`` scene rows starting at ``top`` and columns ``[col_off, col_off + width)``.
-    Chips are added in grid order; :meth:`pop` returns the finished top rows and shifts the buffer.
+    A ring buffer of ``rows`` scene rows (a multiple of ``step``) and columns ``[col_off, col_off + width)``.
+    Chips are added in grid order; the finished top rows are read with :meth:`peek` and released with
+    :meth:`advance`, ``step`` rows at a time (fewer at the scene's bottom), so nothing is ever shifted.
 
     Args:
         n_classes: probability channels K.
         col_off, width: the scene columns the buffer covers.
-        rows: buffer height (at least chip size + the pop granularity).
+        chip: the chip size; the buffer holds ``chip + step - 1`` rows, rounded up to a multiple of ``step``.
+        step: rows released at a time (the output's tile height).
     """
 
-    def __init__(self, n_classes: int, col_off: int, width: int, rows: int):
+    def __init__(self, n_classes: int, col_off: int, width: int, chip: int, step: int):
         self.col_off = col_off
         self.width = width
-        self.rows = rows
+        self.step = step
+        self.rows = -(-(chip + step - 1) // step) * step
         self.top = 0
-        self.acc = np.zeros((n_classes, rows, width), dtype=np.float32)
-        self.wsum = np.zeros((rows, width), dtype=np.float32)
+        self.acc = np.zeros((n_classes, self.rows, width), dtype=np.float32)
+        self.wsum = np.zeros((self.rows, width), dtype=np.float32)
 
     @property
     def nbytes(self) -> int:
         return self.acc.nbytes + self.wsum.nbytes
 
     def add(self, probs: np.ndarray, weights: np.ndarray, row_off: int, col_off: int) -> None:
-        """Add ``probs`` ``(K, h, w)`` weighted by ``weights`` ``(h, w)`` at scene ``(row_off, col_off)``."""
+        """Add ``probs`` ``(K, h, w)`` weighted by ``weights`` ``(h, w)`` at scene ``(row_off, col_off)``.
+
+        ``probs`` is used as scratch space (multiplied by the weights in place).
+        """
         h, w = weights.shape
-        r = row_off - self.top
         c = col_off - self.col_off
-        if r < 0 or r + h > self.rows or c < 0 or c + w > self.width:
+        if row_off < self.top or row_off + h > self.top + self.rows or c < 0 or c + w > self.width:
             raise ValueError(f"chip at row {row_off}, col {col_off} ({h}x{w}) is outside the buffer "
                              f"(rows {self.top}..{self.top + self.rows}, cols {self.col_off}..{self.col_off + self.width})")
-        self.acc[:, r:r + h, c:c + w] += probs * weights
-        self.wsum[r:r + h, c:c + w] += weights
+        np.multiply(probs, weights, out=probs)
+        p = row_off % self.rows
+        first = min(h, self.rows - p)  # rows before the ring wraps
+        for src, dst, n in ((0, p, first), (first, 0, h - first)):
+            if n > 0:
+                self.acc[:, dst:dst + n, c:c + w] += probs[:, src:src + n]
+                self.wsum[dst:dst + n, c:c + w] += weights[src:src + n]
 
-    def pop(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Take the top ``n`` rows as blended probabilities and their weight sums, then roll down by ``n``.
+    def peek(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the top ``n`` rows (``n <= step``): weighted sums ``(K, n, width)`` and weights ``(n, width)``.
 
-        Returns:
-            ``(probs, wsum)``: float32 ``(K, n, width)`` normalised probabilities (0 where ``wsum`` is 0)
-            and float32 ``(n, width)`` summed weights.
+        Dividing the sums by the weights gives the blended probabilities; where the weight is 0 no valid
+        pixel was ever predicted. The views are valid until :meth:`advance`.
         """
-        wsum = self.wsum[:n].copy()
-        probs = self.acc[:, :n].copy()
-        np.divide(probs, wsum, out=probs, where=wsum > 0)
-        probs[:, wsum <= 0] = 0.0
-        self.acc[:, :-n] = self.acc[:, n:]
-        self.acc[:, -n:] = 0.0
-        self.wsum[:-n] = self.wsum[n:]
-        self.wsum[-n:] = 0.0
+        if n > self.step:
+            raise ValueError(f"peek at most {self.step} rows at a time, not {n}")
+        p = self.top % self.rows
+        return self.acc[:, p:p + n], self.wsum[p:p + n]
+
+    def advance(self, n: int) -> None:
+        """Release the top ``n`` rows (zero them for reuse) and move down by ``n``."""
+        p = self.top % self.rows
+        self.acc[:, p:p + n] = 0.0
+        self.wsum[p:p + n] = 0.0
         self.top += n
-        return probs, wsum
+
+
+def normalise(sums: np.ndarray, wsum: np.ndarray) -> np.ndarray:
+    """Blended probabilities ``(K, ...)`` from weighted sums and summed weights (0 where the weight is 0)."""
+    out = np.zeros_like(sums)
+    np.divide(sums, wsum, out=out, where=wsum > 0)
+    return out

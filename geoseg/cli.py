@@ -66,6 +66,13 @@ opt_bands = click.option("--bands", callback=_int_list, default=None, metavar="N
                          help="Scene band numbers (1-based) feeding the model inputs, in order "
                               "[default: from the bundle].")
 opt_overwrite = click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+VECTOR_FORMATS = ["gpkg", "shp", "geojson", "parquet"]
+opt_min_area = click.option("--min-area", default=None, metavar="AREA",
+                            help="Drop smaller polygons: 40px, 200m2, 0.5ha (a plain number is pixels).")
+opt_simplify = click.option("--simplify", default=None, metavar="TOL",
+                            help="Topology-preserving simplification: 1m, 0.5px, or CRS units.")
+opt_connectivity = click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
+                                help="Pixel connectivity of polygons.")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -133,20 +140,30 @@ class _ChipBar:
 @click.option("--tta", is_flag=True, help="Average over flips and 90-degree rotations (6x slower).")
 @click.option("--panel-width", type=int, default=8192, show_default=True,
               help="Widest unit of work in pixels; bounds memory on very wide scenes.")
+@click.option("--vector-format", type=click.Choice(VECTOR_FORMATS), default="gpkg", show_default=True,
+              help="Polygons written beside the class map: <stem>.gpkg, .shp, .geojson or .parquet.")
+@click.option("--no-vector", is_flag=True, help="Write no polygons.")
+@opt_min_area
+@opt_simplify
+@opt_connectivity
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write a JSON run report (settings, per-stage seconds, MPix/s, peak memory).")
 @opt_overwrite
 @click.pass_context
 def predict(ctx: click.Context, scenes: tuple[str, ...], model: str, output_dir: str, report: str | None,
-            **options: Any) -> None:
+            no_vector: bool, connectivity: str, **options: Any) -> None:
     """Predict a class map for each SCENE (paths, URLs or globs).
 
     Writes OUTPUT_DIR/<stem>.classes.tif: a Cloud Optimized GeoTIFF of class ids on the scene's exact
-    grid, with a colour table, class names and a QGIS style (<stem>.classes.qml) beside it.
+    grid, with a colour table, class names and a QGIS style (<stem>.classes.qml) beside it, and the
+    classes as polygons (<stem>.gpkg by default; --no-vector to skip).
     """
     from geoseg.predict import PredictOptions, predict_scenes
     from geoseg.report import run_report, write_report
 
+    if no_vector:
+        options["vector_format"] = None
+    options["connectivity"] = int(connectivity)
     bar = _ChipBar(ctx.obj["quiet"])
     try:
         run = predict_scenes(list(scenes), model, output_dir, options=PredictOptions(**options), progress=bar)
@@ -156,9 +173,63 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], model: str, output_dir:
         write_report(report, run_report(run))
     if not ctx.obj["quiet"]:
         for s in run.scenes:
-            click.echo(f"{s.scene} -> {s.classes_path}" + (f", {s.probabilities_path}" if s.probabilities_path else ""))
+            extra = [str(p) for p in (s.probabilities_path, s.vector_path) if p is not None]
+            click.echo(f"{s.scene} -> {s.classes_path}" + "".join(f", {p}" for p in extra))
         click.echo(f"{len(run.scenes)} scene(s), {run.pixels / 1e6:.1f} MPix in {run.seconds:.1f} s "
                    f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--vector-format", type=click.Choice(VECTOR_FORMATS), default=None,
+              help="Output format [default: from DST's extension, else gpkg].")
+@opt_min_area
+@opt_simplify
+@opt_connectivity
+@click.option("--skip-class", "skip_classes", type=int, multiple=True, metavar="ID",
+              help="Class id that produces no polygons (repeatable); nodata never does.")
+@click.option("--to-crs", default=None, help="Reproject the polygons (e.g. EPSG:4326); default: the raster's CRS.")
+@click.option("--block-size", type=int, default=2048, show_default=True, help="Block side in pixels.")
+@opt_workers
+@opt_overwrite
+@click.pass_context
+def vectorize(ctx: click.Context, src: str, dst: str, connectivity: str, **options: Any) -> None:
+    """Polygonise the class raster SRC into DST (.gpkg, .shp, .geojson or .parquet), block by block.
+
+    Polygons carry class_id, class_name, area_m2 and perim_m, in the raster's CRS (GeoJSON: EPSG:4326,
+    as RFC 7946 requires). Polygons crossing block seams are merged: the result equals a whole-raster
+    polygonisation.
+    """
+    from geoseg.vectorize import vectorize_raster
+
+    bar = None if ctx.obj["quiet"] else _BlockBar()
+    try:
+        res = vectorize_raster(src, dst, connectivity=int(connectivity), progress=bar, **options)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not ctx.obj["quiet"]:
+        click.echo(f"{res.features} polygons -> {res.path} ({res.vector_format}, {res.crs}) in {res.seconds:.1f} s")
+
+
+class _BlockBar:
+    """A tqdm bar over raster blocks."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="vectorize", unit="block", dynamic_ncols=True, mininterval=0.5)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @main.command()
@@ -199,6 +270,114 @@ def demo(ctx: click.Context, output_dir: str, size: int, train_seconds: float, d
 
 
 # --- training commands (train, evaluate, export) ---
+
+
+class _EpochBars:
+    """One tqdm bar per epoch stage (scan, train, val) from :class:`geoseg.train.TrainProgress` events."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.key: tuple[str, int] | None = None
+        self.bar: Any = None
+
+    def __call__(self, ev: Any) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        key = (ev.stage, ev.epoch)
+        if key != self.key:
+            self.close()
+            desc = ev.stage if ev.epoch == 0 else f"epoch {ev.epoch}/{ev.epochs} {ev.stage}"
+            self.bar = tqdm(total=ev.total, desc=desc, unit="batch" if ev.epoch else "window",
+                            dynamic_ncols=True, leave=ev.stage != "scan")
+            self.key = key
+        self.bar.total = ev.total
+        self.bar.n = ev.step
+        if ev.metrics:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in ev.metrics.items()}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), required=True,
+              help="Folder for checkpoints, logs, plots and the model bundle (<output-dir>/model).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output-dir from its last checkpoint.")
+@opt_overwrite
+@click.pass_context
+def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwrite: bool) -> None:
+    """Train a segmentation model from a YAML CONFIG (see configs/*.yaml)."""
+    from geoseg.config import load_config
+    from geoseg.train import train as train_tool
+
+    cfg = load_config(config)
+    bars = _EpochBars(ctx.obj["quiet"])
+    try:
+        result = train_tool(cfg, output_dir, resume=resume, overwrite=overwrite, progress=bars)
+    finally:
+        bars.close()
+    m = result.metrics
+    score = f", validation mIoU {m['miou']:.4f}" if m.get("miou") is not None else ""
+    click.echo(f"model bundle: {result.bundle_path} (best epoch {result.best_epoch} of {result.epochs_run}{score})")
+
+
+@main.command()
+@opt_model
+@click.option("--image", "-i", required=True, help="Scene to predict and score.")
+@click.option("--labels", "-l", required=True, help="Label raster (class ids) or vector file (polygons).")
+@click.option("--label-column", default=None, help="Vector labels: column with class ids or names.")
+@click.option("--label-value", type=int, default=None, help="Vector labels: class id of every polygon.")
+@click.option("--within", default=None, help="Vector file limiting the scored area (e.g. split/*_val.geojson).")
+@opt_output_dir
+@opt_bands
+@opt_tile_size
+@opt_overlap
+@opt_batch_size
+@opt_device
+@opt_workers
+@click.option("--tta", is_flag=True, help="Average over flips and 90-degree rotations.")
+@click.option("--keep-prediction", is_flag=True, help="Keep the class map in --output-dir.")
+@opt_overwrite
+@click.pass_context
+def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_column: str | None,
+             label_value: int | None, within: str | None, output_dir: str, bands: list[int] | None,
+             tile_size: int | None, overlap: int | None, batch_size: int, device: str, workers: int | None,
+             tta: bool, keep_prediction: bool, overwrite: bool) -> None:
+    """Predict a scene with a model and score it against labels (IoU, F1, precision, recall)."""
+    from geoseg.evaluate import evaluate as evaluate_tool
+
+    bar = _ChipBar(ctx.obj["quiet"], desc="evaluate")
+    try:
+        result = evaluate_tool(model, image, labels, label_column=label_column, label_value=label_value,
+                               within=within, output_dir=output_dir, bands=bands, tile_size=tile_size,
+                               overlap=overlap, batch_size=batch_size, device=device, workers=workers, tta=tta,
+                               keep_prediction=keep_prediction, overwrite=overwrite, progress=bar)
+    finally:
+        bar.close()
+    click.echo(result.markdown_path.read_text().rstrip())
+    click.echo(f"reports: {result.json_path}, {result.markdown_path}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--output", default=None, type=click.Path(file_okay=False),
+              help="Export folder (network + model.json) [default: <model>-<format> beside the bundle].")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
+@opt_overwrite
+def export(model: str, fmt: str, output: str | None, opset: int, overwrite: bool) -> None:
+    """Export a MODEL bundle to ONNX or TorchScript, with its contract (model.json) beside it."""
+    from geoseg.export import export as export_tool
+
+    result = export_tool(model, fmt, output, opset=opset, overwrite=overwrite)
+    click.echo(f"{result.model_path} (contract {result.contract_path}; max |diff| vs PyTorch "
+               f"{result.max_abs_diff:.2g})")
 
 
 if __name__ == "__main__":  # pragma: no cover

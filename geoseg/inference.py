@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from geoseg.bundle import LoadedModel
-from geoseg.errors import InputError
+from geoseg.errors import GeoSegError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,9 @@ class ModelServer:
             it.future.set_result(probs[i])
 
     def _fail(self, items: list[_Item], exc: BaseException) -> None:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            exc = GeoSegError(f"the model ran out of memory on {self.predictor.device} at --batch-size "
+                              f"{self.batch_size}; lower --batch-size (or --tile-size)")
         self._error = exc
         for it in items:
             if not it.future.done():

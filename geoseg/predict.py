@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from rasterio.windows import Window
 
-from geoseg.blend import chip_weights, get_profile
+from geoseg.blend import RollingAccumulator, chip_weights, get_profile, normalise
 from geoseg.bundle import Bundle, Contract, LoadedModel, check_scene, load_model, read_bundle
 from geoseg.errors import InputError
 from geoseg.raster import (
@@ -40,6 +40,7 @@ from geoseg.raster import (
     SceneReader,
     check_writable,
     classes_spec,
+    gdal_env,
     inspect_scene,
     probabilities_spec,
     qml_style,
@@ -83,6 +84,10 @@ class PredictOptions:
     overwrite: bool = False
     tta: bool = False
     panel_width: int = 8192
+    vector_format: str | None = None  # "gpkg", "shp", "geojson", "parquet"; None: no polygons
+    min_area: float | str | None = None
+    simplify: float | str | None = None
+    connectivity: int = 4
 
     def resolved_workers(self) -> int:
         return self.workers if self.workers and self.workers > 0 else min(4, os.cpu_count() or 1)
@@ -95,6 +100,7 @@ class SceneResult:
     scene: str
     classes_path: Path
     probabilities_path: Path | None
+    vector_path: Path | None
     width: int
     height: int
     chips: int
@@ -130,7 +136,7 @@ class _Stages:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.seconds = {"read": 0.0, "model": 0.0, "blend": 0.0, "write": 0.0, "cog": 0.0}
+        self.seconds = {"read": 0.0, "model": 0.0, "blend": 0.0, "write": 0.0, "cog": 0.0, "vectorize": 0.0}
 
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -149,28 +155,35 @@ def _scene_stem(path: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def output_paths(scene: str, output_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Where a scene's outputs go: ``<output_dir>/<stem>.classes.tif`` and ``<stem>.probs.tif``."""
+def output_paths(scene: str, output_dir: str | os.PathLike[str], vector_format: str | None = None) -> dict[str, Path]:
+    """Where a scene's outputs go: ``<stem>.classes.tif``, ``<stem>.probs.tif`` and ``<stem>.<vector ext>``."""
     stem = _scene_stem(scene)
     out = Path(output_dir)
-    return {"classes": out / f"{stem}.classes.tif", "probabilities": out / f"{stem}.probs.tif"}
+    paths = {"classes": out / f"{stem}.classes.tif", "probabilities": out / f"{stem}.probs.tif"}
+    if vector_format is not None:
+        from geoseg.vectorize import get_format
+
+        paths["vector"] = out / f"{stem}{get_format(vector_format).extensions[0]}"
+    return paths
 
 
 class _SceneJob:
     """Everything one scene's units share. Plain class on purpose: Dask must not copy it."""
 
-    def __init__(self, info: SceneInfo, band_indexes: list[int], grid: ChipGrid, warnings: list[str]):
+    def __init__(self, info: SceneInfo, band_indexes: list[int], grid: ChipGrid, units: list[tuple[int, int]],
+                 warnings: list[str]):
         self.info = info
+        self.units = units  # (first column, end column) of each panel
         self.band_indexes = band_indexes
         self.grid = grid
         self.warnings = warnings
         self.reader: SceneReader | None = None
         self.classes: OutputRaster | None = None
         self.probs: OutputRaster | None = None
+        self.vector_path: Path | None = None
         self.chips_skipped = 0
         self.started = 0.0
         self.seconds = 0.0
-        self.units = panels(info.width, 0, BLOCK)  # replaced in the engine
 
 
 class _Engine:
@@ -185,6 +198,7 @@ class _Engine:
         self.predictor = Predictor(model, opts.device, opts.precision, opts.tta)
         self.server = ModelServer(self.predictor, opts.batch_size)
         self.cancel = threading.Event()
+        self.slots = threading.Semaphore(3 * opts.batch_size)  # chips read but not yet blended, all units
         self.blend = opts.blend
         self.lut = np.asarray(self.contract.class_ids, dtype=np.uint16)
         self._lock = threading.Lock()
@@ -202,10 +216,16 @@ class _Engine:
         if self.progress is not None:
             self.progress(ev)
 
+    def _take_slot(self, wait: bool) -> bool:
+        if not wait:
+            return self.slots.acquire(blocking=False)
+        while not self.slots.acquire(timeout=0.5):
+            if self.cancel.is_set():
+                raise _Cancelled()
+        return True
+
     # ---------------------------------------------------------------------------------- one unit
     def run_panel(self, job: _SceneJob, c0: int, c1: int, readers: ThreadPoolExecutor) -> None:
-        from geoseg.blend import RollingAccumulator
-
         grid, chip, info = job.grid, job.grid.chip, job.info
         assert job.reader is not None
         reader = job.reader
@@ -213,7 +233,7 @@ class _Engine:
         x_lo = grid.xs[cols.start]
         x_hi = min(grid.xs[cols.stop - 1] + chip, info.width)
         k = len(self.contract.classes)
-        acc = RollingAccumulator(k, x_lo, x_hi - x_lo, rows=chip + BLOCK)
+        acc = RollingAccumulator(k, x_lo, x_hi - x_lo, chip=chip, step=BLOCK)
 
         def read(c: Any) -> tuple[Future[np.ndarray] | None, np.ndarray | None, Window]:
             if self.cancel.is_set():
@@ -227,13 +247,15 @@ class _Engine:
             return self.server.submit(data), valid, win
 
         chips = (grid.chip_at(r, c) for r in range(grid.shape[0]) for c in cols)
-        limit = max(3 * self.opts.batch_size, 8)
         inflight: deque[tuple[Any, Future[Any]]] = deque()
 
         def top_up() -> None:
-            while len(inflight) < limit:
+            # chips in flight are limited across all units; a unit with none in flight may wait for a slot
+            # (the others free theirs as they blend), one with some never waits, so no unit starves
+            while self._take_slot(wait=not inflight):
                 c = next(chips, None)
                 if c is None:
+                    self.slots.release()
                     return
                 inflight.append((c, readers.submit(read, c)))
 
@@ -242,7 +264,6 @@ class _Engine:
             if self.cancel.is_set():
                 raise _Cancelled()
             c, fut = inflight.popleft()
-            top_up()
             row_off = int(c.window.row_off)
             while acc.top + BLOCK <= row_off:  # rows above this chip row are final
                 self._emit(job, acc, BLOCK, c0, c1)
@@ -250,42 +271,57 @@ class _Engine:
             if probs_future is None or valid is None:
                 with self._lock:
                     job.chips_skipped += 1
-                self._advance(info.path, chips=1)
-                continue
-            probs = probs_future.result()
-            t0 = time.perf_counter()
-            h, w = int(win.height), int(win.width)
-            weights = chip_weights(self.blend, chip, grid.overlap, c.ramps)[:h, :w] * valid[:h, :w]
-            acc.add(probs[:, :h, :w], weights, int(win.row_off), int(win.col_off))
-            self.stages.add("blend", time.perf_counter() - t0)
+            else:
+                probs = probs_future.result()
+                t0 = time.perf_counter()
+                h, w = int(win.height), int(win.width)
+                weights = chip_weights(self.blend, chip, grid.overlap, c.ramps)[:h, :w] * valid[:h, :w]
+                acc.add(probs[:, :h, :w], weights, int(win.row_off), int(win.col_off))
+                del probs, probs_future
+                self.stages.add("blend", time.perf_counter() - t0)
+            self.slots.release()
             self._advance(info.path, chips=1)
+            top_up()
         while acc.top < info.height:
             self._emit(job, acc, min(BLOCK, info.height - acc.top), c0, c1)
 
-    def _emit(self, job: _SceneJob, acc: Any, n: int, c0: int, c1: int) -> None:
+    def _emit(self, job: _SceneJob, acc: RollingAccumulator, n: int, c0: int, c1: int) -> None:
         """Finalise the top ``n`` rows of a panel's accumulator and write columns ``[c0, c1)``."""
         t0 = time.perf_counter()
         r0 = acc.top
-        probs, wsum = acc.pop(n)
-        sl = slice(c0 - acc.col_off, c1 - acc.col_off)
-        probs = probs[:, :, sl]
-        valid = wsum[:, sl] > 0
+        sums, wsum = acc.peek(n)
         assert job.classes is not None
-        nodata = job.classes.spec.nodata
-        classes = self.lut[np.argmax(probs, axis=0)].astype(job.classes.spec.dtype)
-        classes[~valid] = nodata
+        spec = job.classes.spec
+        classes = np.empty((n, c1 - c0), dtype=spec.dtype)
+        probs_out = None
+        if job.probs is not None:
+            probs_out = np.empty((sums.shape[0], n, c1 - c0), dtype=job.probs.spec.dtype)
+        # column chunks keep the temporaries (argmax indexes, normalised probabilities) small
+        for a in range(c0, c1, 2048):
+            b = min(a + 2048, c1)
+            sl, out = slice(a - acc.col_off, b - acc.col_off), slice(a - c0, b - c0)
+            s, w = sums[:, :, sl], wsum[:, sl]
+            valid = w > 0
+            # the weight is the same for every class, so the arg max of the sums is that of the probabilities
+            chunk = self.lut[np.argmax(s, axis=0)].astype(spec.dtype)
+            chunk[~valid] = spec.nodata
+            classes[:, out] = chunk
+            if probs_out is not None:
+                p = normalise(s, w)
+                if probs_out.dtype == np.uint8:
+                    enc = np.rint(p * 254).astype(np.uint8)
+                    enc[:, ~valid] = 255
+                else:
+                    enc = p
+                    enc[:, ~valid] = np.nan
+                probs_out[:, :, out] = enc
+        acc.advance(n)
         window = Window(c0, r0, c1 - c0, n)
         self.stages.add("blend", time.perf_counter() - t0)
         t0 = time.perf_counter()
         job.classes.write(classes[None], window)
-        if job.probs is not None:
-            if job.probs.spec.dtype == "uint8":
-                enc = np.rint(probs * 254).astype(np.uint8)
-                enc[:, ~valid] = 255
-            else:
-                enc = probs.astype(np.float32)
-                enc[:, ~valid] = np.nan
-            job.probs.write(enc, window)
+        if job.probs is not None and probs_out is not None:
+            job.probs.write(probs_out, window)
         self.stages.add("write", time.perf_counter() - t0)
         self._advance(job.info.path, pixels=n * (c1 - c0))
 
@@ -296,6 +332,18 @@ class _Engine:
         if job.probs is not None:
             job.probs.commit()
         self.stages.add("cog", time.perf_counter() - t0)
+        if job.vector_path is not None:
+            from geoseg.vectorize import vectorize_raster
+
+            t0 = time.perf_counter()
+            c = self.contract
+            bg = [c.background_class] if c.background_class is not None else []
+            vectorize_raster(job.classes.path, job.vector_path, vector_format=self.opts.vector_format,
+                             connectivity=self.opts.connectivity, min_area=self.opts.min_area,
+                             simplify=self.opts.simplify, skip_classes=bg,
+                             class_names={k.id: k.name for k in c.classes},
+                             workers=self.opts.resolved_workers(), overwrite=self.opts.overwrite)
+            self.stages.add("vectorize", time.perf_counter() - t0)
         job.seconds = time.perf_counter() - job.started
 
 
@@ -341,6 +389,14 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
     if opts.panel_width < BLOCK:
         raise InputError(f"panel width {opts.panel_width}: must be at least {BLOCK}")
     get_profile(opts.blend)
+    if opts.connectivity not in (4, 8):
+        raise InputError(f"--connectivity {opts.connectivity}: must be 4 or 8")
+    if opts.vector_format is not None:
+        from geoseg.vectorize import get_format, parse_min_area, parse_simplify
+
+        get_format(opts.vector_format)
+        parse_min_area(opts.min_area)
+        parse_simplify(opts.simplify)
     return tile, overlap
 
 
@@ -400,16 +456,18 @@ def predict_scenes(
             pre.warnings.append(f"{p}: has no CRS; the outputs will carry none")
         for w in pre.warnings:
             log.warning(w)
-        outs = output_paths(p, output_dir)
+        outs = output_paths(p, output_dir, opts.vector_format)
         wanted = [outs["classes"]] + ([outs["probabilities"]] if opts.probabilities else [])
+        wanted += [outs["vector"]] if "vector" in outs else []
         for o in wanted:
             if o in seen:
                 raise InputError(f"{p}: its output {o.name} would overwrite the one of {seen[o]}; "
                                  "predict scenes with the same file name into different --output-dir")
             seen[o] = p
             check_writable(o, opts.overwrite)
-        job = _SceneJob(info, pre.band_indexes, ChipGrid(info.width, info.height, tile, overlap), pre.warnings)
-        job.units = panels(info.width, opts.panel_width, BLOCK)
+        grid = ChipGrid(info.width, info.height, tile, overlap)
+        job = _SceneJob(info, pre.band_indexes, grid, panels(info.width, opts.panel_width, BLOCK), pre.warnings)
+        job.vector_path = outs.get("vector")
         jobs.append(job)
 
     loaded = model if isinstance(model, LoadedModel) else load_model(bundle)
@@ -418,39 +476,40 @@ def predict_scenes(
     engine.pixels_total = sum(j.info.pixels for j in jobs)
     workers = opts.resolved_workers()
     tags = {"GEOSEG_MODEL": contract.name, "GEOSEG_TILE_SIZE": str(tile), "GEOSEG_OVERLAP": str(overlap)}
-    try:
-        for job in jobs:
-            outs = output_paths(job.info.path, output_dir)
-            job.reader = SceneReader(job.info.path, job.band_indexes, contract.input.mean, contract.input.std)
-            job.classes = OutputRaster(outs["classes"], job.info, classes_spec(contract.classes, tags),
-                                       compress=opts.compress, overwrite=opts.overwrite)
-            if opts.probabilities:
-                job.probs = OutputRaster(outs["probabilities"], job.info,
-                                         probabilities_spec(contract.classes, opts.probabilities_dtype, tags),
-                                         compress=opts.compress, overwrite=opts.overwrite)
-        with engine.server, ThreadPoolExecutor(workers, thread_name_prefix="geoseg-read") as readers:
-            tasks = []
+    with gdal_env():
+        try:
             for job in jobs:
-                job.started = time.perf_counter()
-                units = [delayed(engine.run_panel, pure=False)(job, c0, c1, readers) for c0, c1 in job.units]
-                tasks.append(delayed(engine.finish_scene, pure=False)(job, units))
-            try:
-                dask.compute(*tasks, scheduler="threads", num_workers=workers)
-            except BaseException:
-                engine.cancel.set()
-                raise
-    finally:
-        for job in jobs:
-            for out in (job.classes, job.probs):
-                if out is not None:
-                    out.abort()
-            if job.reader is not None:
-                job.reader.close()
+                outs = output_paths(job.info.path, output_dir)
+                job.reader = SceneReader(job.info.path, job.band_indexes, contract.input.mean, contract.input.std)
+                job.classes = OutputRaster(outs["classes"], job.info, classes_spec(contract.classes, tags),
+                                           compress=opts.compress, overwrite=opts.overwrite)
+                if opts.probabilities:
+                    job.probs = OutputRaster(outs["probabilities"], job.info,
+                                             probabilities_spec(contract.classes, opts.probabilities_dtype, tags),
+                                             compress=opts.compress, overwrite=opts.overwrite)
+            with engine.server, ThreadPoolExecutor(workers, thread_name_prefix="geoseg-read") as readers:
+                tasks = []
+                for job in jobs:
+                    job.started = time.perf_counter()
+                    units = [delayed(engine.run_panel, pure=False)(job, c0, c1, readers) for c0, c1 in job.units]
+                    tasks.append(delayed(engine.finish_scene, pure=False)(job, units))
+                try:
+                    dask.compute(*tasks, scheduler="threads", num_workers=workers)
+                except BaseException:
+                    engine.cancel.set()
+                    raise
+        finally:
+            for job in jobs:
+                for out in (job.classes, job.probs):
+                    if out is not None:
+                        out.abort()
+                if job.reader is not None:
+                    job.reader.close()
     engine.stages.add("model", engine.server.seconds)
     results = [
         SceneResult(
-            scene=j.info.path, classes_path=output_paths(j.info.path, output_dir)["classes"],
-            probabilities_path=output_paths(j.info.path, output_dir)["probabilities"] if opts.probabilities else None,
+            scene=j.info.path, classes_path=j.classes.path if j.classes else Path(),
+            probabilities_path=j.probs.path if j.probs else None, vector_path=j.vector_path,
             width=j.info.width, height=j.info.height, chips=len(j.grid), chips_skipped=j.chips_skipped,
             band_indexes=j.band_indexes, tile_size=tile, overlap=overlap, seconds=j.seconds,
             warnings=j.warnings, area_km2=j.info.area_km2,

@@ -37,7 +37,7 @@ COMPRESSIONS = ("deflate", "zstd", "lzw")
 
 GDAL_OPTIONS: dict[str, Any] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing per open (remote scenes)
-    "GDAL_CACHEMAX": 256,  # MB; bounded whatever the scene size
+    "GDAL_CACHEMAX": 96,  # MB; bounded whatever the scene size
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt",
 }
 

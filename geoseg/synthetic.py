@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import shapely
+from affine import Affine
+from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -64,19 +67,22 @@ def make_scene(path_image: str | os.PathLike[str], path_labels: str | os.PathLik
     g_land = rng.random((height // cell_land + 3, width // cell_land + 3))
     g_water = rng.random((height // cell_water + 3, width // cell_water + 3))
     g_light = rng.random((height // cell_light + 3, width // cell_light + 3))
-    # roads: straight lines across the scene, 5-8 px wide
+    # roads: straight lines across the scene, 5-8 px wide; buildings: 8-30 px rectangles.
+    # Both are drawn with rasterio.features.rasterize in pixel coordinates, strip by strip.
     n_roads = max(2, (width + height) // 600)
     roads = []
+    diag = float(np.hypot(width, height))
     for _ in range(n_roads):
         x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
         ang = rng.uniform(0, np.pi)
-        roads.append((x0, y0, np.cos(ang), np.sin(ang), rng.uniform(2.5, 4.0)))
-    # buildings: rectangles, denser near the roads' crossing area
+        dx, dy = np.cos(ang) * diag, np.sin(ang) * diag
+        roads.append(shapely.LineString([(x0 - dx, y0 - dy), (x0 + dx, y0 + dy)]).buffer(rng.uniform(2.5, 4.0),
+                                                                                         cap_style="flat"))
     n_build = max(10, width * height // 9000)
-    bx = rng.uniform(0, width, n_build)
-    by = rng.uniform(0, height, n_build)
-    bw = rng.uniform(8, 30, n_build)
-    bh = rng.uniform(8, 30, n_build)
+    bx, by = rng.uniform(0, width, n_build), rng.uniform(0, height, n_build)
+    bw, bh = rng.uniform(8, 30, n_build), rng.uniform(8, 30, n_build)
+    buildings = shapely.box(bx, by, bx + bw, by + bh)
+    road_tree, build_tree = shapely.STRtree(roads), shapely.STRtree(buildings)
     profile = dict(driver="GTiff", width=width, height=height, crs=CRS, tiled=True, blockxsize=256,
                    blockysize=256, compress="deflate", transform=from_origin(400_000.0, 5_000_000.0, PIXEL, PIXEL))
     img_p, lab_p = Path(path_image), Path(path_labels)
@@ -88,26 +94,25 @@ def make_scene(path_image: str | os.PathLike[str], path_labels: str | os.PathLik
         lab.write_colormap(1, {c.id: (*c.color, 255) for c in CLASSES})
         for y0 in range(0, height, strip):
             h = min(strip, height - y0)
-            yy, xx = np.mgrid[y0:y0 + h, 0:width].astype(np.float32)
             land = _smooth_field(rng, h, width, cell_land, y0, g_land)
             water = _smooth_field(rng, h, width, cell_water, y0, g_water)
             cls = np.where(land > 0.5, 2, 3).astype(np.uint8)
             cls[water > 0.72] = 1
-            for x0, ry0, dx, dy, half in roads:
-                dist = np.abs((xx - x0) * dy - (yy - ry0) * dx)
-                cls[dist < half] = 5
-            sel = (by + bh > y0) & (by < y0 + h)
-            for x, y, w_, h_ in zip(bx[sel], by[sel], bw[sel], bh[sel]):
-                r0, r1 = int(max(y, y0)) - y0, int(min(y + h_, y0 + h)) - y0
-                c0, c1 = int(x), int(min(x + w_, width))
-                if r1 > r0 and c1 > c0:
-                    patch = cls[r0:r1, c0:c1]
-                    patch[patch != 1] = 4
+            strip_box = shapely.box(0, y0, width, y0 + h)
+            to_strip = Affine.translation(0, y0)
+            hits = build_tree.query(strip_box)
+            if len(hits):
+                houses = rasterize(buildings[hits], out_shape=(h, width), transform=to_strip, dtype="uint8")
+                cls[(houses > 0) & (cls != 1)] = 4
+            hits = road_tree.query(strip_box)
+            if len(hits):
+                lanes = rasterize([roads[i] for i in hits], out_shape=(h, width), transform=to_strip, dtype="uint8")
+                cls[lanes > 0] = 5
             light = 0.8 + 0.4 * _smooth_field(rng, h, width, cell_light, y0, g_light)
             rgb = SPECTRA[cls - 1].transpose(2, 0, 1) * light[None]
-            rgb += rng.normal(0, 14, size=rgb.shape).astype(np.float32)
+            rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * 14
             data = np.clip(np.rint(rgb), 1, 255).astype(np.uint8)
-            corner = (xx + yy) < min(width, height) * 0.18  # nodata triangle, top-left
+            corner = (np.arange(width)[None, :] + np.arange(y0, y0 + h)[:, None]) < min(width, height) * 0.18
             data[:, corner] = 0
             cls[corner] = 0
             win = Window(0, y0, width, h)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.blend import BLEND_WINDOWS, RollingAccumulator, chip_weights, cosine
+from geoseg.blend import BLEND_WINDOWS, RollingAccumulator, chip_weights, cosine, normalise
 from geoseg.errors import InputError, UnknownNameError
 
 
@@ -41,16 +41,25 @@ def test_custom_profile_callable_and_validation():
         chip_weights(lambda n, o, a, b: np.zeros(n), 8, 2, (True,) * 4)
 
 
-def test_rolling_accumulator_normalises_and_rolls():
-    acc = RollingAccumulator(2, col_off=10, width=6, rows=8)
+def test_rolling_accumulator_blends_and_wraps_around_the_ring():
+    acc = RollingAccumulator(2, col_off=10, width=6, chip=4, step=3)
+    assert acc.rows == 6  # chip + step - 1 rounded up to a multiple of step
     p = np.stack([np.full((4, 6), 0.2, np.float32), np.full((4, 6), 0.8, np.float32)])
-    acc.add(p, np.full((4, 6), 2.0, np.float32), row_off=0, col_off=10)
+    acc.add(p.copy(), np.full((4, 6), 2.0, np.float32), row_off=0, col_off=10)
     acc.add(p[::-1].copy(), np.full((4, 6), 2.0, np.float32), row_off=2, col_off=10)
-    probs, wsum = acc.pop(3)
+    sums, wsum = acc.peek(3)
+    probs = normalise(sums, wsum)
     np.testing.assert_allclose(probs[:, :2], p[:, :2])
     np.testing.assert_allclose(probs[:, 2], 0.5)
-    assert acc.top == 3 and wsum[2, 0] == 4.0
-    probs, wsum = acc.pop(5)
-    assert (wsum[3:] == 0).all() and (probs[:, 3:] == 0).all()
+    assert wsum[2, 0] == 4.0
+    acc.advance(3)
+    # rows 3..8 wrap around the 6-row ring: rows 6 and 7 land where rows 0 and 1 were
+    acc.add(p.copy(), np.ones((4, 6), np.float32), row_off=4, col_off=10)
+    sums, wsum = acc.peek(3)
+    np.testing.assert_allclose(wsum[:, 0], [4.0, 3.0, 3.0])
+    acc.advance(3)
+    sums, wsum = acc.peek(3)
+    np.testing.assert_allclose(wsum[:, 0], [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(normalise(sums, wsum)[:, 2], 0.0)
     with pytest.raises(ValueError):
-        acc.add(p, np.ones((4, 6), np.float32), row_off=0, col_off=10)  # already rolled past
+        acc.add(p.copy(), np.ones((4, 6), np.float32), row_off=0, col_off=10)  # already rolled past

@@ -19,7 +19,7 @@ def test_predict_info_and_report(tmp_path):
     assert res.exit_code == 0, res.output
     assert "s.classes.tif" in res.output and "MPix/s" in res.output
     rep = json.loads(report.read_text())
-    assert set(rep["stage_seconds"]) == {"read", "model", "blend", "write", "cog"}
+    assert set(rep["stage_seconds"]) == {"read", "model", "blend", "write", "cog", "vectorize"}
     assert rep["versions"]["gdal"] and rep["peak_memory_mb"] > 0 and rep["mpix_per_s"] > 0
     assert rep["outputs"][0]["probabilities"].endswith("s.probs.tif")
     with rasterio.open(tmp_path / "out" / "s.classes.tif") as ds:
@@ -49,3 +49,30 @@ def test_help_does_not_import_torch():
     code = "import sys; from geoseg.cli import main; sys.argv=['geoseg','--help']\n" \
            "try:\n main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_predict_writes_polygons_by_default_and_vectorize_command(tmp_path):
+    import pyogrio
+
+    model = make_bundle(tmp_path / "m")
+    data = np.zeros((3, 64, 80), np.float32)
+    data[0, :, :40] = 1.0  # class 1 on the left, class 2 on the right
+    data[1, :, 40:] = 1.0
+    scene = write_raster(tmp_path / "s.tif", data)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["-q", "predict", str(scene), "--model", str(model), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    gdf = pyogrio.read_dataframe(out / "s.gpkg")
+    assert sorted(gdf["class_id"]) == [1, 2] and sorted(gdf["class_name"]) == ["class 1", "class 2"]
+    assert gdf.crs.to_epsg() == 32633
+    np.testing.assert_allclose(sorted(gdf["area_m2"]), [40 * 64 * 4.0] * 2)
+    res = CliRunner().invoke(main, ["-q", "predict", str(scene), "--model", str(model), "-o", str(tmp_path / "o2"),
+                                    "--no-vector"])
+    assert res.exit_code == 0 and not list((tmp_path / "o2").glob("*.gpkg"))
+    res = CliRunner().invoke(main, ["vectorize", str(out / "s.classes.tif"), str(tmp_path / "v.geojson"),
+                                    "--skip-class", "1"])
+    assert res.exit_code == 0, res.output
+    gj = pyogrio.read_dataframe(tmp_path / "v.geojson")
+    assert list(gj["class_id"]) == [2] and gj.crs.to_epsg() == 4326
+    res = CliRunner().invoke(main, ["vectorize", str(out / "s.classes.tif"), str(tmp_path / "v.geojson")])
+    assert res.exit_code == 1 and "--overwrite" in res.output
