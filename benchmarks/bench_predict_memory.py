@@ -87,7 +87,7 @@ def _make_inputs(tmp_dir: str, sizes: list[int]) -> None:
 def run_geoseg(scene: Path, bundle: Path, out: Path, workers: int | None) -> dict:
     report = out / "report.json"
     cmd = [sys.executable, "-m", "geoseg.cli", "-q", "predict", str(scene), "--model", str(bundle),
-           "--output-dir", str(out), "--report", str(report), "--overwrite"]
+           "--output-dir", str(out), "--report", str(report), "--overwrite", "--no-vector"]
     if workers:
         cmd += ["--workers", str(workers)]
     t0 = time.perf_counter()

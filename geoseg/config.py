@@ -171,6 +171,8 @@ class TrainConfig(_Strict):
     epochs: int = Field(default=20, ge=1)
     steps_per_epoch: int | None = Field(default=None, ge=1, description="batches per epoch; overrides samples_per_epoch")
     batch_size: int = Field(default=8, ge=1)
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="time budget: no new epoch starts when it would end past this")
     val_batches: int | None = Field(default=None, ge=1, description="cap on validation batches per epoch")
     monitor: Literal["miou", "loss", "accuracy", "f1"] = "miou"
     seed: int = 0

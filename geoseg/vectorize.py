@@ -52,7 +52,6 @@ import rasterio.features
 import shapely
 from affine import Affine
 from rasterio.windows import Window
-from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -385,47 +384,47 @@ class _Block:
     edges: dict[str, tuple[np.ndarray, np.ndarray]]  # side -> (local labels, classes); 0 = no piece
 
 
-def _label(data: np.ndarray, valid: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
-    """Connected regions of equal class: ``(labels int32 (rows, cols), class of each label)``; 0 = none."""
-    labels = np.zeros(data.shape, dtype=np.int32)
-    classes: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
-    if not valid.any():
-        return labels, classes[0]
-    vals = data[valid]
-    if data.dtype.kind == "u" and data.dtype.itemsize <= 2:
-        present = np.flatnonzero(np.bincount(vals))
-    else:
-        present = np.unique(vals)
-    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
-    offset = 0
-    for cls in present:
-        lab, n = ndimage.label(valid & (data == cls), structure=structure, output=np.int32)
-        np.add(lab, offset, out=labels, where=lab > 0)
-        classes.append(np.full(n, cls, dtype=np.int64))
-        offset += n
-    return labels, np.concatenate(classes)
+_SHAPES_DTYPES = frozenset(np.dtype(t) for t in ("uint8", "uint16", "int16", "int32"))  # GDAL polygonize
 
 
-def _pieces(labels: np.ndarray, n: int, connectivity: int, col_off: int, row_off: int) -> np.ndarray:
-    """Polygon of each label 1..n (index = label) in global pixel coordinates, valid."""
-    geoms = np.empty(n + 1, dtype=object)
-    if n == 0:
-        return geoms
-    ids: list[int] = []
+def _pieces(data: np.ndarray, valid: np.ndarray, connectivity: int, col_off: int, row_off: int
+            ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The connected regions of equal class in a block, polygonised by GDAL, in global pixel coordinates.
+
+    Returns ``(geoms, classes, sides)``: piece ``i`` (1..n) is ``geoms[i]`` (valid) of class ``classes[i]``;
+    ``sides`` maps ``top``/``bottom``/``left``/``right`` to the piece of each pixel along that block edge
+    (0 = none), read off the pieces' own boundary edges on the block border, so no label image is needed.
+    """
+    rows, cols = data.shape
+    codes, lut = data, None
+    if data.dtype not in _SHAPES_DTYPES:  # e.g. uint32, int64: polygonise dense codes of the classes
+        lut, inv = np.unique(data, return_inverse=True)
+        codes = inv.reshape(data.shape).astype(np.int32)
+    values: list[float] = []
     poly_rings: list[int] = []
     ring_lens: list[int] = []
     flat: list[tuple[float, float]] = []
     # Doubled coordinates (halved exactly below): rasterio warns about an identity transform, and
     # warnings.catch_warnings is not thread-safe.
     doubled = Affine(2.0, 0.0, 2.0 * col_off, 0.0, 2.0, 2.0 * row_off)
-    for geom, value in rasterio.features.shapes(labels, mask=labels > 0, connectivity=connectivity,
-                                                transform=doubled):
-        rings = geom["coordinates"]
-        ids.append(int(value))
-        poly_rings.append(len(rings))
-        for ring in rings:
-            ring_lens.append(len(ring))
-            flat.extend(ring)
+    if valid.any():
+        for geom, value in rasterio.features.shapes(codes, mask=valid, connectivity=connectivity,
+                                                    transform=doubled):
+            rings = geom["coordinates"]
+            values.append(value)
+            poly_rings.append(len(rings))
+            for ring in rings:
+                ring_lens.append(len(ring))
+                flat.extend(ring)
+    n = len(values)
+    geoms = np.empty(n + 1, dtype=object)
+    classes = np.zeros(n + 1, dtype=np.int64)
+    sides = {"top": np.zeros(cols, np.int32), "bottom": np.zeros(cols, np.int32),
+             "left": np.zeros(rows, np.int32), "right": np.zeros(rows, np.int32)}
+    if n == 0:
+        return geoms, classes, sides
+    vals = np.asarray(values, dtype=np.int64)
+    classes[1:] = lut[vals] if lut is not None else vals
     # building all polygons from one coordinate array is ~4x faster than shapely.geometry.shape per feature
     xy = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.float64, count=2 * len(flat))
     xy = xy.reshape(-1, 2) * 0.5
@@ -434,6 +433,25 @@ def _pieces(labels: np.ndarray, n: int, connectivity: int, col_off: int, row_off
     poly_off = np.zeros(len(poly_rings) + 1, dtype=np.int64)
     np.cumsum(poly_rings, out=poly_off[1:])
     polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_off, poly_off))
+
+    # pixels along the block border: each belongs to the piece with a boundary edge on its outer side
+    ring_piece = np.repeat(np.arange(1, n + 1, dtype=np.int32), poly_rings)
+    coord_piece = np.repeat(ring_piece, ring_lens)
+    pxy = np.rint(xy).astype(np.int64)
+    pxy[:, 0] -= col_off
+    pxy[:, 1] -= row_off
+    cont = np.ones(len(pxy) - 1, dtype=bool)
+    cont[ring_off[1:-1] - 1] = False  # no edge from one ring's last point to the next ring's first
+    a, b, pc = pxy[:-1][cont], pxy[1:][cont], coord_piece[:-1][cont]
+    horiz = a[:, 1] == b[:, 1]
+    for side, axis, at in (("top", 0, (1, 0)), ("bottom", 0, (1, rows)), ("left", 1, (0, 0)),
+                           ("right", 1, (0, cols))):
+        sel = (horiz if axis == 0 else ~horiz) & (a[:, at[0]] == at[1])
+        lo = np.minimum(a[sel, axis], b[sel, axis])
+        span = np.abs(a[sel, axis] - b[sel, axis])
+        k = np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
+        sides[side][np.repeat(lo, span) + k] = np.repeat(pc[sel], span)
+
     if connectivity == 8:
         # Diagonal joins come out as self-touching rings: make them (multi)polygons. GDAL's 4-connected
         # polygons are valid (holes touching the shell are separate rings), and checking costs a third
@@ -441,8 +459,8 @@ def _pieces(labels: np.ndarray, n: int, connectivity: int, col_off: int, row_off
         bad = ~shapely.is_valid(polys)
         if bad.any():
             polys[bad] = shapely.make_valid(polys[bad], method="structure", keep_collapsed=False)
-    geoms[np.asarray(ids, dtype=np.int64)] = polys
-    return geoms
+    geoms[1:] = polys
+    return geoms, classes, sides
 
 
 def _process_block(plan: _Plan, r: int, c: int) -> _Block:
@@ -452,13 +470,10 @@ def _process_block(plan: _Plan, r: int, c: int) -> _Block:
         valid = band_validity(data[None], ds, [1], win, plan.mask_kind)[0]
     if plan.skip:
         valid &= ~np.isin(data, plan.skip)
-    labels, classes = _label(data, valid, plan.connectivity)
+    geoms, classes, sides = _pieces(data, valid, plan.connectivity, int(win.col_off), int(win.row_off))
     del data, valid
     n = len(classes) - 1
-    geoms = _pieces(labels, n, plan.connectivity, int(win.col_off), int(win.row_off))
-
-    edges = {"top": labels[0], "bottom": labels[-1], "left": labels[:, 0], "right": labels[:, -1]}
-    edges = {k: (v.copy(), classes[v]) for k, v in edges.items()}
+    edges = {k: (v, classes[v]) for k, v in sides.items()}
     open_mask = np.zeros(n + 1, dtype=bool)
     bottom = np.zeros(n + 1, dtype=bool)
     if r > 0:
@@ -848,7 +863,8 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
     else:
         one = nshell[poly_group] == 1
         out[poly_group[one]] = polys[one]
-        many = ~one
+        many = np.flatnonzero(~one)
+        many = many[np.argsort(poly_group[many], kind="stable")]
         mg, inv = np.unique(poly_group[many], return_inverse=True)
         out[mg] = shapely.multipolygons(polys[many], indices=inv)
     if connectivity == 8:

@@ -26,6 +26,7 @@ from geoseg.raster import inspect_scene
 from geoseg.vectorize import (
     FORMATS,
     Quantity,
+    _stitch,
     format_for,
     get_format,
     parse_min_area,
@@ -156,6 +157,100 @@ def test_progress_reports_every_block(make_raster: Callable[..., Path]) -> None:
     calls: list[tuple[int, int]] = []
     polygonize(make_raster(blobs((70, 50))), block_size=32, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(i, 6) for i in range(1, 7)]
+
+
+
+# ----------------------------------------------------------------------------------- seam stitching
+
+
+def assert_gdal_vertices(gdf: gpd.GeoDataFrame, ref: list[tuple[Any, int]]) -> None:
+    """4-connectivity: stitched rings have exactly GDAL's vertices (no collinear ones left on seams)."""
+    assert shapely.get_num_coordinates(gdf.geometry.values).sum() == sum(
+        shapely.get_num_coordinates(g) for g, _ in ref)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_pinches_on_seams_and_block_corners(make_raster: Callable[..., Path], connectivity: int) -> None:
+    data = np.zeros((16, 16), np.uint8)
+    # a ring of class 1 closed only by a diagonal touch at the corner shared by four 4x4 blocks (4, 4):
+    # with 4-connectivity a polygon whose hole touches its shell there, with 8 the same, joined
+    data[4:11, 4] = data[10, 4:11] = data[4:11, 10] = data[4, 5:11] = 1
+    data[4, 4] = 0
+    data[3, 3] = 1  # diagonal neighbour of (4, 5)? no: of (4, 4)'s neighbours; a lone pinch partner
+    data[3, 5:8] = 1  # touches the ring's top edge across the seam at row 4
+    # a checkerboard patch straddling the seams at 8 and 12: pinches everywhere
+    yy, xx = np.mgrid[6:14, 11:16]
+    data[6:14, 11:16] = 2 + (yy + xx) % 2
+    # an annulus of class 4 pinched at a seam vertex (12, 4): a hole that touches the shell at a point
+    data[12:16, 0:4] = 4
+    data[13:15, 1:3] = 0
+    data[12, 3] = 0
+    data[11, 4] = 4
+    src = make_raster(data)
+    ref = whole(data, connectivity=connectivity)
+    for block in (4, 5, 8):
+        gdf = polygonize(src, block_size=block, connectivity=connectivity)
+        assert_same_polygons(gdf, ref)
+        if connectivity == 4:
+            assert_gdal_vertices(gdf, ref)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_region_spanning_many_blocks(make_raster: Callable[..., Path], connectivity: int) -> None:
+    # a comb of class 1 with teeth crossing every seam, holes of class 2 astride seams and corners
+    data = np.zeros((64, 64), np.uint8)
+    data[:, ::3] = 1
+    data[::7, :] = 1
+    data[20:26, 2:40] = 2
+    data[22:24, 30:34] = 1  # an island inside the hole, not touching the comb
+    data[40:50, 40:50] = 1
+    data[44:46, 44:46] = 3
+    src = make_raster(data)
+    ref = whole(data, connectivity=connectivity)
+    gdf = polygonize(src, block_size=4, connectivity=connectivity)
+    assert_same_polygons(gdf, ref)
+    comb = gdf[gdf.class_id == 1].geometry.area.max()
+    assert comb == max(g.area for g, v in ref if v == 1)
+    if connectivity == 4:
+        assert_gdal_vertices(gdf, ref)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=arrays(np.uint8, st.tuples(st.integers(2, 36), st.integers(2, 36)), elements=st.integers(0, 1)),
+    block=st.sampled_from([4, 5, 7]),
+    connectivity=st.sampled_from([4, 8]),
+)
+def test_random_two_class_rasters_pinches(make_raster: Callable[..., Path], data: np.ndarray, block: int,
+                                          connectivity: int) -> None:
+    """Two classes of noise: diagonal touches (pinches) on every seam, regions spanning many blocks."""
+    src = make_raster(data)
+    ref = whole(data, connectivity=connectivity)
+    gdf = polygonize(src, block_size=block, connectivity=connectivity, workers=1)
+    assert_same_polygons(gdf, ref)
+    if connectivity == 4:
+        assert_gdal_vertices(gdf, ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask=arrays(bool, st.tuples(st.integers(1, 14), st.integers(1, 14)), elements=st.booleans()),
+       connectivity=st.sampled_from([4, 8]))
+def test_stitch_unit_pixels_equals_union(mask: np.ndarray, connectivity: int) -> None:
+    """Stitching every pixel of a region as its own piece (block size 1: every edge on a seam)."""
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    lab, n = ndimage.label(mask, structure=structure)
+    groups = []
+    for i in range(1, n + 1):
+        rows, cols = np.nonzero(lab == i)
+        groups.append(list(shapely.box(cols, rows, cols + 1, rows + 1)))
+    h, w = mask.shape
+    got = _stitch(groups, connectivity, 1, w, h)
+    for geom, pieces in zip(got, groups, strict=True):
+        assert shapely.is_valid(geom)
+        assert shapely.equals(geom, shapely.union_all(pieces))
+        assert geom.area == len(pieces)
+        if connectivity == 4:
+            assert geom.geom_type == "Polygon"
 
 
 # ------------------------------------------------------------------------------------- real oracles

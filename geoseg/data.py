@@ -1,0 +1,788 @@
+"""Training data: scenes and their labels, spatial splits, coverage, statistics and chip samplers.
+
+The words follow the glossary: a *scene* is one image file, a *chip* the model-sized window. Labels come
+as a raster of class ids or as polygons; either way they are read window by window onto the image's pixel
+grid (a raster on another grid is warped with nearest-neighbour resampling, polygons are reprojected and
+rasterised), so memory never depends on the scene size.
+
+Each scene is cut into square *split blocks*, and every block belongs to one split (train, val or test);
+a chip is used by a split only when all of it lies in that split's blocks, so chips of different splits
+never share a pixel. A coarse *coverage* grid (cells of a few pixels) records the valid-image and labelled
+fractions; samplers consult it to skip chips that are mostly nodata or unlabelled. Samplers yield
+:class:`ChipLocation` values (scene and window), never pixels; :class:`ChipDataset` reads them.
+
+Unlabelled pixels, label nodata, ids that are not a configured class, and pixels without valid imagery all
+become :data:`IGNORE_INDEX` in the training targets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from geoseg.errors import InputError
+from geoseg.raster import (
+    SceneInfo,
+    SceneReader,
+    _mask_kind,
+    band_validity,
+    gdal_env,
+    inspect_scene,
+    open_scene,
+)
+from geoseg.tiling import ChipGrid, clip_to_scene
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Target value of pixels that do not count in the loss or the metrics (torch's default ignore index)."""
+UNLABELLED = -1
+"""Value of unlabelled pixels in label windows (before mapping class ids to training indexes)."""
+SPLITS = ("train", "val", "test")
+VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite", ".parquet")
+_SCAN = 1024  # side of the windows read when scanning a scene (bounded memory)
+
+
+# ---------------------------------------------------------------------------------------------- classes
+
+
+class ClassMap:
+    """Maps label class ids to contiguous training indexes (the logit channel order).
+
+    Args:
+        ids: class ids in logit order; ``ids[i]`` is predicted by channel ``i``.
+    """
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(ids)
+        self._lut = np.full(max(self.ids) + 2, IGNORE_INDEX, dtype=np.int64)
+        for i, cid in enumerate(self.ids):
+            self._lut[cid] = i
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_index(self, labels: np.ndarray) -> np.ndarray:
+        """Class ids ``(rows, cols)`` (``UNLABELLED`` allowed) -> int64 training indexes, others -> ignore."""
+        lab = labels.astype(np.int64, copy=False)
+        inside = (lab >= 0) & (lab < len(self._lut))
+        out = np.full(lab.shape, IGNORE_INDEX, dtype=np.int64)
+        out[inside] = self._lut[lab[inside]]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+class LabelSource(Protocol):
+    """Labels on an image's pixel grid, read by window."""
+
+    path: str
+
+    def read(self, window: Window) -> np.ndarray:
+        """Class ids int32 ``(window.height, window.width)``; :data:`UNLABELLED` where there is no label
+        (also outside the scene)."""
+        ...
+
+
+def _pad_to(arr: np.ndarray, window: Window, clipped: Window, fill: int) -> np.ndarray:
+    out = np.full((int(window.height), int(window.width)), fill, dtype=arr.dtype)
+    r0 = int(clipped.row_off - window.row_off)
+    c0 = int(clipped.col_off - window.col_off)
+    out[r0:r0 + arr.shape[0], c0:c0 + arr.shape[1]] = arr
+    return out
+
+
+class RasterLabels:
+    """A label raster of class ids. Read directly when it shares the image grid, else warped onto it."""
+
+    def __init__(self, path: str, image: SceneInfo, nodata: int | None = None):
+        self.path = path
+        self.image = image
+        self._nodata_override = nodata
+        self._ds: Any = None
+        self._vrt: Any = None
+        self._pid = -1
+        with gdal_env(), open_scene(path) as ds:
+            self.same_grid = self._same_grid(ds, image)
+            self.nodata = nodata if nodata is not None else ds.nodata
+            if ds.dtypes[0].startswith("float"):
+                log.warning("%s: float label raster; values are truncated to integer class ids", path)
+
+    @staticmethod
+    def _same_grid(ds: rasterio.DatasetReader, image: SceneInfo) -> bool:
+        if (ds.width, ds.height) != (image.width, image.height):
+            if ds.crs is None:
+                raise InputError(f"{ds.name}: label raster has no CRS and a different size "
+                                 f"({ds.width}x{ds.height}) from its image {image.path} "
+                                 f"({image.width}x{image.height}); georeference it or resample it onto the image grid")
+            return False
+        if ds.crs is None:
+            log.warning("%s: label raster has no CRS; assuming it shares the grid of %s", ds.name, image.path)
+            return True
+        if image.crs is None:
+            return True
+        return bool(ds.crs == image.crs and ds.transform.almost_equals(image.transform))
+
+    def _dataset(self) -> Any:
+        if self._pid != os.getpid():  # one handle per process (DataLoader workers fork)
+            self._ds = open_scene(self.path)
+            self._vrt = None
+            if not self.same_grid:
+                from rasterio.enums import Resampling
+                from rasterio.vrt import WarpedVRT
+
+                self._vrt = WarpedVRT(self._ds, crs=self.image.crs, transform=self.image.transform,
+                                      width=self.image.width, height=self.image.height,
+                                      resampling=Resampling.nearest, src_nodata=self.nodata, nodata=self.nodata)
+            self._pid = os.getpid()
+        return self._vrt if self._vrt is not None else self._ds
+
+    def read(self, window: Window) -> np.ndarray:
+        clipped = clip_to_scene(window, self.image.width, self.image.height)
+        ds = self._dataset()
+        raw = ds.read(1, window=clipped)
+        lab = raw.astype(np.int64)
+        bad = np.zeros(lab.shape, dtype=bool)
+        if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
+            bad |= raw == np.asarray(self.nodata).astype(raw.dtype)
+        if raw.dtype.kind == "f":
+            bad |= ~np.isfinite(raw)
+        if self._vrt is None and self.same_grid:
+            kind = _mask_kind(ds)[0]
+            if kind in ("alpha", "internal"):
+                bad |= ds.read_masks(1, window=clipped) == 0
+        lab[bad | (lab < 0)] = UNLABELLED
+        out = lab.astype(np.int32)
+        if (clipped.width, clipped.height) != (window.width, window.height):
+            out = _pad_to(out, window, clipped, UNLABELLED)
+        return out
+
+
+class VectorLabels:
+    """Label polygons, reprojected to the image CRS and rasterised onto its grid one window at a time.
+
+    Args:
+        path: a vector file GDAL can read.
+        image: the image the labels belong to.
+        column: attribute with class ids (integers) or class names; None: every polygon gets ``value``.
+        value: class id of every polygon when there is no column.
+        background: class id of pixels outside every polygon; None leaves them unlabelled.
+        names: class name -> id, for a column of names.
+    """
+
+    def __init__(self, path: str, image: SceneInfo, *, column: str | None, value: int | None,
+                 background: int | None, names: dict[str, int] | None = None):
+        import geopandas as gpd
+
+        self.path = path
+        self.image = image
+        self.background = UNLABELLED if background is None else int(background)
+        try:
+            gdf = gpd.read_file(path)
+        except Exception as exc:  # pyogrio raises several types
+            raise InputError(f"{path}: cannot be read as vector labels ({exc}); give a GPKG, SHP or GeoJSON") from None
+        if column is None and value is None:
+            raise InputError(f"{path}: vector labels need label_column (class ids or names) or label_value "
+                             "(one class id for every polygon)")
+        if column is not None and column not in gdf.columns:
+            cols = [c for c in gdf.columns if c != gdf.geometry.name]
+            raise InputError(f"{path}: no column {column!r}; columns are: {', '.join(cols)}")
+        if gdf.crs is None:
+            log.warning("%s: labels have no CRS; assuming the CRS of %s", path, image.path)
+        elif image.crs is not None and gdf.crs != image.crs:
+            gdf = gdf.to_crs(image.crs)
+        gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+        if column is None:
+            values = np.full(len(gdf), int(value or 0), dtype=np.int64)
+        else:
+            values = self._column_values(gdf[column], names or {}, path, column)
+        keep = values >= 0
+        self.geometries = np.asarray(gdf.geometry.values)[keep]
+        self.values = values[keep]
+        from shapely import STRtree
+
+        self._tree = STRtree(self.geometries)
+        log.info("%s: %d label polygon(s)", path, len(self.geometries))
+
+    @staticmethod
+    def _column_values(col: Any, names: dict[str, int], path: str, column: str) -> np.ndarray:
+        import pandas as pd
+
+        if pd.api.types.is_numeric_dtype(col):
+            vals = col.to_numpy(dtype=float, na_value=np.nan)
+            return np.where(np.isfinite(vals), vals, UNLABELLED).astype(np.int64)
+        out = []
+        unknown: set[str] = set()
+        for v in col:
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                out.append(UNLABELLED)
+            elif str(v) in names:
+                out.append(names[str(v)])
+            elif str(v).lstrip("-").isdigit():
+                out.append(int(str(v)))
+            else:
+                unknown.add(str(v))
+                out.append(UNLABELLED)
+        if unknown:
+            log.warning("%s: column %r has values that are no class name (left unlabelled): %s",
+                        path, column, ", ".join(sorted(unknown)[:10]))
+        return np.asarray(out, dtype=np.int64)
+
+    def read(self, window: Window) -> np.ndarray:
+        from rasterio.features import rasterize
+        from shapely.geometry import box
+
+        h, w = int(window.height), int(window.width)
+        tf = window_transform(window, self.image.transform)
+        x0, y0 = tf * (0, 0)
+        x1, y1 = tf * (w, h)
+        hits = self._tree.query(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+        if len(hits) == 0:
+            out = np.full((h, w), self.background, dtype=np.int32)
+        else:
+            # burn in file order so that a later polygon wins where polygons overlap
+            hits = np.sort(hits)
+            shapes = zip(self.geometries[hits], self.values[hits].tolist(), strict=True)
+            out = rasterize(shapes, out_shape=(h, w), transform=tf, fill=self.background, dtype="int32")
+        clipped = clip_to_scene(window, self.image.width, self.image.height)
+        if (clipped.width, clipped.height) != (w, h):
+            inner = np.full((h, w), UNLABELLED, dtype=np.int32)
+            r0, c0 = int(clipped.row_off - window.row_off), int(clipped.col_off - window.col_off)
+            rs = slice(r0, r0 + int(clipped.height))
+            cs = slice(c0, c0 + int(clipped.width))
+            inner[rs, cs] = out[rs, cs]
+            out = inner
+        return out
+
+
+def is_vector(path: str) -> bool:
+    return Path(path).suffix.lower() in VECTOR_SUFFIXES
+
+
+def open_labels(path: str, image: SceneInfo, *, column: str | None = None, value: int | None = None,
+                background: int | None = None, names: dict[str, int] | None = None,
+                nodata: int | None = None) -> LabelSource:
+    """Open labels (raster or vector, chosen by the file suffix) on the pixel grid of ``image``.
+
+    Raises:
+        InputError: the file cannot be read, or a vector file gives no way to find class ids.
+    """
+    if not Path(path).exists() and "://" not in path:
+        raise InputError(f"{path}: no such label file; check the path in the config")
+    if is_vector(path):
+        return VectorLabels(path, image, column=column, value=value, background=background, names=names)
+    return RasterLabels(path, image, nodata=nodata)
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+
+
+@dataclass
+class TrainScene:
+    """One image with its labels and the scene band numbers that feed the model."""
+
+    index: int
+    info: SceneInfo
+    labels: LabelSource
+    bands: list[int]
+    split: str = "auto"
+
+    @property
+    def path(self) -> str:
+        return self.info.path
+
+
+@dataclass
+class SceneCoverage:
+    """Coarse per-cell grids of a scene: split code, valid-image fraction and labelled fraction.
+
+    ``split`` holds the index of the cell's split in :data:`SPLITS`; cells are ``cell`` pixels square.
+    """
+
+    cell: int
+    split: np.ndarray
+    valid: np.ndarray
+    labelled: np.ndarray
+    blocks: list[tuple[Window, str]] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.split.shape  # type: ignore[return-value]
+
+
+@dataclass
+class BandStats:
+    """Per-band statistics of the training pixels in raw units, combined window by window (Chan et al.)."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, bands: int) -> BandStats:
+        return cls(np.zeros(bands), np.zeros(bands), np.zeros(bands))
+
+    def update(self, data: np.ndarray, valid: np.ndarray) -> None:
+        """Add the valid values of ``data`` ``(bands, rows, cols)``."""
+        for b in range(data.shape[0]):
+            v = data[b][valid[b]].astype(np.float64)
+            n = v.size
+            if n == 0:
+                continue
+            mean = float(v.mean())
+            m2 = float(((v - mean) ** 2).sum())
+            tot = self.count[b] + n
+            delta = mean - self.mean[b]
+            self.mean[b] += delta * n / tot
+            self.m2[b] += m2 + delta**2 * self.count[b] * n / tot
+            self.count[b] = tot
+
+    @property
+    def std(self) -> np.ndarray:
+        var = np.where(self.count > 1, self.m2 / np.maximum(self.count - 1, 1), 1.0)
+        return np.sqrt(np.maximum(var, 1e-12))
+
+
+def split_cell(chip: int, block: int) -> int:
+    """Side of the coverage cells: divides both the chip and the split block, and about chip/8."""
+    cell = math.gcd(chip, block)
+    while cell > max(8, chip // 8) and cell % 2 == 0:
+        cell //= 2
+    return cell
+
+
+def _block_windows(info: SceneInfo, block: int) -> list[Window]:
+    return [Window(c, r, min(block, info.width - c), min(block, info.height - r))
+            for r in range(0, info.height, block) for c in range(0, info.width, block)]
+
+
+def assign_splits(scenes: Sequence[TrainScene], block: int, val_fraction: float, test_fraction: float,
+                  seed: int) -> list[list[tuple[Window, str]]]:
+    """Give every split block of every scene a split.
+
+    Scenes with a fixed ``split`` give all their blocks to it; the blocks of ``auto`` scenes are pooled and
+    shuffled with ``seed``, then the first ``val_fraction`` go to val, the next ``test_fraction`` to test.
+    At least one block goes to val (when ``val_fraction > 0``) and one stays in train.
+
+    Returns:
+        Per scene, its blocks (windows) with their split names.
+    """
+    out: list[list[tuple[Window, str]]] = []
+    pool: list[tuple[int, int]] = []
+    for s in scenes:
+        wins = _block_windows(s.info, block)
+        out.append([(w, s.split if s.split != "auto" else "train") for w in wins])
+        if s.split == "auto":
+            pool.extend((s.index, i) for i in range(len(wins)))
+    if pool:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(pool))
+        n = len(pool)
+        fixed = {sp for s in scenes if s.split != "auto" for sp in [s.split]}
+        n_val = int(round(val_fraction * n))
+        n_test = int(round(test_fraction * n))
+        if val_fraction > 0 and n_val == 0 and "val" not in fixed and n > 1:
+            n_val = 1
+        n_val = min(n_val, n - 1)
+        n_test = min(n_test, n - 1 - n_val)
+        for rank, k in enumerate(order):
+            si, bi = pool[k]
+            name = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+            out[si][bi] = (out[si][bi][0], name)
+    return out
+
+
+def scan_scene(scene: TrainScene, class_map: ClassMap, blocks: list[tuple[Window, str]], cell: int,
+               stats: BandStats | None, class_counts: np.ndarray | None, stats_step: int = 1,
+               progress: Callable[[int, int], None] | None = None) -> SceneCoverage:
+    """Stream over a scene once: coverage grids, and (for train blocks) band statistics and class counts.
+
+    Args:
+        stats: accumulator of raw-unit band statistics over train pixels (None to skip).
+        class_counts: int64 ``(classes,)`` counts of train pixels per class (None to skip).
+        stats_step: read every ``stats_step``-th row and column for the statistics (bounded cost).
+    """
+    info = scene.info
+    rows, cols = math.ceil(info.height / cell), math.ceil(info.width / cell)
+    split = np.zeros((rows, cols), dtype=np.int8)
+    for win, name in blocks:
+        r0, c0 = int(win.row_off) // cell, int(win.col_off) // cell
+        r1 = math.ceil((win.row_off + win.height) / cell)
+        c1 = math.ceil((win.col_off + win.width) / cell)
+        split[r0:r1, c0:c1] = SPLITS.index(name)
+    valid_frac = np.zeros((rows, cols), dtype=np.float32)
+    lab_frac = np.zeros((rows, cols), dtype=np.float32)
+    step = (_SCAN // cell) * cell or cell
+    wins = [Window(c, r, min(step, info.width - c), min(step, info.height - r))
+            for r in range(0, info.height, step) for c in range(0, info.width, step)]
+    uniq = sorted(set(scene.bands))
+    pos = [uniq.index(b) for b in scene.bands]
+    with gdal_env(), open_scene(info.path) as ds:
+        kind = _mask_kind(ds)[0]
+        for k, win in enumerate(wins):
+            raw = ds.read(uniq, window=win)
+            bvalid = band_validity(raw, ds, uniq, win, kind)
+            raw, bvalid = raw[pos], bvalid[pos]
+            valid = np.asarray(bvalid.any(axis=0), dtype=bool)
+            target = class_map.to_index(scene.labels.read(win))
+            labelled = (target != IGNORE_INDEX) & valid
+            r0, c0 = int(win.row_off) // cell, int(win.col_off) // cell
+            vc = _cell_mean(valid, cell)
+            lc = _cell_mean(labelled, cell)
+            valid_frac[r0:r0 + vc.shape[0], c0:c0 + vc.shape[1]] = vc
+            lab_frac[r0:r0 + lc.shape[0], c0:c0 + lc.shape[1]] = lc
+            if stats is not None or class_counts is not None:
+                in_train = np.repeat(np.repeat(split[r0:r0 + vc.shape[0], c0:c0 + vc.shape[1]] == 0, cell, 0),
+                                     cell, 1)[: valid.shape[0], : valid.shape[1]]
+                if in_train.any():
+                    if stats is not None:
+                        s = slice(None, None, stats_step)
+                        stats.update(raw[:, s, s], bvalid[:, s, s] & in_train[s, s][None])
+                    if class_counts is not None:
+                        t = target[labelled & in_train]
+                        class_counts += np.bincount(t, minlength=len(class_counts))[: len(class_counts)]
+            if progress:
+                progress(k + 1, len(wins))
+    return SceneCoverage(cell, split, valid_frac, lab_frac, blocks)
+
+
+def _cell_mean(mask: np.ndarray, cell: int) -> np.ndarray:
+    h, w = mask.shape
+    rows, cols = math.ceil(h / cell), math.ceil(w / cell)
+    pad = np.zeros((rows * cell, cols * cell), dtype=np.float32)
+    pad[:h, :w] = mask
+    return pad.reshape(rows, cell, cols, cell).mean(axis=(1, 3))
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+
+@dataclass(frozen=True)
+class ChipLocation:
+    """Where a chip is: the scene's index in the dataset and the window in that scene."""
+
+    scene: int
+    window: Window
+
+
+@dataclass
+class ChipRules:
+    """Which chips a split may use: all cells in the split, enough valid imagery and labels."""
+
+    chip: int
+    min_valid: float
+    min_labelled: float
+
+    def window_ok(self, cov: SceneCoverage, window: Window, split: str) -> bool:
+        c = cov.cell
+        rows, cols = cov.shape
+        r0, c0 = max(int(window.row_off) // c, 0), max(int(window.col_off) // c, 0)
+        r1 = min(math.ceil((window.row_off + window.height) / c), rows)
+        c1 = min(math.ceil((window.col_off + window.width) / c), cols)
+        if r1 <= r0 or c1 <= c0:
+            return False
+        if not (cov.split[r0:r1, c0:c1] == SPLITS.index(split)).all():
+            return False
+        # cells past the scene edge (small scenes) count as invalid
+        n_cells = math.ceil(window.height / c) * math.ceil(window.width / c)
+        valid = float(cov.valid[r0:r1, c0:c1].sum()) / n_cells
+        labelled = float(cov.labelled[r0:r1, c0:c1].sum()) / n_cells
+        return valid >= self.min_valid and labelled >= max(self.min_labelled, 1e-9)
+
+    def candidates(self, cov: SceneCoverage, split: str) -> np.ndarray:
+        """Bool ``(rows, cols)``: cell-aligned chip origins (in cells) that the split may use."""
+        rows, cols = cov.shape
+        k = self.chip // cov.cell
+        kr, kc = min(k, rows), min(k, cols)
+        n_cells = k * k
+
+        def window_sum(a: np.ndarray) -> np.ndarray:
+            s = np.zeros((rows + 1, cols + 1), dtype=np.float64)
+            s[1:, 1:] = a.cumsum(0).cumsum(1)
+            return s[kr:, kc:] - s[:-kr, kc:] - s[kr:, :-kc] + s[:-kr, :-kc]
+
+        in_split = window_sum((cov.split == SPLITS.index(split)).astype(np.float64)) == kr * kc
+        valid = window_sum(cov.valid) / n_cells >= self.min_valid
+        labelled = window_sum(cov.labelled) / n_cells >= max(self.min_labelled, 1e-9)
+        return in_split & valid & labelled
+
+
+class RandomChipSampler:
+    """Random chip locations of one split, drawn anew each epoch from ``(seed, epoch)`` (repeatable).
+
+    Origins are drawn among the cell-aligned positions whose chip lies wholly in the split and passes the
+    coverage rules; every usable position is equally likely, across all scenes.
+    """
+
+    def __init__(self, coverages: Sequence[SceneCoverage], rules: ChipRules, split: str, samples: int, seed: int):
+        self.samples = samples
+        self.seed = seed
+        self.epoch = 0
+        self._origins: list[np.ndarray] = []
+        self._cells: list[int] = []
+        for cov in coverages:
+            self._origins.append(np.argwhere(rules.candidates(cov, split)))
+            self._cells.append(cov.cell)
+        self.chip = rules.chip
+        self.total = sum(len(o) for o in self._origins)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples if self.total else 0
+
+    def locations(self, epoch: int) -> list[ChipLocation]:
+        if not self.total:
+            return []
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        picks = rng.integers(0, self.total, size=self.samples)
+        offsets = np.cumsum([0] + [len(o) for o in self._origins])
+        out = []
+        for p in picks.tolist():
+            si = int(np.searchsorted(offsets, p, side="right") - 1)
+            r, c = self._origins[si][p - offsets[si]]
+            cell = self._cells[si]
+            out.append(ChipLocation(si, Window(int(c) * cell, int(r) * cell, self.chip, self.chip)))
+        return out
+
+    def __iter__(self) -> Iterator[ChipLocation]:
+        return iter(self.locations(self.epoch))
+
+
+class GridChipSampler:
+    """The chips of each scene's global chip grid (:class:`geoseg.tiling.ChipGrid`) that the split may use."""
+
+    def __init__(self, scenes: Sequence[TrainScene], coverages: Sequence[SceneCoverage], rules: ChipRules,
+                 split: str, overlap: int = 0):
+        self._locations: list[ChipLocation] = []
+        for s, cov in zip(scenes, coverages, strict=True):
+            grid = ChipGrid(s.info.width, s.info.height, rules.chip, overlap)
+            self._locations.extend(ChipLocation(s.index, ch.window) for ch in grid
+                                   if rules.window_ok(cov, ch.window, split))
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def locations(self, epoch: int = 0) -> list[ChipLocation]:
+        return list(self._locations)
+
+    def __len__(self) -> int:
+        return len(self._locations)
+
+    def __iter__(self) -> Iterator[ChipLocation]:
+        return iter(self._locations)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+class ChipDataset:
+    """Reads chip locations into ``(image, target)`` tensors; a map-style dataset for DataLoader.
+
+    ``image`` is float32 ``(C, chip, chip)`` normalised with the training statistics, ``target`` int64
+    ``(chip, chip)`` training indexes with :data:`IGNORE_INDEX` where unlabelled or without imagery.
+    ``augment(image, target, generator)`` is applied with a generator seeded from ``(seed, epoch, i)``,
+    so a run is repeatable whatever the number of workers.
+    """
+
+    def __init__(self, scenes: Sequence[TrainScene], locations: Sequence[ChipLocation], class_map: ClassMap,
+                 mean: Sequence[float], std: Sequence[float], chip: int,
+                 augment: Callable[..., tuple[Any, Any]] | None = None, seed: int = 0, epoch: int = 0):
+        self.scenes = list(scenes)
+        self.locations = list(locations)
+        self.class_map = class_map
+        self.mean, self.std = list(mean), list(std)
+        self.chip = chip
+        self.augment = augment
+        self.seed, self.epoch = seed, epoch
+        self._readers: dict[int, SceneReader] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def _reader(self, i: int) -> SceneReader:
+        if self._pid != os.getpid():
+            self._readers, self._pid = {}, os.getpid()
+        if i not in self._readers:
+            s = self.scenes[i]
+            self._readers[i] = SceneReader(s.path, s.bands, self.mean, self.std)
+        return self._readers[i]
+
+    def read(self, loc: ChipLocation) -> tuple[np.ndarray, np.ndarray]:
+        """``(image float32 (C, chip, chip), target int64 (chip, chip))`` at ``loc``, without augmentation."""
+        data, valid = self._reader(loc.scene).read(loc.window, size=(self.chip, self.chip))
+        labels = self.scenes[loc.scene].labels.read(loc.window)
+        target = self.class_map.to_index(labels)
+        target = _fit(target, self.chip, IGNORE_INDEX)
+        target[~valid] = IGNORE_INDEX
+        return data, target
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        import torch
+
+        data, target = self.read(self.locations[i])
+        image = torch.from_numpy(data)
+        mask = torch.from_numpy(target)
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+            image, mask = self.augment(image, mask, g)
+        return image, mask
+
+
+def _fit(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
+    if arr.shape == (size, size):
+        return arr
+    out = np.full((size, size), fill, dtype=arr.dtype)
+    out[: arr.shape[0], : arr.shape[1]] = arr[:size, :size]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the whole dataset
+
+
+@dataclass
+class PreparedData:
+    """Everything training needs from the data, computed once per run."""
+
+    scenes: list[TrainScene]
+    coverages: list[SceneCoverage]
+    class_map: ClassMap
+    mean: list[float]
+    std: list[float]
+    class_counts: np.ndarray
+    cell: int
+    block: int
+    band_names: list[str]
+    dtype: str
+    pixel_size: float | None
+
+    def split_summary(self) -> dict[str, Any]:
+        """A JSON-able record of the split: blocks per scene with their split names."""
+        return {
+            "cell": self.cell,
+            "block": self.block,
+            "scenes": [
+                {
+                    "image": s.path, "labels": s.labels.path, "split": s.split,
+                    "blocks": [{"col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width),
+                                "height": int(w.height), "split": name} for w, name in cov.blocks],
+                    "pixels": {sp: int(sum(w.width * w.height for w, n in cov.blocks if n == sp)) for sp in SPLITS},
+                }
+                for s, cov in zip(self.scenes, self.coverages, strict=True)
+            ],
+        }
+
+    def write_split(self, folder: Path) -> list[Path]:
+        """Write ``split.json`` and, per scene and split, the union of its blocks as GeoJSON in the scene CRS."""
+        import geopandas as gpd
+        from shapely.geometry import box
+        from shapely.ops import unary_union
+
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [folder / "split.json"]
+        (folder / "split.json").write_text(json.dumps(self.split_summary(), indent=2) + "\n")
+        for s, cov in zip(self.scenes, self.coverages, strict=True):
+            tf = s.info.transform
+            for sp in SPLITS:
+                geoms = []
+                for w, name in cov.blocks:
+                    if name != sp:
+                        continue
+                    x0, y0 = tf * (w.col_off, w.row_off)
+                    x1, y1 = tf * (w.col_off + w.width, w.row_off + w.height)
+                    geoms.append(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+                if not geoms:
+                    continue
+                gdf = gpd.GeoDataFrame({"split": [sp], "image": [s.path]}, geometry=[unary_union(geoms)],
+                                       crs=s.info.crs)
+                path = folder / f"{s.index}_{Path(s.path).stem}_{sp}.geojson"
+                if path.exists():
+                    path.unlink()
+                gdf.to_file(path, driver="GeoJSON")
+                written.append(path)
+        return written
+
+
+def prepare_data(cfg: Any, progress: Callable[[str, int, int], None] | None = None) -> PreparedData:
+    """Open the scenes of a :class:`geoseg.config.TrainConfig`, split them and compute statistics.
+
+    One streamed pass per scene computes the coverage grids, the per-band mean and std of the training
+    pixels (raw units) and the class counts of the training labels.
+
+    Raises:
+        InputError: scenes that cannot be read, band numbers the scenes do not have, labels that do not fit.
+    """
+    d = cfg.data
+    class_ids = [c.id for c in cfg.classes]
+    class_map = ClassMap(class_ids)
+    names = {c.name: c.id for c in cfg.classes}
+    block = d.split_block or 2 * d.chip_size
+    cell = split_cell(d.chip_size, block)
+    scenes: list[TrainScene] = []
+    first: SceneInfo | None = None
+    for i, sc in enumerate(d.scenes):
+        info = inspect_scene(sc.image)
+        bands = list(d.bands) if d.bands else list(range(1, info.count + 1))
+        bad = [b for b in bands if not 1 <= b <= info.count]
+        if bad:
+            raise InputError(f"{sc.image}: has {info.count} band(s); data.bands asks for {bad}")
+        if first is None:
+            first = info
+        elif len(bands) != len(scenes[0].bands):
+            raise InputError(f"{sc.image}: feeds {len(bands)} band(s) but {first.path} feeds "
+                             f"{len(scenes[0].bands)}; set data.bands")
+        if first is not info and info.dtype != first.dtype:
+            log.warning("%s: dtype %s differs from %s (%s); normalisation is shared", sc.image, info.dtype,
+                        first.path, first.dtype)
+        labels = open_labels(sc.labels, info, column=sc.label_column, value=sc.label_value,
+                             background=cfg.background_class, names=names, nodata=d.label_nodata)
+        scenes.append(TrainScene(i, info, labels, bands, sc.split))
+    assert first is not None  # DataConfig requires at least one scene
+    blocks = assign_splits(scenes, block, d.val_fraction, d.test_fraction, cfg.seed)
+    n_bands = len(scenes[0].bands)
+    stats = BandStats.empty(n_bands) if d.mean is None else None
+    counts = np.zeros(len(class_ids), dtype=np.int64)
+    train_pixels = sum(w.width * w.height for bl in blocks for w, n in bl if n == "train")
+    step = max(1, math.ceil(math.sqrt(train_pixels / d.stats_max_pixels)))
+    coverages = []
+    for s, bl in zip(scenes, blocks, strict=True):
+        cb = None if progress is None else (lambda k, n, s=s: progress(f"scan {Path(s.path).name}", k, n))
+        coverages.append(scan_scene(s, class_map, bl, cell, stats, counts, step, cb))
+    if stats is not None:
+        if (stats.count == 0).any():
+            raise InputError(f"{first.path}: no valid training pixels in some band(s); check nodata and the split")
+        mean, std = stats.mean.tolist(), stats.std.tolist()
+    else:
+        mean, std = list(d.mean), list(d.std or [])
+        if len(mean) != n_bands:
+            raise InputError(f"data.mean has {len(mean)} values for {n_bands} band(s)")
+    if counts.sum() == 0:
+        raise InputError(f"{first.path}: no labelled training pixels; check the labels, label_column and the classes")
+    band_names = d.band_names or [
+        (first.descriptions[b - 1] if b - 1 < len(first.descriptions) and first.descriptions[b - 1] else f"band{b}")
+        for b in scenes[0].bands
+    ]
+    log.info("training statistics: mean %s std %s; class counts %s", mean, std, counts.tolist())
+    return PreparedData(scenes, coverages, class_map, mean, std, counts, cell, block, band_names, first.dtype,
+                        first.pixel_size_m)
+
+
+__all__ = [
+    "IGNORE_INDEX", "UNLABELLED", "ClassMap", "RasterLabels", "VectorLabels", "open_labels", "TrainScene",
+    "SceneCoverage", "BandStats", "assign_splits", "scan_scene", "ChipLocation", "ChipRules",
+    "RandomChipSampler", "GridChipSampler", "ChipDataset", "PreparedData", "prepare_data",
+]

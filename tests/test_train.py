@@ -1,0 +1,186 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from geoseg.bundle import load_model, read_bundle
+from geoseg.config import TrainConfig, config_from_dict, load_config
+from geoseg.data import IGNORE_INDEX
+from geoseg.errors import ConfigError, OutputExistsError, UnknownNameError
+from geoseg.train import LOSSES, TrainProgress, build_loss, train
+from tests._training import tiny_config, write_scene
+
+
+@pytest.fixture
+def scene(tmp_path):
+    return write_scene(tmp_path)
+
+
+def _weights(result):
+    return load_file(str(result.bundle_path / "weights.safetensors"))
+
+
+def test_train_writes_a_bundle_with_the_full_contract(tmp_path, scene):
+    events: list[TrainProgress] = []
+    cfg = tiny_config(*scene, plots=True, tensorboard=True, model={"dropout": 0.2})
+    result = train(cfg, tmp_path / "run", progress=events.append)
+    b = read_bundle(result.bundle_path)
+    c = b.contract
+    assert c.model.architecture == "unet" and c.model.params["encoder_depth"] == 3
+    assert c.input.bands == ["band1", "band2", "band3"] and c.input.band_indexes == [1, 2, 3]
+    assert c.input.dtype == "uint8" and c.input.pixel_size == pytest.approx(2.0)
+    assert len(c.input.mean) == 3 and all(s > 0 for s in c.input.std)
+    assert [k.name for k in c.classes] == ["water", "vegetation", "buildings"] and c.class_ids == [1, 2, 3]
+    assert c.classes[0].color == (0, 0, 255)
+    assert c.chip_size == 32 and c.overlap == 8
+    assert c.metadata["training"]["config"]["data"]["chip_size"] == 32
+    assert c.metadata["validation"]["miou"] == result.metrics["miou"]
+    assert 0 <= result.metrics["miou"] <= 1 and len(result.metrics["classes"]) == 3
+    net = load_model(result.bundle_path).module
+    assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    out = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "split/split.json",
+                 "model/config.yaml", "model/metrics.json", "model/metrics.md", "plots/loss.png",
+                 "plots/metrics.png", "plots/confusion.png", "plots/val_chips.png"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").iterdir())
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    assert json.loads((out / "model" / "metrics.json").read_text())["epoch"] == result.best_epoch
+    stages = {e.stage for e in events}
+    assert {"train", "val"} <= stages and any(e.stage.startswith("scan") for e in events)
+    assert config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).data.chip_size == 32
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(cfg, out)
+
+
+def test_a_fixed_seed_makes_runs_repeatable(tmp_path, scene):
+    cfg = tiny_config(*scene, model={"dropout": 0.3})
+    a = train(cfg, tmp_path / "a")
+    b = train(cfg, tmp_path / "b")
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.metrics == b.metrics and [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    c = train(tiny_config(*scene, seed=1, model={"dropout": 0.3}), tmp_path / "c")
+    assert not all(torch.equal(wa[k], _weights(c)[k]) for k in wa)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, scene):
+    full = train(tiny_config(*scene, epochs=3, optimizer={"schedule": "cosine"}), tmp_path / "full")
+    # interrupted during the second epoch (as by Ctrl-C), then resumed
+    part = config_from_dict(tiny_config(*scene, epochs=3, optimizer={"schedule": "cosine"}))
+    part_run = tmp_path / "part"
+
+    def interrupt(ev: TrainProgress) -> None:
+        if ev.stage == "train" and ev.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(part, part_run, progress=interrupt)
+    ckpt = torch.load(part_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    resumed = train(part, part_run, resume=True)
+    assert resumed.epochs_run == 3
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    wf, wr = _weights(full), _weights(resumed)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    with pytest.raises(ConfigError, match="differs"):
+        train(tiny_config(*scene, epochs=3, batch_size=2), part_run, resume=True)
+
+
+def test_conv1x1_sigmoid_binary_sgd_onecycle_and_early_stopping(tmp_path):
+    image, labels = write_scene(tmp_path)
+    cfg = tiny_config(image, labels, classes=[{"id": 1, "name": "water"}, {"id": 2, "name": "land"}],
+                      model={"architecture": "conv1x1", "encoder": None, "params": {}, "activation": "sigmoid"},
+                      loss={"bce": 1.0, "dice": 0.5, "focal": 0.5, "lovasz": 0.5, "jaccard": 0.5},
+                      optimizer={"name": "sgd", "schedule": "onecycle", "lr": 0.05},
+                      epochs=6, early_stopping={"patience": 1, "min_delta": 10.0}, class_weights="auto")
+    result = train(cfg, tmp_path / "run")
+    assert result.stopped_early and result.epochs_run == 2 and result.best_epoch == 1
+    c = read_bundle(result.bundle_path).contract
+    assert c.model.activation == "sigmoid" and c.out_channels == 1
+
+
+def test_every_loss_in_both_modes_handles_ignored_pixels(scene):
+    image, labels = scene
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, :4] = IGNORE_INDEX
+    for name in LOSSES:
+        for mode in ("softmax", "sigmoid"):
+            classes = tiny_config(image, labels)["classes"][: 3 if mode == "softmax" else 2]
+            cfg = config_from_dict(tiny_config(image, labels, classes=classes, loss=[name],
+                                               model={"activation": mode}))
+            loss = build_loss(cfg, [1.0] * len(classes))
+            k = 1 if mode == "sigmoid" else 3
+            t = target.clamp(max=len(classes) - 1).masked_fill(target == IGNORE_INDEX, IGNORE_INDEX)
+            logits = torch.randn(2, k, 8, 8, requires_grad=True)
+            value = loss(logits, t)
+            value.backward()
+            assert torch.isfinite(value), (name, mode)
+            all_ignored = torch.full_like(t, IGNORE_INDEX)
+            assert torch.isfinite(loss(torch.randn(2, k, 8, 8), all_ignored)), (name, mode)
+
+
+def test_config_errors_name_the_file_key_and_allowed_values(tmp_path, scene):
+    cfg = tiny_config(*scene)
+    path = tmp_path / "c.yaml"
+
+    def err(mutate):
+        d = json.loads(json.dumps(cfg))
+        mutate(d)
+        path.write_text(yaml.safe_dump(d))
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        msg = str(info.value)
+        assert str(path) in msg and "\n" not in msg
+        return msg
+
+    msg = err(lambda d: d.__setitem__("optimizer", {"name": "adam"}))
+    assert "optimizer.name" in msg and "'adamw' or 'sgd'" in msg
+    msg = err(lambda d: d["data"].__setitem__("chipsize", 3))
+    assert "data.chipsize" in msg and "chip_size" in msg and "unknown key" in msg
+    msg = err(lambda d: d.__setitem__("loss", ["dice", "hinge"]))
+    assert "loss.1.name" in msg and "lovasz" in msg
+    msg = err(lambda d: d["model"].__setitem__("architecture", "resnet"))
+    assert "unet" in msg and "deeplabv3plus" in msg
+    msg = err(lambda d: d.pop("classes"))
+    assert "'classes'" in msg and "missing" in msg
+    path.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("buildings-unet.yaml", "landcover-unet.yaml"):
+        assert isinstance(load_config(root / name), TrainConfig)
+
+
+def test_unknown_loss_lists_valid_names(scene):
+    cfg = config_from_dict(tiny_config(*scene))
+    cfg.loss[0].__dict__["name"] = "hinge"  # bypass validation to reach the registry
+    with pytest.raises(UnknownNameError, match="cross_entropy, dice"):
+        build_loss(cfg)
+
+
+def test_cli_train(tmp_path, scene):
+    from geoseg.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(*scene, epochs=1, model={"architecture": "conv1x1", "encoder": None,
+                                                                        "params": {}})))
+    res = CliRunner().invoke(main, ["train", str(path), "--output-dir", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "model bundle:" in res.output and (tmp_path / "run" / "model" / "model.json").exists()
+    res = CliRunner().invoke(main, ["train", str(path), "--output-dir", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    res = CliRunner().invoke(main, ["train", str(path), "-o", str(tmp_path / "run"), "--resume"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_equal(len((tmp_path / "run" / "metrics.csv").read_text().splitlines()), 2)
