@@ -101,9 +101,9 @@ class ModelConfig(_Strict):
     @classmethod
     def _arch(cls, v: str) -> str:
         from geoseg.errors import unknown_name
+        from geoseg.models import architecture_names
 
-        known = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus",
-                 "pan", "upernet", "segformer", "dpt", "conv1x1")
+        known = architecture_names()
         if v.lower().replace("-", "").replace("_", "") not in known:
             raise ValueError(str(unknown_name("architecture", v, list(known))))
         return v

@@ -31,21 +31,26 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU.
+    """``auto`` is CUDA when available, else Apple's MPS when available, else the CPU.
 
     Raises:
-        InputError: an unknown device, or ``cuda`` on a machine without one.
+        InputError: an unknown device, or one that is not available on this machine.
     """
     name = device.lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N, mps")
+    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

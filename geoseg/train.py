@@ -54,6 +54,7 @@ from geoseg.data import (
     prepare_data,
 )
 from geoseg.errors import ConfigError, InputError, OutputExistsError, unknown_name
+from geoseg.inference import resolve_device
 from geoseg.metrics import ConfusionMatrix, scores
 from geoseg.models import create_network, input_divisor
 
@@ -197,27 +198,6 @@ def build_loss(cfg: TrainConfig, class_weights: list[float] | None = None) -> We
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else MPS, else CPU.
-
-    Raises:
-        ConfigError: a device that is not available here.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use device: auto or cpu")
-    return dev
 
 
 def _seed_all(seed: int) -> None:
@@ -781,5 +761,4 @@ def _preview(cfg: TrainConfig, data: PreparedData, val_locs: list[ChipLocation],
     plt.close(fig)
 
 
-__all__ = ["train", "TrainResult", "TrainProgress", "LOSSES", "build_loss", "build_model", "make_contract",
-           "resolve_device"]
+__all__ = ["train", "TrainResult", "TrainProgress", "LOSSES", "build_loss", "build_model", "make_contract"]
