@@ -675,6 +675,8 @@ def _ring_order(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rings of a successor permutation: ``(order, starts)``; ``order`` lists edges ring by ring, in ring
     order, each ring from its smallest edge index; ``starts`` are the rings' offsets into it (plus the end)."""
     n = len(succ)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
     _, label = connected_components(
         csr_matrix((np.ones(n, dtype=np.int8), (np.arange(n), succ)), shape=(n, n)), directed=True,
         connection="weak")
@@ -726,75 +728,146 @@ def _stitch(groups: Sequence[Sequence[Any]], connectivity: int, block: int, widt
 def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int, width: int, height: int
                   ) -> np.ndarray:
     kx, ky = width + 1, height + 1
+    ngroups = len(groups)
     geoms = np.fromiter(itertools.chain.from_iterable(groups), dtype=object, count=sum(map(len, groups)))
-    gid = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    gid = np.repeat(np.arange(ngroups), [len(g) for g in groups])
     parts, pidx = shapely.get_parts(geoms, return_index=True)
     rings, ridx = shapely.get_rings(parts, return_index=True)
+    nr = len(rings)
     exterior = np.r_[True, ridx[1:] != ridx[:-1]]
     ring_group = gid[pidx[ridx]]
-    xy, cidx = shapely.get_coordinates(rings, return_index=True)
-    xy = np.rint(xy).astype(np.int64)
-    same = cidx[1:] == cidx[:-1]
-    a, b, er = xy[:-1][same], xy[1:][same], cidx[:-1][same]
-    # orient: shells positive (counter-clockwise in x/y), holes negative; the group's pixels on the left
-    cross = (a[:, 0] * b[:, 1] - b[:, 0] * a[:, 1]).astype(np.float64)
-    flip = (np.bincount(er, weights=cross, minlength=len(rings)) > 0) != exterior
-    f = flip[er]
-    a[f], b[f] = b[f].copy(), a[f].copy()
-    g = ring_group[er]
+    del geoms, gid, parts, pidx, ridx
+    xyf, cidx = shapely.get_coordinates(rings, return_index=True)
+    del rings
+    xy = np.rint(xyf).astype(np.int64)
+    del xyf
+    n = len(xy)
+    rs = np.zeros(nr + 1, dtype=np.int64)
+    np.cumsum(np.bincount(cidx, minlength=nr), out=rs[1:])
+    last = rs[1:] - 1  # each ring's closing coordinate: no edge starts there
 
-    # split the edges lying on internal seams into unit edges and cancel those present in both directions
-    horiz = a[:, 1] == b[:, 1]
-    on_seam = np.where(horiz, (a[:, 1] % block == 0) & (a[:, 1] > 0) & (a[:, 1] < height),
-                       (a[:, 0] % block == 0) & (a[:, 0] > 0) & (a[:, 0] < width))
-    sa, sb, sg = a[on_seam], b[on_seam], g[on_seam]
-    a, b, g = a[~on_seam], b[~on_seam], g[~on_seam]
-    if len(sa):
-        step = np.sign(sb - sa)
-        length = np.abs(sb - sa).sum(axis=1)
-        rep = np.repeat(np.arange(len(sa)), length)
-        k = np.arange(len(rep)) - np.repeat(np.cumsum(length) - length, length)
-        ua = sa[rep] + step[rep] * k[:, None]
-        ub = ua + step[rep]
-        ug = sg[rep]
-        ka = (ug * kx + ua[:, 0]) * ky + ua[:, 1]
-        kb = (ug * kx + ub[:, 0]) * ky + ub[:, 1]
-        lo_, hi_ = np.minimum(ka, kb), np.maximum(ka, kb)
-        o = np.lexsort((hi_, lo_))
-        dup = (lo_[o][1:] == lo_[o][:-1]) & (hi_[o][1:] == hi_[o][:-1])
-        drop = np.zeros(len(o), dtype=bool)
-        drop[o[1:][dup]] = True
-        drop[o[:-1][dup]] = True
-        a = np.concatenate([a, ua[~drop]])
-        b = np.concatenate([b, ub[~drop]])
-        g = np.concatenate([g, ug[~drop]])
+    # orient: shells positive (counter-clockwise in x/y), holes negative: the group's pixels on the left
+    cross = np.zeros(n, dtype=np.int64)
+    cross[:-1] = xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]
+    cross[last] = 0
+    area2 = np.bincount(cidx, weights=cross, minlength=nr)
+    del cross
+    flip = (area2 > 0) != exterior
+    area2[flip] *= -1
+    if flip.any():
+        perm = np.arange(n)
+        sel = flip[cidx]
+        perm[sel] = (rs[cidx[sel]] + rs[cidx[sel] + 1] - 1) - perm[sel]
+        xy = xy[perm]
+        del perm, sel
 
-    # relink: the successor of an edge starts where it ends; at a pinch take the right turn (around the
-    # pixel outside the group)
-    n = len(a)
-    ks = (g * kx + a[:, 0]) * ky + a[:, 1]
-    ke = (g * kx + b[:, 0]) * ky + b[:, 1]
-    d = np.sign(b - a)
-    by_start = np.argsort(ks, kind="stable")
-    sks = ks[by_start]
-    pos = np.searchsorted(sks, ke, side="left")
-    count = np.searchsorted(sks, ke, side="right") - pos
-    if not (count >= 1).all():
+    def seam_edges(xy: np.ndarray) -> np.ndarray:
+        a, b = xy[:-1], xy[1:]
+        horiz = a[:, 1] == b[:, 1]
+        on = np.where(horiz, (a[:, 1] % block == 0) & (a[:, 1] > 0) & (a[:, 1] < height),
+                      (a[:, 0] % block == 0) & (a[:, 0] > 0) & (a[:, 0] < width))
+        on &= (a != b).any(axis=1)
+        out = np.zeros(n, dtype=bool)
+        out[:-1] = on
+        out[last] = False
+        return out
+
+    # Only rings with an edge on a seam change; other rings, and a cut ring's runs of edges off the seams
+    # ("chains"), are kept as they are. Each cut ring is rotated to start with a seam edge: no chain wraps.
+    on_seam = seam_edges(xy)
+    cut = np.bincount(cidx[on_seam], minlength=nr) > 0
+    first_seam = np.full(nr, -1, dtype=np.int64)
+    sidx = np.flatnonzero(on_seam)
+    first_seam[cidx[sidx[::-1]]] = sidx[::-1]
+    rot = cut & (first_seam != rs[:-1])
+    if rot.any():
+        perm = np.arange(n)
+        sel = rot[cidx]
+        sel[last] = False  # the closing coordinate is set from the ring's new first one below
+        r_ = cidx[sel]
+        length = rs[r_ + 1] - 1 - rs[r_]
+        perm[sel] = rs[r_] + (perm[sel] - rs[r_] + first_seam[r_] - rs[r_]) % length
+        rl = np.flatnonzero(rot)
+        perm[last[rl]] = perm[rs[rl]]
+        xy = xy[perm]
+        on_seam = seam_edges(xy)
+        del perm, sel, r_, length, rl
+    del first_seam, sidx
+
+    in_cut = cut[cidx]
+    in_cut[last] = False
+    chain_e = in_cut & ~on_seam  # edges of cut rings off the seams
+    # A chain also breaks where its group's rings meet at a corner off the seams (two pieces of a region
+    # in one block touching diagonally, or the parts of an 8-connected piece): relinking decides there too.
+    ci = np.flatnonzero(in_cut)
+    vkey = (ring_group[cidx[ci]] * kx + xy[ci, 0]) * ky + xy[ci, 1]
+    o = np.argsort(vkey, kind="stable")
+    sk = vkey[o]
+    same = sk[1:] == sk[:-1]
+    meet = np.zeros(n, dtype=bool)
+    meet[ci[o[1:][same]]] = True
+    meet[ci[o[:-1][same]]] = True
+    meet[last] = meet[rs[:-1]]
+    del in_cut, ci, vkey, o, sk, same
+    cs = np.flatnonzero(chain_e & (np.r_[True, ~chain_e[:-1]] | meet))
+    ce = np.flatnonzero(chain_e & (np.r_[~chain_e[1:], True] | np.r_[meet[1:], True])) + 1
+    del chain_e, meet  # chain vertices cs..ce-1, ends at ce
+
+    # seam edges: split into unit edges; a unit edge present in both directions is shared: cancel both
+    se = np.flatnonzero(on_seam)
+    sa, sb, sg = xy[se], xy[se + 1], ring_group[cidx[se]]
+    step = np.sign(sb - sa)
+    slen = np.abs(sb - sa).sum(axis=1)
+    rep = np.repeat(np.arange(len(se)), slen)
+    k = np.arange(len(rep)) - np.repeat(np.cumsum(slen) - slen, slen)
+    ua = sa[rep] + step[rep] * k[:, None]
+    ustep = step[rep]
+    ug = sg[rep]
+    del se, sa, sb, sg, step, slen, rep, k
+    ka = (ug * kx + ua[:, 0]) * ky + ua[:, 1]
+    kb = (ug * kx + ua[:, 0] + ustep[:, 0]) * ky + ua[:, 1] + ustep[:, 1]
+    lo, hi = np.minimum(ka, kb), np.maximum(ka, kb)
+    o = np.lexsort((hi, lo))
+    dup = (lo[o][1:] == lo[o][:-1]) & (hi[o][1:] == hi[o][:-1])
+    live = np.ones(len(o), dtype=bool)
+    live[o[1:][dup]] = False
+    live[o[:-1][dup]] = False
+    del lo, hi, o, dup
+
+    # items to link: the chains, then the surviving unit edges (whose start vertex is appended to xy)
+    nlive = int(live.sum())
+    cg = ring_group[cidx[cs]]
+    item_g = np.concatenate([cg, ug[live]])
+    item_ks = np.concatenate([(cg * kx + xy[cs, 0]) * ky + xy[cs, 1], ka[live]])
+    item_ke = np.concatenate([(cg * kx + xy[ce, 0]) * ky + xy[ce, 1], kb[live]])
+    din = np.concatenate([np.sign(xy[cs + 1] - xy[cs]), ustep[live]])
+    dout = np.concatenate([np.sign(xy[ce] - xy[ce - 1]), ustep[live]])
+    src_lo = np.concatenate([cs, n + np.arange(nlive)])
+    src_len = np.concatenate([ce - cs, np.ones(nlive, dtype=np.int64)])
+    xy = np.concatenate([xy, ua[live]])
+    del ka, kb, ua, ustep, ug, cs, ce, cg, live
+
+    # relink: an item's successor starts where it ends; at a pinch take the right turn (around the pixel
+    # outside the group); a ring that then passes a pinch twice turns around the group's pixels there
+    m = len(item_ks)
+    by_start = np.argsort(item_ks, kind="stable")
+    sks = item_ks[by_start]
+    pos = np.searchsorted(sks, item_ke, side="left")
+    count = np.searchsorted(sks, item_ke, side="right") - pos
+    if not ((count == 1) | (count == 2)).all():
         raise AssertionError("seam stitch: open ring")  # cannot happen for pieces of a pixel partition
-    succ = by_start[np.minimum(pos, n - 1)]
+    succ = by_start[np.minimum(pos, max(m - 1, 0))]
     pinch = np.flatnonzero(count == 2)
     if len(pinch):
-        c0 = by_start[pos[pinch]]
-        c1 = by_start[pos[pinch] + 1]
-        right_x, right_y = d[pinch, 1], -d[pinch, 0]
-        use0 = (d[c0, 0] == right_x) & (d[c0, 1] == right_y)
+        c0, c1 = by_start[pos[pinch]], by_start[pos[pinch] + 1]
+        use0 = (din[c0, 0] == dout[pinch, 1]) & (din[c0, 1] == -dout[pinch, 0])
         succ[pinch] = np.where(use0, c0, c1)
+    del by_start, sks, pos, count, din, dout
     order, starts = _ring_order(succ)
     if len(pinch):
-        # a ring through both passages of a pinch touches itself: turn around the group's pixels there
-        label = np.empty(n, dtype=np.int64)
+        label = np.empty(m, dtype=np.int64)
         label[order] = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
-        p = pinch[np.argsort(ke[pinch], kind="stable")]
+        p = pinch[np.argsort(item_ke[pinch], kind="stable")]
         i1, i2 = p[0::2], p[1::2]
         swap = label[i1] == label[i2]
         if swap.any():
@@ -802,67 +875,98 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
             succ[i1], succ[i2] = succ[i2], succ[i1].copy()
             order, starts = _ring_order(succ)
 
-    # ring vertices in order, without collinear ones
-    va, vd, vg = a[order], d[order], g[order]
-    nring = len(starts) - 1
-    ring_of = np.repeat(np.arange(nring), np.diff(starts))
-    prev = np.arange(n) - 1
-    prev[starts[:-1]] = starts[1:] - 1
-    keep = (vd[:, 0] != vd[prev, 0]) | (vd[:, 1] != vd[prev, 1])
-    va, ring_of = va[keep], ring_of[keep]
-    rlen = np.bincount(ring_of, minlength=nring)
-    rstart = np.zeros(nring + 1, dtype=np.int64)
-    np.cumsum(rlen, out=rstart[1:])
-    nxt = np.arange(len(va)) + 1
-    nxt[rstart[1:] - 1] = rstart[:-1]
-    area2 = np.bincount(ring_of, weights=(va[:, 0] * va[nxt, 1] - va[nxt, 0] * va[:, 1]).astype(np.float64),
-                        minlength=nring)
-    ring_group = vg[starts[:-1]]
-    shell = area2 > 0
+    # new rings: the items' coordinate ranges in ring order, collinear vertices dropped
+    nnew = len(starts) - 1
+    lens = src_len[order]
+    tot = int(lens.sum())
+    src = np.repeat(src_lo[order], lens) + (np.arange(tot) - np.repeat(np.cumsum(lens) - lens, lens))
+    vring = np.repeat(np.repeat(np.arange(nnew), np.diff(starts)), lens)
+    vstart = np.zeros(nnew + 1, dtype=np.int64)
+    np.cumsum(np.bincount(vring, minlength=nnew), out=vstart[1:])
+    nxt = np.arange(1, tot + 1)
+    nxt[vstart[1:] - 1] = vstart[:-1]
+    dv = np.sign(xy[src[nxt]] - xy[src])
+    prv = np.arange(-1, tot - 1)
+    prv[vstart[:-1]] = vstart[1:] - 1
+    keep = (dv != dv[prv]).any(axis=1)
+    src, vring = src[keep], vring[keep]
+    del dv, nxt, prv, keep, lens
+    new_len = np.bincount(vring, minlength=nnew)
+    new_start = np.zeros(nnew + 1, dtype=np.int64)
+    np.cumsum(new_len, out=new_start[1:])
+    nx2 = np.arange(1, len(src) + 1)
+    nx2[new_start[1:] - 1] = new_start[:-1]
+    p0, p1 = xy[src], xy[src[nx2]]
+    new_area2 = np.bincount(vring, weights=p0[:, 0] * p1[:, 1] - p1[:, 0] * p0[:, 1], minlength=nnew)
+    del p0, p1, nx2, vring
+    new_group = item_g[order[starts[:-1]]]
+
+    # all rings: the untouched ones (closed coordinate ranges of xy), then the new ones (closed here)
+    keep_r = np.flatnonzero(~cut)
+    ring_len = np.concatenate([rs[keep_r + 1] - rs[keep_r], new_len + 1])  # closed
+    ring_src = np.concatenate([rs[keep_r], np.zeros(nnew, dtype=np.int64)])
+    rarea = np.concatenate([area2[keep_r], new_area2])
+    rgroup = np.concatenate([ring_group[keep_r], new_group])
+    nring = len(ring_len)
+    is_new = np.r_[np.zeros(len(keep_r), dtype=bool), np.ones(nnew, dtype=bool)]
+    shell = rarea > 0
 
     # holes to shells: a group with one shell takes all its holes; otherwise the smallest containing shell
-    nshell = np.bincount(ring_group[shell], minlength=len(groups))
+    nshell = np.bincount(rgroup[shell], minlength=ngroups)
     owner = np.full(nring, -1, dtype=np.int64)
-    sidx = np.flatnonzero(shell)
-    first_shell = np.full(len(groups), -1, dtype=np.int64)
-    first_shell[ring_group[sidx[::-1]]] = sidx[::-1]
-    owner[shell] = sidx
-    single = ~shell & (nshell[ring_group] == 1)
-    owner[single] = first_shell[ring_group[single]]
-    multi = np.flatnonzero(~shell & (nshell[ring_group] > 1))
-    if len(multi):
-        # a point inside each hole: the centre of the pixel right of (outside the group) its first edge
-        fe = order[starts[multi]]
-        px = a[fe, 0] + 0.5 * d[fe, 0] + 0.5 * d[fe, 1]
-        py = a[fe, 1] + 0.5 * d[fe, 1] - 0.5 * d[fe, 0]
-        shell_polys = {int(s): shapely.polygons(va[rstart[s]:rstart[s + 1]]) for s in sidx
-                       if nshell[ring_group[s]] > 1}
-        by_group: dict[int, list[int]] = {}
-        for s in shell_polys:
-            by_group.setdefault(int(ring_group[s]), []).append(s)
-        for h, x, y in zip(multi.tolist(), px.tolist(), py.tolist(), strict=True):
-            cands = [s for s in by_group[int(ring_group[h])] if shapely.contains_xy(shell_polys[s], x, y)]
-            owner[h] = min(cands, key=lambda s: shell_polys[s].area)
+    sh = np.flatnonzero(shell)
+    owner[sh] = sh
+    first_shell = np.full(ngroups, -1, dtype=np.int64)
+    first_shell[rgroup[sh]] = sh
+    single = ~shell & (nshell[rgroup] == 1)
+    owner[single] = first_shell[rgroup[single]]
 
-    # polygons: each shell followed by its holes; groups with several shells become multipolygons
-    ring_seq = np.lexsort((~shell, owner))  # by owner shell, the shell itself first
-    lens = rlen[ring_seq] + 1  # closed rings
-    src = np.repeat(rstart[ring_seq], lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-    close = np.cumsum(lens) - 1
-    src[close] = rstart[ring_seq]
-    coords = va[src].astype(np.float64)
+    def ring_coords(r: int) -> np.ndarray:
+        if is_new[r]:
+            j = r - len(keep_r)
+            return xy[src[new_start[j]:new_start[j + 1]]]
+        return xy[ring_src[r]:ring_src[r] + ring_len[r] - 1]
+
+    multi = np.flatnonzero(~shell & (nshell[rgroup] > 1))
+    if len(multi):
+        cand: dict[int, list[tuple[float, int, Any]]] = {}
+        for s in sh[nshell[rgroup[sh]] > 1].tolist():
+            poly = shapely.polygons(ring_coords(s))
+            cand.setdefault(int(rgroup[s]), []).append((poly.area, s, poly))
+        for h in multi.tolist():
+            c = ring_coords(h)
+            d = np.sign(c[1] - c[0])
+            # the centre of the pixel right of the hole's first edge: outside the group, inside the hole
+            x, y = c[0, 0] + 0.5 * (d[0] + d[1]), c[0, 1] + 0.5 * (d[1] - d[0])
+            inside = [(area, s) for area, s, poly in cand[int(rgroup[h])] if shapely.contains_xy(poly, x, y)]
+            owner[h] = min(inside)[1]
+
+    # polygons: each shell followed by its holes; a group with several shells becomes a multipolygon
+    seq = np.lexsort((~shell, owner))
+    lens = ring_len[seq]
+    tot = int(lens.sum())
+    within = np.arange(tot) - np.repeat(np.cumsum(lens) - lens, lens)
+    rep = np.repeat(seq, lens)
+    gather = np.empty(tot, dtype=np.int64)
+    old = ~is_new[rep]
+    gather[old] = ring_src[rep[old]] + within[old]
+    nw = ~old
+    j = rep[nw] - len(keep_r)
+    w = within[nw]
+    closing = w == new_len[j]
+    gather[nw] = src[new_start[j] + np.where(closing, 0, w)]
+    coords = xy[gather].astype(np.float64)
+    del gather, rep, within, old, nw, j, w, closing
     ring_off = np.zeros(nring + 1, dtype=np.int64)
     np.cumsum(lens, out=ring_off[1:])
-    seq_shell = shell[ring_seq]
+    seq_shell = shell[seq]
     poly_off = np.r_[np.flatnonzero(seq_shell), nring].astype(np.int64)
     polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_off, poly_off))
-    poly_group = ring_group[ring_seq[seq_shell]]
-    out = np.empty(len(groups), dtype=object)
-    if (nshell == 1).all():
-        out[poly_group] = polys
-    else:
-        one = nshell[poly_group] == 1
-        out[poly_group[one]] = polys[one]
+    poly_group = rgroup[seq[seq_shell]]
+    out = np.empty(ngroups, dtype=object)
+    one = nshell[poly_group] == 1
+    out[poly_group[one]] = polys[one]
+    if not one.all():
         many = np.flatnonzero(~one)
         many = many[np.argsort(poly_group[many], kind="stable")]
         mg, inv = np.unique(poly_group[many], return_inverse=True)
