@@ -75,6 +75,16 @@ opt_connectivity = click.option("--connectivity", type=click.Choice(["4", "8"]),
                                 help="Pixel connectivity of polygons.")
 
 
+def _quiet_library_warnings() -> None:
+    """geoseg says itself when a scene has no CRS; GDAL's and pyogrio's repeats of it are noise here."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    warnings.filterwarnings("ignore", message="'crs' was not provided")
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 \
         else logging.DEBUG
@@ -89,6 +99,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """geoseg: land-cover segmentation of large GeoTIFFs."""
     _setup_logging(verbose, quiet)
+    _quiet_library_warnings()
     ctx.obj = {"quiet": quiet}
 
 

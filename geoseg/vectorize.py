@@ -2,9 +2,9 @@
 
 The last step of the pipeline (read -> chips -> model -> blend -> write -> **vectorise**). The raster is cut
 into square blocks of ``block_size`` pixels that are polygonised in parallel (Dask's local threaded
-scheduler). Inside a block, every connected region of one class is labelled (``scipy.ndimage.label`` with
-the 4- or 8-neighbourhood) and the label image is polygonised by GDAL (``rasterio.features.shapes``), so each
-label is exactly one polygon *piece* in pixel coordinates (integers, so unions are exact).
+scheduler). Inside a block, GDAL (``rasterio.features.shapes``, 4- or 8-neighbourhood) turns every connected
+region of one class into one polygon *piece*, in global pixel coordinates (integers, so merging is exact);
+which piece each pixel along the block's border belongs to is read off the pieces' own border edges.
 
 Seams: a piece that touches an internal block edge is *open*; all others are *closed* and final, and are
 measured and written at once. When a block arrives, the pixels on both sides of each of its seams with
@@ -12,9 +12,9 @@ already processed neighbours are compared: two open pieces of the same class joi
 4-neighbours across the seam (with 8-connectivity also diagonal neighbours, including across block corners).
 Joined pieces are grouped by union-find; a group is final once no member can reach a block not yet seen
 (blocks arrive row by row, so after each row of blocks every group that does not touch the next row is
-complete) and is merged with one ``union_all``. The result is the same set of polygons as one whole-raster
-``shapes`` call (same count, same area per class, geometrically equal), with extra collinear vertices where a
-polygon crosses a seam.
+complete) and is merged by a rectilinear ring stitch (:func:`_stitch`: shared seam edges cancel, the rest is
+relinked into rings; no GEOS overlay). The result is the same set of polygons as one whole-raster ``shapes``
+call: same count, same area per class, geometrically equal, and with 4-connectivity the very same vertices.
 
 Memory is bounded by a few blocks in flight (``2 * workers``), the open pieces along the current row of
 blocks, and one batch of features being written; never by the raster. Requesting ``simplify`` is the one
@@ -403,7 +403,13 @@ def _pieces(data: np.ndarray, valid: np.ndarray, connectivity: int, col_off: int
     values: list[float] = []
     poly_rings: list[int] = []
     ring_lens: list[int] = []
-    flat: list[tuple[float, float]] = []
+    flat: list[tuple[float, float]] = []  # vertices as GDAL's tuples: ~110 B each, so flushed to numpy often
+    chunks: list[np.ndarray] = []
+
+    def flush() -> None:
+        chunks.append(np.fromiter(itertools.chain.from_iterable(flat), dtype=np.float64, count=2 * len(flat)))
+        flat.clear()
+
     # Doubled coordinates (halved exactly below): rasterio warns about an identity transform, and
     # warnings.catch_warnings is not thread-safe.
     doubled = Affine(2.0, 0.0, 2.0 * col_off, 0.0, 2.0, 2.0 * row_off)
@@ -416,6 +422,9 @@ def _pieces(data: np.ndarray, valid: np.ndarray, connectivity: int, col_off: int
             for ring in rings:
                 ring_lens.append(len(ring))
                 flat.extend(ring)
+            if len(flat) >= 1 << 16:
+                flush()
+    flush()
     n = len(values)
     geoms = np.empty(n + 1, dtype=object)
     classes = np.zeros(n + 1, dtype=np.int64)
@@ -426,8 +435,8 @@ def _pieces(data: np.ndarray, valid: np.ndarray, connectivity: int, col_off: int
     vals = np.asarray(values, dtype=np.int64)
     classes[1:] = lut[vals] if lut is not None else vals
     # building all polygons from one coordinate array is ~4x faster than shapely.geometry.shape per feature
-    xy = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.float64, count=2 * len(flat))
-    xy = xy.reshape(-1, 2) * 0.5
+    xy = np.concatenate(chunks).reshape(-1, 2) * 0.5
+    del chunks[:]
     ring_off = np.zeros(len(ring_lens) + 1, dtype=np.int64)
     np.cumsum(ring_lens, out=ring_off[1:])
     poly_off = np.zeros(len(poly_rings) + 1, dtype=np.int64)
@@ -636,11 +645,8 @@ class _Merger:
             for cc in range(self.plan.cols):
                 self.edges.pop((r - 1, cc), None)
 
-    def complete(self, r: int, last: bool, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
-        """After row ``r`` of blocks: merge and drop every group that cannot grow; ``(geoms_px, classes)``.
-
-        Unions run on ``pool`` (GEOS releases the GIL), largest first so that the threads finish together.
-        """
+    def complete(self, r: int, last: bool) -> tuple[np.ndarray, np.ndarray]:
+        """After row ``r`` of blocks: merge and drop every group that cannot grow; ``(geoms_px, classes)``."""
         groups: dict[int, list[int]] = {}
         for g in self.parent:
             groups.setdefault(self._find(g), []).append(g)
@@ -706,14 +712,19 @@ def _stitch(groups: Sequence[Sequence[Any]], connectivity: int, block: int, widt
             ) -> np.ndarray:
     """Merge each group of pieces (same class, touching across block seams) into one polygon, exactly.
 
-    Pixel-aligned rings in integer coordinates: the pieces' edges that lie on internal seams are split into
-    unit edges, each unit edge present in both directions (shared by two pieces) is cancelled, and the
-    remaining directed edges are relinked into rings. Where two pixels of the group touch only at a corner
-    (a "pinch"), a ring turns around the pixel outside the group, which keeps the rings of 4-connected
-    regions simple (each bounds one face of the complement); when that makes a ring visit the corner twice
-    (only possible with 8-connectivity) it turns around the group's pixels instead. Rings with positive
-    signed area are shells, the others holes, each put in the smallest shell that contains it. Collinear
-    vertices are dropped, so a stitched ring has the vertices of GDAL's whole-raster ring.
+    Pixel-aligned rings in integer coordinates, oriented with the group's pixels on the left. Rings without
+    an edge on an internal seam are kept as they are. The others are cut into *chains* (runs of edges off
+    the seams, kept whole, also broken where the group's rings meet at a corner) and seam edges; seam edges
+    are split into unit edges and each unit edge present in both directions (shared by two pieces) is
+    cancelled; chains and the remaining unit edges are relinked end to start into rings (numpy: sort,
+    searchsorted, connected components, list ranking). Where two pixels of the group touch only at a
+    corner (a "pinch"), a ring turns around the pixel outside the group, which keeps the rings of
+    4-connected regions simple (each bounds one face of the complement); when that makes a ring visit the
+    corner twice (only possible with 8-connectivity) it turns around the group's pixels instead. Collinear
+    vertices are dropped, so with 4-connectivity a stitched ring has exactly the vertices of GDAL's
+    whole-raster ring. Rings of positive signed area are shells, the others holes, each given to the
+    smallest shell of its group that contains it; 8-connected results are checked and made valid like the
+    pieces. No GEOS overlay is involved.
     """
     out = np.empty(len(groups), dtype=object)
     if not groups:
@@ -739,7 +750,7 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
     del geoms, gid, parts, pidx, ridx
     xyf, cidx = shapely.get_coordinates(rings, return_index=True)
     del rings
-    xy = np.rint(xyf).astype(np.int64)
+    xy = np.rint(xyf).astype(np.int32)  # pixel corners; products below are taken in int64
     del xyf
     n = len(xy)
     rs = np.zeros(nr + 1, dtype=np.int64)
@@ -748,7 +759,9 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
 
     # orient: shells positive (counter-clockwise in x/y), holes negative: the group's pixels on the left
     cross = np.zeros(n, dtype=np.int64)
-    cross[:-1] = xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]
+    x64, y64 = xy[:, 0].astype(np.int64), xy[:, 1].astype(np.int64)
+    cross[:-1] = x64[:-1] * y64[1:] - x64[1:] * y64[:-1]
+    del x64, y64
     cross[last] = 0
     area2 = np.bincount(cidx, weights=cross, minlength=nr)
     del cross
@@ -844,7 +857,7 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
     dout = np.concatenate([np.sign(xy[ce] - xy[ce - 1]), ustep[live]])
     src_lo = np.concatenate([cs, n + np.arange(nlive)])
     src_len = np.concatenate([ce - cs, np.ones(nlive, dtype=np.int64)])
-    xy = np.concatenate([xy, ua[live]])
+    xy = np.concatenate([xy, ua[live].astype(np.int32)])
     del ka, kb, ua, ustep, ug, cs, ce, cg, live
 
     # relink: an item's successor starts where it ends; at a pinch take the right turn (around the pixel
@@ -896,7 +909,7 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
     np.cumsum(new_len, out=new_start[1:])
     nx2 = np.arange(1, len(src) + 1)
     nx2[new_start[1:] - 1] = new_start[:-1]
-    p0, p1 = xy[src], xy[src[nx2]]
+    p0, p1 = xy[src].astype(np.int64), xy[src[nx2]].astype(np.int64)
     new_area2 = np.bincount(vring, weights=p0[:, 0] * p1[:, 1] - p1[:, 0] * p0[:, 1], minlength=nnew)
     del p0, p1, nx2, vring
     new_group = item_g[order[starts[:-1]]]
@@ -984,7 +997,7 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
 def _blocks(plan: _Plan, workers: int) -> Iterator[_Block]:
     """Polygonised blocks in row-major order; the next wave computes while the caller merges this one."""
     order = [(r, c) for r in range(plan.rows) for c in range(plan.cols)]
-    wave = max(1, 2 * workers)
+    wave = max(1, workers)
     waves = [order[i:i + wave] for i in range(0, len(order), wave)]
 
     def compute(ids: list[tuple[int, int]]) -> tuple[_Block, ...]:
@@ -1006,28 +1019,25 @@ def _iter_features(plan: _Plan, workers: int, progress: Progress | None) -> Iter
     total = plan.rows * plan.cols
     held_geoms: list[np.ndarray] = []  # only with simplify: the whole coverage in pixel coordinates
     held_cls: list[np.ndarray] = []
-    done = 0
-    with ThreadPoolExecutor(workers, thread_name_prefix="geoseg-union") as pool:
-        for blk in _blocks(plan, workers):
-            merger.add(blk)
+    for done, blk in enumerate(_blocks(plan, workers), start=1):
+        merger.add(blk)
+        if plan.simplify_px is None:
+            if len(blk.closed):
+                yield blk.closed
+        else:
+            held_geoms.append(blk.closed[0])
+            held_cls.append(blk.closed[1])
+        if blk.c == plan.cols - 1:
+            geoms, cls = merger.complete(blk.r, blk.r == plan.rows - 1)
             if plan.simplify_px is None:
-                if len(blk.closed):
-                    yield blk.closed
+                if len(geoms):
+                    yield _finalize(plan, geoms, cls)
             else:
-                held_geoms.append(blk.closed[0])
-                held_cls.append(blk.closed[1])
-            if blk.c == plan.cols - 1:
-                geoms, cls = merger.complete(blk.r, blk.r == plan.rows - 1, pool)
-                if plan.simplify_px is None:
-                    if len(geoms):
-                        yield _finalize(plan, geoms, cls)
-                else:
-                    held_geoms.append(geoms)
-                    held_cls.append(cls)
-                log.debug("block row %d done: %d open pieces", blk.r, merger.open_count)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+                held_geoms.append(geoms)
+                held_cls.append(cls)
+            log.debug("block row %d done: %d open pieces", blk.r, merger.open_count)
+        if progress is not None:
+            progress(done, total)
     if plan.simplify_px is not None:
         yield from _simplified(plan, held_geoms, held_cls)
 

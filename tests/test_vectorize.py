@@ -253,6 +253,20 @@ def test_stitch_unit_pixels_equals_union(mask: np.ndarray, connectivity: int) ->
             assert geom.geom_type == "Polygon"
 
 
+
+@pytest.mark.parametrize("dtype", ["uint32", "int8"])
+def test_class_dtypes_gdal_cannot_polygonise(make_raster: Callable[..., Path], dtype: str) -> None:
+    """uint32 / int8 class ids are polygonised through dense codes and come back as the original ids."""
+    data = blobs((40, 40), classes=3)
+    ids = np.array([70_000, 7, 9]) if dtype == "uint32" else np.array([-5, 0, 100])
+    gdf = polygonize(make_raster(ids[data].astype(dtype)), block_size=16)
+    ref = whole(data)
+    assert len(gdf) == len(ref)
+    assert set(gdf.class_id) == set(ids.tolist())
+    for k, cid in enumerate(ids.tolist()):
+        expected = sum(g.area for g, v in ref if v == k)
+        assert gdf[gdf.class_id == cid].geometry.area.sum() == pytest.approx(expected)
+
 # ------------------------------------------------------------------------------------- real oracles
 
 
