@@ -263,17 +263,19 @@ def info(path: str, as_json: bool) -> None:
 @main.command()
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default="demo", show_default=True)
 @click.option("--size", type=int, default=2048, show_default=True, help="Width and height of the predicted scene.")
-@click.option("--train-seconds", type=float, default=60, show_default=True, help="Training time budget.")
+@click.option("--epochs", type=int, default=12, show_default=True, help="Training epochs (15 batches each).")
+@click.option("--train-seconds", type=float, default=None, help="Optional cap on the training time.")
 @opt_device
 @opt_overwrite
 @click.pass_context
-def demo(ctx: click.Context, output_dir: str, size: int, train_seconds: float, device: str, overwrite: bool) -> None:
+def demo(ctx: click.Context, output_dir: str, size: int, epochs: int, train_seconds: float | None, device: str,
+         overwrite: bool) -> None:
     """Offline demo: make a synthetic land-cover scene, train a small U-Net, predict, score it."""
     from geoseg.demo import run_demo
 
     bar = _ChipBar(ctx.obj["quiet"], desc="demo predict")
     try:
-        result = run_demo(output_dir, size=size, train_seconds=train_seconds, device=device,
+        result = run_demo(output_dir, size=size, epochs=epochs, train_seconds=train_seconds, device=device,
                           overwrite=overwrite, progress=bar, log=None if ctx.obj["quiet"] else click.echo)
     finally:
         bar.close()

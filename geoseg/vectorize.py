@@ -997,7 +997,7 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
 def _blocks(plan: _Plan, workers: int) -> Iterator[_Block]:
     """Polygonised blocks in row-major order; the next wave computes while the caller merges this one."""
     order = [(r, c) for r in range(plan.rows) for c in range(plan.cols)]
-    wave = max(1, workers)
+    wave = max(1, 2 * workers)
     waves = [order[i:i + wave] for i in range(0, len(order), wave)]
 
     def compute(ids: list[tuple[int, int]]) -> tuple[_Block, ...]:
@@ -1008,9 +1008,11 @@ def _blocks(plan: _Plan, workers: int) -> Iterator[_Block]:
         fut = ex.submit(compute, waves[0]) if waves else None
         for i in range(len(waves)):
             assert fut is not None
-            done = fut.result()
+            done = list(fut.result())
             fut = ex.submit(compute, waves[i + 1]) if i + 1 < len(waves) else None
-            yield from done
+            done.reverse()
+            while done:  # hand blocks over one by one: the caller's references are the only ones left
+                yield done.pop()
 
 
 def _iter_features(plan: _Plan, workers: int, progress: Progress | None) -> Iterator[gpd.GeoDataFrame]:
@@ -1021,17 +1023,22 @@ def _iter_features(plan: _Plan, workers: int, progress: Progress | None) -> Iter
     held_cls: list[np.ndarray] = []
     for done, blk in enumerate(_blocks(plan, workers), start=1):
         merger.add(blk)
+        closed, blk.closed = blk.closed, None  # written, then freed
         if plan.simplify_px is None:
-            if len(blk.closed):
-                yield blk.closed
+            if len(closed):
+                yield closed
         else:
-            held_geoms.append(blk.closed[0])
-            held_cls.append(blk.closed[1])
+            held_geoms.append(closed[0])
+            held_cls.append(closed[1])
+        del closed
         if blk.c == plan.cols - 1:
             geoms, cls = merger.complete(blk.r, blk.r == plan.rows - 1)
             if plan.simplify_px is None:
                 if len(geoms):
-                    yield _finalize(plan, geoms, cls)
+                    batch = _finalize(plan, geoms, cls)
+                    del geoms  # the pixel-coordinate polygons: not held while the batch is written
+                    yield batch
+                    del batch
             else:
                 held_geoms.append(geoms)
                 held_cls.append(cls)
@@ -1188,9 +1195,10 @@ def _rebatch(batches: Iterator[gpd.GeoDataFrame], result: VectorizeResult) -> It
         size += len(b)
         if size >= BATCH_FEATURES:
             out = _concat(pending)
+            pending, size = [], 0
             result.add(out)
             yield out
-            pending, size = [], 0
+            del out
     if pending:
         out = _concat(pending)
         result.add(out)

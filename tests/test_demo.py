@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+import rasterio
+
+from geoseg.demo import run_demo
+from geoseg.errors import OutputExistsError
+from geoseg.synthetic import CLASSES, make_scene
+
+
+def test_synthetic_scene_has_exact_labels_and_a_nodata_corner(tmp_path):
+    s = make_scene(tmp_path / "i.tif", tmp_path / "l.tif", (300, 200), seed=3, strip=64)
+    with rasterio.open(s.image) as img, rasterio.open(s.labels) as lab:
+        assert (img.width, img.height, img.count, img.nodata) == (300, 200, 3, 0)
+        assert img.crs == lab.crs and img.transform == lab.transform
+        data, labels = img.read(), lab.read(1)
+    assert labels[0, 0] == 0 and (data[:, 0, 0] == 0).all()  # the corner is nodata in both
+    assert ((labels == 0) == (data == 0).all(axis=0)).all()
+    assert set(np.unique(labels)) <= {0} | {c.id for c in CLASSES}
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = run_demo(tmp_path / "demo", size=256, train_size=256, epochs=1, device="cpu")
+    for p in (res.train_scene, res.train_labels, res.scene, res.truth, res.classes, res.polygons):
+        assert p is not None and p.exists()
+    assert (res.bundle / "model.json").exists()
+    with rasterio.open(res.scene) as a, rasterio.open(res.classes) as b:
+        assert (a.crs, a.transform, a.shape) == (b.crs, b.transform, b.shape)
+    assert [c["name"] for c in res.scores["classes"]] == [c.name for c in CLASSES]
+    assert 0 <= res.scores["accuracy"] <= 1 and "mean IoU" in res.summary()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_demo(tmp_path / "demo", size=256, train_size=256, epochs=1, device="cpu")
