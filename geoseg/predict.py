@@ -14,6 +14,7 @@ finishing step (COG conversion); a shared pool of reader threads prefetches chip
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -430,11 +431,10 @@ def predict_scenes(
     import dask
     from dask import delayed
 
-    opts = options or PredictOptions()
-    for key, value in kwargs.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"predict got an unexpected option {key!r}")
-        setattr(opts, key, value)
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(PredictOptions)})
+    if unknown:
+        raise TypeError(f"predict got unexpected option(s) {', '.join(unknown)}")
+    opts = dataclasses.replace(options or PredictOptions(), **kwargs)  # never mutate the caller's options
     started = time.perf_counter()
     if isinstance(model, LoadedModel):
         bundle = model.bundle
