@@ -201,7 +201,7 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], model: str, output_dir:
 @click.option("--skip-class", "skip_classes", type=int, multiple=True, metavar="ID",
               help="Class id that produces no polygons (repeatable); nodata never does.")
 @click.option("--to-crs", default=None, help="Reproject the polygons (e.g. EPSG:4326); default: the raster's CRS.")
-@click.option("--block-size", type=int, default=2048, show_default=True, help="Block side in pixels.")
+@click.option("--block-size", type=int, default=1024, show_default=True, help="Block side in pixels.")
 @opt_workers
 @opt_overwrite
 @click.pass_context

@@ -60,7 +60,7 @@ from geoseg.raster import band_validity, check_writable, gdal_env, inspect_scene
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 2048  # pixels per block side: 4 internal 512-tiles wide, a few MB per block in flight
+BLOCK_SIZE = 1024  # pixels per block side: 2 internal 512-tiles; measured lighter and faster than 2048
 BATCH_FEATURES = 20_000  # features per write batch (one Arrow record batch / Parquet row group)
 SHAPEFILE_LIMIT_BYTES = 2**31 - 1  # the .shp and .dbf formats address at most 2 GB
 COLUMNS = ("class_id", "class_name", "area_m2", "perim_m")  # all fit the shapefile's 10 characters
