@@ -266,3 +266,18 @@ def test_every_real_raster(tmp_path, real_data, identity3):
             if a.nodata is not None and count >= 3:
                 src_invalid = (a.read(masked=True).mask.all(axis=0))
                 assert (b.read(1)[src_invalid] == 255).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_path_matches_the_cpu(tmp_path, tiny_unet):
+    """Pinned buffers, side-stream copies and autocast give the CPU's class map (run where a GPU is lent)."""
+    data = np.random.default_rng(13).normal(size=(3, 300, 420)).astype(np.float32)
+    scene = write_raster(tmp_path / "s.tif", data)
+    kw = dict(probabilities=True, probabilities_dtype="float32", batch_size=4)
+    cpu = predict_scene(scene, tiny_unet, tmp_path / "cpu", device="cpu", **kw)
+    fp32 = predict_scene(scene, tiny_unet, tmp_path / "fp32", device="cuda", precision="fp32", **kw)
+    amp = predict_scene(scene, tiny_unet, tmp_path / "amp", device="cuda", precision="auto", **kw)
+    c_cpu, p_cpu = _read(cpu.classes_path)[0], _read(cpu.probabilities_path)[0]
+    np.testing.assert_allclose(_read(fp32.probabilities_path)[0], p_cpu, atol=1e-3)
+    assert (_read(fp32.classes_path)[0] == c_cpu).mean() > 0.999
+    assert (_read(amp.classes_path)[0] == c_cpu).mean() > 0.98
