@@ -10,12 +10,14 @@ This module does not import torch; :func:`load_model` does, when it is called.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -293,17 +295,31 @@ def save_bundle(
         os.replace(tmp, p)
         return Bundle(contract, p, p)
     c = contract.model_copy(update={"weights": WEIGHTS_FILE})
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=p.parent))
-    try:
+    with staged_directory(p) as tmpdir:
         save_file(state, str(tmpdir / WEIGHTS_FILE))
-        (tmpdir / CONTRACT_FILE).write_text(json.dumps(c.model_dump(mode="json"), indent=2) + "\n")
-        if p.exists():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        os.replace(tmpdir, p)
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
+        write_contract(tmpdir, c)
     return Bundle(c, p, p / WEIGHTS_FILE)
+
+
+def write_contract(folder: Path, contract: Contract) -> Path:
+    """Write ``contract`` as ``folder/model.json``."""
+    path = folder / CONTRACT_FILE
+    path.write_text(json.dumps(contract.model_dump(mode="json"), indent=2) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def staged_directory(dst: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside ``dst`` that replaces ``dst`` only if the block succeeds."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

@@ -13,11 +13,8 @@ After writing, the exported network is run on a random batch and compared with t
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.bundle import CONTRACT_FILE, Bundle, LoadedModel, load_model
+from geoseg.bundle import CONTRACT_FILE, Bundle, LoadedModel, load_model, staged_directory, write_contract
 from geoseg.errors import BundleError, OutputExistsError, unknown_name
 from geoseg.models import input_divisor
 
@@ -155,9 +152,7 @@ def export(
     filename, exporter, runner = EXPORTERS[format]
     net = loaded.module.eval().to("cpu")
     example = _sample(loaded)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_directory(folder) as tmp:
         exporter(net, example, tmp / filename, opset)
         diff = None
         if check:
@@ -171,14 +166,7 @@ def export(
             "input_divisor": input_divisor(c.model), "opset": opset if format == "onnx" else None,
             "torch": torch.__version__, "max_abs_diff": diff,
         }
-        contract = c.model_copy(update={"weights": filename, "metadata": meta})
-        (tmp / CONTRACT_FILE).write_text(json.dumps(contract.model_dump(mode="json"), indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_contract(tmp, c.model_copy(update={"weights": filename, "metadata": meta}))
     log.info("exported %s to %s", src, folder / filename)
     return ExportResult(folder, folder / filename, folder / CONTRACT_FILE, format, diff)
 
