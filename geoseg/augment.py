@@ -28,23 +28,26 @@ def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
 
 
 @dataclass
-class HFlip:
+class _Flip:
     p: float = 0.5
+    dim = -1  # the axis flipped: -1 columns (horizontal), -2 rows (vertical)
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if _u(g) < self.p:
-            return image.flip(-1), target.flip(-1)
+            return image.flip(self.dim), target.flip(self.dim)
         return image, target
 
 
-@dataclass
-class VFlip:
-    p: float = 0.5
+class HFlip(_Flip):
+    """A left-right flip with probability ``p``."""
 
-    def __call__(self, image: torch.Tensor, target: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        if _u(g) < self.p:
-            return image.flip(-2), target.flip(-2)
-        return image, target
+    dim = -1
+
+
+class VFlip(_Flip):
+    """An up-down flip with probability ``p``."""
+
+    dim = -2
 
 
 @dataclass

@@ -140,10 +140,6 @@ class RollingAccumulator:
         self.acc = np.zeros((n_classes, self.rows, width), dtype=np.float32)
         self.wsum = np.zeros((self.rows, width), dtype=np.float32)
 
-    @property
-    def nbytes(self) -> int:
-        return self.acc.nbytes + self.wsum.nbytes
-
     def add(self, probs: np.ndarray, weights: np.ndarray, row_off: int, col_off: int) -> None:
         """Add ``probs`` ``(K, h, w)`` weighted by ``weights`` ``(h, w)`` at scene ``(row_off, col_off)``.
 

@@ -76,7 +76,7 @@ _TTA: list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor]
 
 
 class Predictor:
-    """Runs a loaded model on batches: ``(N, C, H, W)`` float32 array in, ``(N, K, H, W)`` probabilities out.
+    """A loaded model on its device: ``_forward`` turns ``(N, C, H, W)`` inputs into ``(N, K, H, W)`` probabilities.
 
     Args:
         model: the loaded bundle.
@@ -116,11 +116,6 @@ class Predictor:
             probs = p if probs is None else probs + p
         assert probs is not None
         return probs / len(transforms) if len(transforms) > 1 else probs
-
-    @torch.inference_mode()
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(self.device)
-        return self._forward(x).cpu().numpy()
 
 
 @dataclass

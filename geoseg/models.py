@@ -7,9 +7,7 @@ tiled prediction that can be checked exactly against the whole-image one, so tes
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import torch
 from torch import nn
 
 from geoseg.bundle import ArchSpec, Contract
@@ -83,12 +81,4 @@ def input_divisor(spec: ArchSpec) -> int:
     return 2**depth
 
 
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-def describe(net: nn.Module) -> dict[str, Any]:
-    return {"parameters": count_parameters(net), "dtype": str(next(net.parameters()).dtype)}
-
-
-__all__ = ["ARCHITECTURES", "create_network", "build_network", "input_divisor", "torch"]
+__all__ = ["ARCHITECTURES", "architecture_names", "create_network", "build_network", "input_divisor"]

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,11 +183,10 @@ class SceneReader:
         self._local = threading.local()
         self._handles: list[rasterio.DatasetReader] = []
         self._lock = threading.Lock()
-        with self._dataset() as _:
-            pass
+        self._handle()  # open once here, so a bad path fails in the caller's thread
 
-    @contextlib.contextmanager
-    def _dataset(self) -> Iterator[rasterio.DatasetReader]:
+    def _handle(self) -> rasterio.DatasetReader:
+        """This thread's GDAL handle, opened on first use."""
         ds = getattr(self._local, "ds", None)
         if ds is None:
             ds = open_scene(self.path)
@@ -195,7 +194,7 @@ class SceneReader:
             self._local.kind = _mask_kind(ds)[0]
             with self._lock:
                 self._handles.append(ds)
-        yield ds
+        return ds
 
     @property
     def unique_indexes(self) -> list[int]:
@@ -207,10 +206,10 @@ class SceneReader:
         Returns:
             ``(data, valid)``: float32 ``(bands, rows, cols)`` normalised input and bool ``(rows, cols)``.
         """
-        with self._dataset() as ds:
-            uniq = self.unique_indexes
-            raw = ds.read(uniq, window=window)
-            bvalid = band_validity(raw, ds, uniq, window, self._local.kind)
+        ds = self._handle()
+        uniq = self.unique_indexes
+        raw = ds.read(uniq, window=window)
+        bvalid = band_validity(raw, ds, uniq, window, self._local.kind)
         pos = [uniq.index(i) for i in self.indexes]
         raw, bvalid = raw[pos], bvalid[pos]
         data = raw.astype(np.float32, copy=False)
