@@ -129,14 +129,15 @@ class RollingAccumulator:
         col_off, width: the scene columns the buffer covers.
         chip: the chip size; the buffer holds ``chip + step - 1`` rows, rounded up to a multiple of ``step``.
         step: rows released at a time (the output's tile height).
+        top: the first scene row the buffer holds (a unit that resumes part-way down starts there).
     """
 
-    def __init__(self, n_classes: int, col_off: int, width: int, chip: int, step: int):
+    def __init__(self, n_classes: int, col_off: int, width: int, chip: int, step: int, top: int = 0):
         self.col_off = col_off
         self.width = width
         self.step = step
         self.rows = -(-(chip + step - 1) // step) * step
-        self.top = 0
+        self.top = top
         self.acc = np.zeros((n_classes, self.rows, width), dtype=np.float32)
         self.wsum = np.zeros((self.rows, width), dtype=np.float32)
 

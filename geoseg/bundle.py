@@ -152,6 +152,13 @@ class Bundle:
     def name(self) -> str:
         return self.contract.name
 
+    @property
+    def files(self) -> list[Path]:
+        """The files that make the bundle (its contract and its weights), in a fixed order."""
+        if self.path.is_dir():
+            return [self.path / CONTRACT_FILE, self.weights_path]
+        return [self.path]
+
 
 @dataclass
 class LoadedModel:

@@ -104,7 +104,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 class _ChipBar:
-    """A tqdm bar over chips with the output rate in MPix/s."""
+    """A tqdm bar over chips with the scenes done and the output rate in MPix/s."""
 
     def __init__(self, quiet: bool, desc: str = "predict"):
         self.quiet = quiet
@@ -123,7 +123,8 @@ class _ChipBar:
         self.bar.total = ev.chips_total
         self.bar.n = ev.chips_done
         rate = ev.pixels_done / max(time.perf_counter() - self.t0, 1e-9) / 1e6
-        self.bar.set_postfix_str(f"{rate:.2f} MPix/s", refresh=False)
+        scenes = f"{getattr(ev, 'scenes_done', 0)}/{ev.scenes_total} scenes, " if getattr(ev, "scenes_total", 0) > 1 else ""
+        self.bar.set_postfix_str(f"{scenes}{rate:.2f} MPix/s", refresh=False)
         self.bar.refresh() if ev.chips_done == ev.chips_total else self.bar.update(0)
 
     def close(self) -> None:
@@ -131,10 +132,48 @@ class _ChipBar:
             self.bar.close()
 
 
+EXIT_PARTIAL = 3  # some scenes of a job failed, the others were written
+EXIT_INTERRUPTED = 130
+
+
+def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], given: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """The job's settings: the job file's, overridden by what the command line sets explicitly."""
+    from click.core import ParameterSource
+
+    explicit = {k: v for k, v in given.items()
+                if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    if job is None:
+        if not scenes:
+            raise click.UsageError("give one or more SCENES, or --job FILE")
+        if given.get("model") is None:
+            raise click.UsageError("Missing option '--model' / '-m' (or give --job FILE)")
+        return {**given, "scenes": list(scenes)}
+    from geoseg.jobfile import load_job
+
+    jf = load_job(job)
+    settings: dict[str, Any] = {k: v for k, v in given.items() if k not in explicit}
+    settings.update(jf.predict_options())
+    settings.update(model=jf.model, output_dir=jf.output_dir, scheduler=jf.scheduler, name=jf.name,
+                    merge_vectors=jf.merge_vectors, report=jf.report, scenes=jf.scene_list())
+    settings.update(explicit)
+    if scenes:
+        settings["scenes"] = list(scenes)
+    return settings
+
+
 @main.command()
-@click.argument("scenes", nargs=-1, required=True)
-@opt_model
+@click.argument("scenes", nargs=-1)
+@click.option("--job", type=click.Path(dir_okay=False), default=None,
+              help="YAML job file (see configs/job-example.yaml); options given here override it.")
+@click.option("--model", "-m", "model", default=None,
+              help="Model bundle: a directory with model.json, or a geoseg .safetensors file.")
 @opt_output_dir
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on a dask.distributed cluster: tcp://host:8786, or local:N for N worker processes here "
+                   "[default: this process's threads; DASK_SCHEDULER_ADDRESS is honoured].")
+@click.option("--name", default="mosaic", show_default=True,
+              help="Job name: two scenes or more also give <name>.vrt, one mosaic of the class maps.")
 @opt_tile_size
 @opt_overlap
 @opt_batch_size
@@ -151,6 +190,9 @@ class _ChipBar:
 @click.option("--tta", is_flag=True, help="Average over flips and 90-degree rotations (6x slower).")
 @click.option("--panel-width", type=int, default=8192, show_default=True,
               help="Widest unit of work in pixels; bounds memory on very wide scenes.")
+@click.option("--unit-rows", type=int, default=None,
+              help="Rows per unit of work (a multiple of 512) to spread one tall scene over more workers "
+                   "[default: whole panels].")
 @click.option("--vector-format", type=click.Choice(VECTOR_FORMATS), default="gpkg", show_default=True,
               help="Polygons written beside the class map: <stem>.gpkg, .shp, .geojson or .parquet.")
 @click.option("--no-vector", is_flag=True, help="Write no polygons.")
@@ -158,36 +200,60 @@ class _ChipBar:
 @opt_simplify
 @opt_connectivity
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
-              help="Write a JSON run report (settings, per-stage seconds, MPix/s, peak memory).")
+              help="Write a JSON run report (per-scene status, settings, per-stage seconds, MPix/s, files).")
 @opt_overwrite
 @click.pass_context
-def predict(ctx: click.Context, scenes: tuple[str, ...], model: str, output_dir: str, report: str | None,
-            no_vector: bool, connectivity: str, **options: Any) -> None:
-    """Predict a class map for each SCENE (paths, URLs or globs).
+def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **given: Any) -> None:
+    """Predict a class map for each SCENE (paths, URLs or globs), or for the scenes of a --job file.
 
     Writes OUTPUT_DIR/<stem>.classes.tif: a Cloud Optimized GeoTIFF of class ids on the scene's exact
     grid, with a colour table, class names and a QGIS style (<stem>.classes.qml) beside it, and the
-    classes as polygons (<stem>.gpkg by default; --no-vector to skip).
+    classes as polygons (<stem>.gpkg by default; --no-vector to skip). OUTPUT_DIR may be s3://bucket/prefix.
+    Run the same command again after an interruption: finished scenes and strips are skipped.
+    Exit codes: 0 done, 1 error, 3 some scenes failed (see the report), 130 interrupted.
     """
     from geoseg.predict import PredictOptions, predict_scenes
     from geoseg.report import run_report, write_report
 
-    if no_vector:
-        options["vector_format"] = None
-    options["connectivity"] = int(connectivity)
+    settings = _job_settings(ctx, job, scenes, given)
+    if settings.pop("no_vector", False):
+        settings["vector_format"] = None
+    settings["connectivity"] = int(settings["connectivity"])
+    scene_list, model = settings.pop("scenes"), settings.pop("model")
+    output_dir, report = settings.pop("output_dir"), settings.pop("report")
+    scheduler, name = settings.pop("scheduler"), settings.pop("name")
+    settings.pop("merge_vectors", None)
     bar = _ChipBar(ctx.obj["quiet"])
     try:
-        run = predict_scenes(list(scenes), model, output_dir, options=PredictOptions(**options), progress=bar)
+        run = predict_scenes(scene_list, model, output_dir, options=PredictOptions(**settings), progress=bar,
+                             scheduler=scheduler, name=name)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo("interrupted: run the same command again to resume (finished scenes and strips are kept)",
+                   err=True)
+        ctx.exit(EXIT_INTERRUPTED)
     finally:
         bar.close()
     if report:
         write_report(report, run_report(run))
     if not ctx.obj["quiet"]:
         for s in run.scenes:
+            if s.status == "failed":
+                click.echo(f"{s.scene}: FAILED: {s.error}", err=True)
+                continue
             extra = [str(p) for p in (s.probabilities_path, s.vector_path) if p is not None]
-            click.echo(f"{s.scene} -> {s.classes_path}" + "".join(f", {p}" for p in extra))
+            done = " (finished earlier)" if s.status == "skipped" else ""
+            click.echo(f"{s.scene} -> {s.classes_path}" + "".join(f", {p}" for p in extra) + done)
+        for f in run.files:
+            if f.endswith(".vrt"):
+                click.echo(f"mosaic: {f}")
         click.echo(f"{len(run.scenes)} scene(s), {run.pixels / 1e6:.1f} MPix in {run.seconds:.1f} s "
-                   f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device}")
+                   f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device}, "
+                   f"{run.scheduler} scheduler")
+    if run.failed:
+        click.echo(f"Error: {len(run.failed)} of {len(run.scenes)} scene(s) failed; the others were written",
+                   err=True)
+        ctx.exit(EXIT_PARTIAL)
 
 
 @main.command()

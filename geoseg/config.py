@@ -247,17 +247,23 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
     return sorted(getattr(current, "model_fields", {}))
 
 
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    """One line naming the file, the key, the problem and the allowed values where there are some."""
+def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
+    """One line naming the file, the key, the problem and the allowed values where there are some.
+
+    ``model`` is the validated model whose keys an unknown key is listed against (default
+    :class:`TrainConfig`); the job files of :mod:`geoseg.jobfile` pass theirs.
+    """
     first = exc.errors()[0]
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(TrainConfig, loc)
+        allowed = _allowed_keys(model or TrainConfig, loc)
         msg = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif first["type"] == "value_error":  # our validators' own messages, without pydantic's prefix
+        msg = msg.removeprefix("Value error, ")
     more = len(exc.errors()) - 1
     tail = f" (and {more} more problem(s))" if more else ""
     return f"{where}: invalid config at '{key}': {msg}{tail}"
@@ -276,13 +282,47 @@ def config_from_dict(data: Any, where: str = "config", base_dir: str | os.PathLi
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where)) from None
     if base_dir is not None:
-        base = Path(base_dir)
         for s in cfg.data.scenes:
             for key in ("image", "labels"):
-                value = getattr(s, key)
-                if "://" not in value and not Path(value).is_absolute():
-                    setattr(s, key, str((base / value).resolve()))
+                setattr(s, key, resolve_path(getattr(s, key), base_dir))
     return cfg
+
+
+def resolve_path(value: str, base_dir: str | os.PathLike[str]) -> str:
+    """``value`` made absolute against ``base_dir`` (the folder of the file that names it).
+
+    URLs (anything with ``://``) and absolute paths are returned as they are; ``~`` is expanded. Glob
+    characters are kept: the path is made absolute, not expanded.
+    """
+    if "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path) if value.startswith("~") else value
+    return str((Path(base_dir) / path).resolve())
+
+
+def read_yaml_file(path: str | os.PathLike[str], missing: str) -> Any:
+    """The parsed content of a YAML file.
+
+    Args:
+        path: the file.
+        missing: the message after ``"<path>: "`` when the file does not exist (what it is, what to do).
+
+    Raises:
+        ConfigError: the file is missing or is not YAML (one line starting with the path).
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {missing}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}; check indentation and quoting") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
@@ -291,17 +331,8 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     Raises:
         ConfigError: the file is missing, is not YAML, or does not validate.
     """
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such config file; copy one of configs/*.yaml and edit it")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}; check indentation and quoting") from None
+    data = read_yaml_file(p, "no such config file; copy one of configs/*.yaml and edit it")
     return config_from_dict(data, str(p), base_dir=p.parent)
 
 

@@ -26,6 +26,10 @@ class ConfigError(GeoSegError, ValueError):
     """A configuration file or value that does not validate."""
 
 
+class StorageError(GeoSegError, OSError):
+    """A local folder or object-storage location that cannot be read, listed or written."""
+
+
 class UnknownNameError(GeoSegError, KeyError):
     """A name that is not in a registry; the message lists the valid ones."""
 

@@ -136,12 +136,13 @@ def evaluate(
         OutputExistsError: a report exists and ``overwrite`` is false.
     """
     from geoseg.predict import predict_scene
+    from geoseg.units import scene_stem
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     contract = loaded.contract
     info = inspect_scene(image)
     out = Path(output_dir)
-    stem = Path(os.fspath(image)).stem
+    stem = scene_stem(os.fspath(image))
     json_path, md_path, png_path = (out / f"{stem}.evaluation.json", out / f"{stem}.evaluation.md",
                                     out / f"{stem}.confusion.png")
     for p in (json_path, md_path, png_path):
@@ -157,7 +158,7 @@ def evaluate(
         pred_dir = out if keep_prediction else Path(tmp)
         result = predict_scene(image, loaded, pred_dir, tile_size=tile_size, overlap=overlap,
                                batch_size=batch_size, device=device, workers=workers, bands=bands, tta=tta,
-                               overwrite=overwrite, progress=progress)
+                               overwrite=overwrite, progress=progress, vector_format=None)
         cm = _compare(result.classes_path, label_src, ClassMap(contract.class_ids), info, area)
         prediction = Path(result.classes_path) if keep_prediction else None
 

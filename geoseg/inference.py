@@ -121,7 +121,7 @@ class Predictor:
 @dataclass
 class _Item:
     data: np.ndarray
-    future: Future[np.ndarray]
+    future: Future[tuple[np.ndarray, float]]
 
 
 _STOP = object()
@@ -163,9 +163,13 @@ class ModelServer:
             self._queue.put(_STOP)
             self._thread.join()
 
-    def submit(self, data: np.ndarray) -> Future[np.ndarray]:
-        """Queue one chip ``(C, H, W)`` float32; the future resolves to ``(K, H, W)`` float32."""
-        fut: Future[np.ndarray] = Future()
+    def submit(self, data: np.ndarray) -> Future[tuple[np.ndarray, float]]:
+        """Queue one chip ``(C, H, W)`` float32.
+
+        The future resolves to ``(probs, seconds)``: ``(K, H, W)`` float32 probabilities and the chip's share
+        of its batch's model time (so each unit can account for the model time it used).
+        """
+        fut: Future[tuple[np.ndarray, float]] = Future()
         if self._error is not None:
             fut.set_exception(self._error)
             return fut
@@ -230,8 +234,9 @@ class ModelServer:
         with torch.inference_mode():
             if not self._cuda:
                 probs = pred._forward(torch.from_numpy(batch))
-                self.seconds += time.perf_counter() - t0
-                return probs.numpy()
+                dt = time.perf_counter() - t0
+                self.seconds += dt
+                return probs.numpy(), dt
             n = len(items)
             host_in = self._pinned(self._host_in, slot, batch.shape)
             host_in[:n].copy_(torch.from_numpy(batch))
@@ -246,8 +251,9 @@ class ModelServer:
             host_out[:n].copy_(probs, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            self.seconds += time.perf_counter() - t0
-            return (host_out, n, done, t0)
+            dt = time.perf_counter() - t0
+            self.seconds += dt
+            return (host_out, n, done, dt)
 
     def _pinned(self, pool: list[torch.Tensor], slot: int, shape: tuple[int, ...]) -> torch.Tensor:
         full = (self.batch_size, *shape[1:])
@@ -260,20 +266,22 @@ class ModelServer:
     def _finish(self, items: list[_Item], launched: Any) -> None:
         try:
             if self._cuda:
-                host_out, n, done, t0 = launched
+                host_out, n, done, dt = launched
                 t1 = time.perf_counter()
                 done.synchronize()
                 self.seconds += time.perf_counter() - t1
+                dt += time.perf_counter() - t1
                 probs = host_out[:n].numpy().copy()  # the pinned buffer is reused two batches later
             else:
-                probs = launched
+                probs, dt = launched
         except BaseException as exc:
             self._fail(items, exc)
             return
         self.batches += 1
         self.chips += len(items)
+        share = dt / len(items)
         for i, it in enumerate(items):
-            it.future.set_result(probs[i])
+            it.future.set_result((probs[i], share))
 
     def _fail(self, items: list[_Item], exc: BaseException) -> None:
         if isinstance(exc, torch.cuda.OutOfMemoryError):

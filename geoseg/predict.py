@@ -1,15 +1,11 @@
-"""The predict engine: read chips -> normalise -> batch -> model -> blend -> finalise -> write.
+"""Predict class maps for scenes: the public entry point of a mapping job.
 
-Work is split into *units*: vertical panels of a scene (at most ``panel_width`` columns, a multiple of
-the 512-pixel output tile), each processed top to bottom with a :class:`~geoseg.blend.RollingAccumulator`
-of ``chip + 512`` rows. Memory is therefore bounded by the panel width, the chip size, the batch size
-and the number of chips in flight, never by the scene's height or area. Chips come from one global
-grid (:class:`~geoseg.tiling.ChipGrid`) and are blended in grid order, so the class map does not depend
-on how the scene is split into panels.
-
-Dask's local threaded scheduler runs the units (of every scene) in parallel and then each scene's
-finishing step (COG conversion); a shared pool of reader threads prefetches chips; one
-:class:`~geoseg.inference.ModelServer` thread runs the model for all of them.
+:func:`predict_scenes` checks the options, expands the scenes, checks every scene against the model's
+contract and every output for existence (:class:`~geoseg.units.ScenePlan`), then runs the job
+(:mod:`geoseg.job`) on a scheduler (:mod:`geoseg.schedule`): this process's threads by default, or a
+dask.distributed cluster. The flow of one scene is ``units -> staged strips -> finished outputs``
+(:mod:`geoseg.units`, :mod:`geoseg.engine`, :mod:`geoseg.finish`); :mod:`geoseg.manifest` makes a job
+resumable. Outputs go to a local folder or to object storage (:mod:`geoseg.store`).
 """
 
 from __future__ import annotations
@@ -17,106 +13,41 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from rasterio.windows import Window
-
-from geoseg.blend import RollingAccumulator, chip_weights, get_profile, normalise
-from geoseg.bundle import Bundle, Contract, LoadedModel, check_scene, load_model, read_bundle
-from geoseg.errors import InputError
-from geoseg.raster import (
-    BLOCK,
-    COMPRESSIONS,
-    OutputRaster,
-    SceneInfo,
-    SceneReader,
-    check_writable,
-    classes_spec,
-    gdal_env,
-    inspect_scene,
-    probabilities_spec,
-    qml_style,
+from geoseg.blend import get_profile
+from geoseg.bundle import Bundle, Contract, LoadedModel, check_scene, read_bundle
+from geoseg.errors import GeoSegError, InputError, OutputExistsError
+from geoseg.finish import output_names
+from geoseg.job import (
+    JobOutcome,
+    ProgressCallback,
+    ProgressEvent,
+    SceneResult,
+    as_location,
+    run_plans,
+    scene_result,
 )
-from geoseg.tiling import ChipGrid, clip_to_scene, panels
+from geoseg.manifest import MANIFEST, Manifest, staging_matches
+from geoseg.raster import BLOCK, COMPRESSIONS, inspect_scene
+from geoseg.store import Store, is_remote
+from geoseg.units import ModelRef, PredictOptions, ScenePlan, bundle_digest, fingerprint, scene_stem
 
 log = logging.getLogger(__name__)
 
 PROBABILITY_DTYPES = ("uint8", "float16", "float32")
 
-
-@dataclass
-class ProgressEvent:
-    """Where a run stands; passed to the ``progress`` callback after each chip and each written strip."""
-
-    chips_done: int
-    chips_total: int
-    pixels_done: int
-    pixels_total: int
-    scene: str
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-
-@dataclass
-class PredictOptions:
-    """Settings of a predict run. ``None`` means: take it from the model bundle (or a default)."""
-
-    tile_size: int | None = None
-    overlap: int | None = None
-    batch_size: int = 8
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    bands: list[int] | None = None
-    blend: Any = "cosine"
-    probabilities: bool = False
-    probabilities_dtype: str = "uint8"
-    compress: str = "deflate"
-    overwrite: bool = False
-    tta: bool = False
-    panel_width: int = 8192
-    vector_format: str | None = None  # "gpkg", "shp", "geojson", "parquet"; None: no polygons
-    min_area: float | str | None = None
-    simplify: float | str | None = None
-    connectivity: int = 4
-
-    def resolved_workers(self) -> int:
-        return self.workers if self.workers and self.workers > 0 else min(4, os.cpu_count() or 1)
-
-
-@dataclass
-class SceneResult:
-    """What a scene's prediction produced, and what it cost."""
-
-    scene: str
-    classes_path: Path
-    probabilities_path: Path | None
-    vector_path: Path | None
-    width: int
-    height: int
-    chips: int
-    chips_skipped: int
-    band_indexes: list[int]
-    tile_size: int
-    overlap: int
-    seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    area_km2: float | None = None
+__all__ = ["PredictOptions", "ProgressEvent", "ProgressCallback", "RunResult", "SceneResult", "predict_scene",
+           "predict_scenes"]
 
 
 @dataclass
 class RunResult:
-    """A whole run: its scenes, settings and per-stage busy seconds (summed over threads)."""
+    """A whole job: every scene's outcome, the settings used, and per-stage busy seconds (summed over threads)."""
 
     scenes: list[SceneResult]
     seconds: float
@@ -126,226 +57,32 @@ class RunResult:
     options: PredictOptions
     device: str
     amp: str | None
+    scheduler: str = "threads"
+    workers: int = 1
+    output_dir: str = "."
+    files: list[str] = field(default_factory=list)  # job-level files: manifest, mosaic
 
     @property
     def pixels(self) -> int:
-        return sum(s.width * s.height for s in self.scenes)
+        """Pixels of the scenes this run predicted (not those skipped as finished before)."""
+        return sum(s.width * s.height for s in self.scenes if s.status == "done")
+
+    @property
+    def failed(self) -> list[SceneResult]:
+        return [s for s in self.scenes if s.status == "failed"]
+
+    @property
+    def partial(self) -> bool:
+        """Some scenes failed and others did not."""
+        return bool(self.failed) and len(self.failed) < len(self.scenes)
 
 
-class _Stages:
-    """Thread-safe busy-time counters per stage."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seconds = {"read": 0.0, "model": 0.0, "blend": 0.0, "write": 0.0, "cog": 0.0, "vectorize": 0.0}
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[stage] += seconds
-
-
-class _Cancelled(Exception):
-    pass
-
-
-def _scene_stem(path: str) -> str:
-    name = re.split(r"[/\\]", path.split("?")[0].rstrip("/"))[-1]
-    for suffix in (".tiff", ".tif", ".vrt", ".img", ".jp2"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-def output_paths(scene: str, output_dir: str | os.PathLike[str], vector_format: str | None = None) -> dict[str, Path]:
+def output_paths(scene: str, output_dir: str | os.PathLike[str], vector_format: str | None = None
+                 ) -> dict[str, Path | str]:
     """Where a scene's outputs go: ``<stem>.classes.tif``, ``<stem>.probs.tif`` and ``<stem>.<vector ext>``."""
-    stem = _scene_stem(scene)
-    out = Path(output_dir)
-    paths = {"classes": out / f"{stem}.classes.tif", "probabilities": out / f"{stem}.probs.tif"}
-    if vector_format is not None:
-        from geoseg.vectorize import get_format
-
-        paths["vector"] = out / f"{stem}{get_format(vector_format).extensions[0]}"
-    return paths
-
-
-class _SceneJob:
-    """Everything one scene's units share. Plain class on purpose: Dask must not copy it."""
-
-    def __init__(self, info: SceneInfo, band_indexes: list[int], grid: ChipGrid, units: list[tuple[int, int]],
-                 warnings: list[str]):
-        self.info = info
-        self.units = units  # (first column, end column) of each panel
-        self.band_indexes = band_indexes
-        self.grid = grid
-        self.warnings = warnings
-        self.reader: SceneReader | None = None
-        self.classes: OutputRaster | None = None
-        self.probs: OutputRaster | None = None
-        self.vector_path: Path | None = None
-        self.chips_skipped = 0
-        self.started = 0.0
-        self.seconds = 0.0
-
-
-class _Engine:
-    def __init__(self, model: LoadedModel, opts: PredictOptions, progress: ProgressCallback | None):
-        from geoseg.inference import ModelServer, Predictor
-
-        self.model = model
-        self.contract = model.contract
-        self.opts = opts
-        self.progress = progress
-        self.stages = _Stages()
-        self.predictor = Predictor(model, opts.device, opts.precision, opts.tta)
-        self.server = ModelServer(self.predictor, opts.batch_size)
-        self.cancel = threading.Event()
-        self.slots = threading.Semaphore(3 * opts.batch_size)  # chips read but not yet blended, all units
-        self.blend = opts.blend
-        self.lut = np.asarray(self.contract.class_ids, dtype=np.uint16)
-        self._lock = threading.Lock()
-        self.chips_done = 0
-        self.chips_total = 0
-        self.pixels_done = 0
-        self.pixels_total = 0
-
-    # ---------------------------------------------------------------------------------- progress
-    def _advance(self, scene: str, chips: int = 0, pixels: int = 0) -> None:
-        with self._lock:
-            self.chips_done += chips
-            self.pixels_done += pixels
-            ev = ProgressEvent(self.chips_done, self.chips_total, self.pixels_done, self.pixels_total, scene)
-        if self.progress is not None:
-            self.progress(ev)
-
-    def _take_slot(self, wait: bool) -> bool:
-        if not wait:
-            return self.slots.acquire(blocking=False)
-        while not self.slots.acquire(timeout=0.5):
-            if self.cancel.is_set():
-                raise _Cancelled()
-        return True
-
-    # ---------------------------------------------------------------------------------- one unit
-    def run_panel(self, job: _SceneJob, c0: int, c1: int, readers: ThreadPoolExecutor) -> None:
-        grid, chip, info = job.grid, job.grid.chip, job.info
-        assert job.reader is not None
-        reader = job.reader
-        cols = grid.cols_touching(c0, c1)
-        x_lo = grid.xs[cols.start]
-        x_hi = min(grid.xs[cols.stop - 1] + chip, info.width)
-        k = len(self.contract.classes)
-        acc = RollingAccumulator(k, x_lo, x_hi - x_lo, chip=chip, step=BLOCK)
-
-        def read(c: Any) -> tuple[Future[np.ndarray] | None, np.ndarray | None, Window]:
-            if self.cancel.is_set():
-                raise _Cancelled()
-            t0 = time.perf_counter()
-            win = clip_to_scene(c.window, info.width, info.height)
-            data, valid = reader.read(win, size=(chip, chip))
-            self.stages.add("read", time.perf_counter() - t0)
-            if not valid.any():  # fully masked: never sent to the model
-                return None, None, win
-            return self.server.submit(data), valid, win
-
-        chips = (grid.chip_at(r, c) for r in range(grid.shape[0]) for c in cols)
-        inflight: deque[tuple[Any, Future[Any]]] = deque()
-
-        def top_up() -> None:
-            # chips in flight are limited across all units; a unit with none in flight may wait for a slot
-            # (the others free theirs as they blend), one with some never waits, so no unit starves
-            while self._take_slot(wait=not inflight):
-                c = next(chips, None)
-                if c is None:
-                    self.slots.release()
-                    return
-                inflight.append((c, readers.submit(read, c)))
-
-        top_up()
-        while inflight:
-            if self.cancel.is_set():
-                raise _Cancelled()
-            c, fut = inflight.popleft()
-            row_off = int(c.window.row_off)
-            while acc.top + BLOCK <= row_off:  # rows above this chip row are final
-                self._emit(job, acc, BLOCK, c0, c1)
-            probs_future, valid, win = fut.result()
-            if probs_future is None or valid is None:
-                with self._lock:
-                    job.chips_skipped += 1
-            else:
-                probs = probs_future.result()
-                t0 = time.perf_counter()
-                h, w = int(win.height), int(win.width)
-                weights = chip_weights(self.blend, chip, grid.overlap, c.ramps)[:h, :w] * valid[:h, :w]
-                acc.add(probs[:, :h, :w], weights, int(win.row_off), int(win.col_off))
-                del probs, probs_future
-                self.stages.add("blend", time.perf_counter() - t0)
-            self.slots.release()
-            self._advance(info.path, chips=1)
-            top_up()
-        while acc.top < info.height:
-            self._emit(job, acc, min(BLOCK, info.height - acc.top), c0, c1)
-
-    def _emit(self, job: _SceneJob, acc: RollingAccumulator, n: int, c0: int, c1: int) -> None:
-        """Finalise the top ``n`` rows of a panel's accumulator and write columns ``[c0, c1)``."""
-        t0 = time.perf_counter()
-        r0 = acc.top
-        sums, wsum = acc.peek(n)
-        assert job.classes is not None
-        spec = job.classes.spec
-        classes = np.empty((n, c1 - c0), dtype=spec.dtype)
-        probs_out = None
-        if job.probs is not None:
-            probs_out = np.empty((sums.shape[0], n, c1 - c0), dtype=job.probs.spec.dtype)
-        # column chunks keep the temporaries (argmax indexes, normalised probabilities) small
-        for a in range(c0, c1, 2048):
-            b = min(a + 2048, c1)
-            sl, out = slice(a - acc.col_off, b - acc.col_off), slice(a - c0, b - c0)
-            s, w = sums[:, :, sl], wsum[:, sl]
-            valid = w > 0
-            # the weight is the same for every class, so the arg max of the sums is that of the probabilities
-            chunk = self.lut[np.argmax(s, axis=0)].astype(spec.dtype)
-            chunk[~valid] = spec.nodata
-            classes[:, out] = chunk
-            if probs_out is not None:
-                p = normalise(s, w)
-                if probs_out.dtype == np.uint8:
-                    enc = np.rint(p * 254).astype(np.uint8)
-                    enc[:, ~valid] = 255
-                else:
-                    enc = p
-                    enc[:, ~valid] = np.nan
-                probs_out[:, :, out] = enc
-        acc.advance(n)
-        window = Window(c0, r0, c1 - c0, n)
-        self.stages.add("blend", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        job.classes.write(classes[None], window)
-        if job.probs is not None and probs_out is not None:
-            job.probs.write(probs_out, window)
-        self.stages.add("write", time.perf_counter() - t0)
-        self._advance(job.info.path, pixels=n * (c1 - c0))
-
-    def finish_scene(self, job: _SceneJob, _units: Sequence[None]) -> None:
-        t0 = time.perf_counter()
-        assert job.classes is not None
-        job.classes.commit({".qml": qml_style(self.contract.classes)})
-        if job.probs is not None:
-            job.probs.commit()
-        self.stages.add("cog", time.perf_counter() - t0)
-        if job.vector_path is not None:
-            from geoseg.vectorize import vectorize_raster
-
-            t0 = time.perf_counter()
-            c = self.contract
-            bg = [c.background_class] if c.background_class is not None else []
-            vectorize_raster(job.classes.path, job.vector_path, vector_format=self.opts.vector_format,
-                             connectivity=self.opts.connectivity, min_area=self.opts.min_area,
-                             simplify=self.opts.simplify, skip_classes=bg,
-                             class_names={k.id: k.name for k in c.classes},
-                             workers=self.opts.resolved_workers(), overwrite=self.opts.overwrite)
-            self.stages.add("vectorize", time.perf_counter() - t0)
-        job.seconds = time.perf_counter() - job.started
+    out = Store(os.fspath(output_dir))
+    names = output_names(scene_stem(scene), vector_format)
+    return {k: as_location(out.url(v)) or "" for k, v in names.items() if k != "style"}
 
 
 def _expand_scenes(scenes: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -408,117 +145,162 @@ def predict_scenes(
     *,
     options: PredictOptions | None = None,
     progress: ProgressCallback | None = None,
+    scheduler: Any = None,
+    name: str = "mosaic",
     **kwargs: Any,
 ) -> RunResult:
-    """Predict class maps (and optionally probabilities) for several scenes with one model.
+    """Predict class maps (and optionally probabilities and polygons) for several scenes with one model.
 
-    Every scene is checked against the model's contract, and every output path for existence, before
-    any model work. Outputs are written as COGs on each scene's exact grid.
+    Every scene is checked against the model's contract, and every output for existence, before any
+    model work. Outputs are COGs on each scene's exact grid, published whole. Running the same call again
+    after an interruption skips finished scenes and resumes unfinished ones from their staged strips.
 
     Args:
         scenes: paths or URLs of rasters; globs are expanded.
         model: a loaded model, a bundle, or a bundle path.
-        output_dir: folder for ``<stem>.classes.tif`` (+ ``.qml`` style) and ``<stem>.probs.tif``.
+        output_dir: folder or URL (``s3://bucket/maps/``) for ``<stem>.classes.tif`` (+ ``.qml`` style),
+            ``<stem>.probs.tif`` and the polygons.
         options: a :class:`PredictOptions`; keyword arguments override its fields.
-        progress: called with a :class:`ProgressEvent` as chips and strips complete.
+        progress: called with a :class:`ProgressEvent` as chips, strips and scenes complete.
+        scheduler: ``None`` (this process's threads, or ``DASK_SCHEDULER_ADDRESS`` when set), ``"threads"``,
+            ``"local:N"`` (N local worker processes), a dask scheduler address or a ``distributed.Client``.
+        name: the job's name: its mosaic of the class maps is ``<name>.vrt`` (with two scenes or more).
 
     Returns:
-        A :class:`RunResult` with one :class:`SceneResult` per scene.
+        A :class:`RunResult` with one :class:`SceneResult` per scene; a scene that failed while others
+        did not has ``status == "failed"`` and its reason in ``error`` (see :attr:`RunResult.partial`).
 
     Raises:
-        InputError, BundleError, OutputExistsError: before any compute; other errors leave no output.
+        InputError, BundleError, OutputExistsError: before any compute, when the job cannot start or its
+        only scene is refused; the first scene's error when every scene failed. Nothing incomplete is
+        left under a final name.
     """
-    import dask
-    from dask import delayed
+    from geoseg.schedule import check_scheduler, resolve_scheduler
 
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(PredictOptions)})
     if unknown:
         raise TypeError(f"predict got unexpected option(s) {', '.join(unknown)}")
     opts = dataclasses.replace(options or PredictOptions(), **kwargs)  # never mutate the caller's options
+    opts.workers = opts.resolved_workers()
     started = time.perf_counter()
-    if isinstance(model, LoadedModel):
-        bundle = model.bundle
-    elif isinstance(model, Bundle):
-        bundle = model
-    else:
-        bundle = read_bundle(model)
+    bundle = model.bundle if isinstance(model, LoadedModel) else model if isinstance(model, Bundle) else read_bundle(model)
     contract = bundle.contract
     tile, overlap = _validate(contract, opts)
+    scheduler = resolve_scheduler(scheduler)
+    check_scheduler(scheduler)
     paths = _expand_scenes(scenes)
+    out_dir = os.fspath(output_dir)
+    out = Store(out_dir)
+    ref = ModelRef(str(bundle.path if is_remote(str(bundle.path)) else Path(bundle.path).resolve()),
+                   bundle_digest(bundle.files))
+    manifest = Manifest(out_dir)
+    plans, results = _preflight(paths, contract, opts, ref, out, manifest, tile, overlap)
+    todo = [p for p in plans if p.stem not in results]
+    failed = [r for r in results.values() if r.status == "failed"]
+    if failed and len(failed) == len(paths):
+        raise failed[0].exception or GeoSegError(failed[0].error or "every scene failed")
+    out.prepare()
+    outcome, sched_name, workers = _run(todo, bundle, model, ref, opts, scheduler, manifest, progress)
+    results.update(outcome.results)
+    ordered = [results[scene_stem(p)] for p in paths]
+    if todo and all(r.status == "failed" for r in ordered):
+        first = next(r for r in ordered if r.status == "failed")
+        raise first.exception or GeoSegError(first.error or "every scene failed")
+    files = _job_files(ordered, out, name, manifest)
+    return RunResult(ordered, time.perf_counter() - started, outcome.stage_seconds, contract, str(bundle.path),
+                     opts, outcome.device or opts.device, outcome.amp, sched_name, workers, out_dir, files)
 
-    # preflight: every scene and every output, before any model work
-    jobs: list[_SceneJob] = []
-    seen: dict[Path, str] = {}
+
+def _preflight(paths: list[str], contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store,
+               manifest: Manifest, tile: int, overlap: int) -> tuple[list[ScenePlan], dict[str, SceneResult]]:
+    """Plan every scene; a scene that cannot be read, breaks the contract or would overwrite fails alone."""
+    plans: list[ScenePlan] = []
+    results: dict[str, SceneResult] = {}
+    seen: dict[str, str] = {}
     for p in paths:
-        info = inspect_scene(p)
-        pre = check_scene(contract, info, opts.bands)
-        if info.crs is None:
-            pre.warnings.append(f"{p}: has no CRS; the outputs will carry none")
-        for w in pre.warnings:
-            log.warning(w)
-        outs = output_paths(p, output_dir, opts.vector_format)
-        wanted = [outs["classes"]] + ([outs["probabilities"]] if opts.probabilities else [])
-        wanted += [outs["vector"]] if "vector" in outs else []
-        for o in wanted:
-            if o in seen:
-                raise InputError(f"{p}: its output {o.name} would overwrite the one of {seen[o]}; "
-                                 "predict scenes with the same file name into different --output-dir")
-            seen[o] = p
-            check_writable(o, opts.overwrite)
-        grid = ChipGrid(info.width, info.height, tile, overlap)
-        job = _SceneJob(info, pre.band_indexes, grid, panels(info.width, opts.panel_width, BLOCK), pre.warnings)
-        job.vector_path = outs.get("vector")
-        jobs.append(job)
-
-    loaded = model if isinstance(model, LoadedModel) else load_model(bundle)
-    engine = _Engine(loaded, opts, progress)
-    engine.chips_total = sum(len(j.grid) for j in jobs)
-    engine.pixels_total = sum(j.info.pixels for j in jobs)
-    workers = opts.resolved_workers()
-    tags = {"GEOSEG_MODEL": contract.name, "GEOSEG_TILE_SIZE": str(tile), "GEOSEG_OVERLAP": str(overlap)}
-    with gdal_env():
+        stem = scene_stem(p)
+        if stem in seen:
+            raise InputError(f"{p}: its outputs ({stem}.*) would overwrite those of {seen[stem]}; "
+                             "predict scenes with the same file name into different --output-dir")
+        seen[stem] = p
         try:
-            for job in jobs:
-                outs = output_paths(job.info.path, output_dir)
-                job.reader = SceneReader(job.info.path, job.band_indexes, contract.input.mean, contract.input.std)
-                job.classes = OutputRaster(outs["classes"], job.info, classes_spec(contract.classes, tags),
-                                           compress=opts.compress, overwrite=opts.overwrite)
-                if opts.probabilities:
-                    job.probs = OutputRaster(outs["probabilities"], job.info,
-                                             probabilities_spec(contract.classes, opts.probabilities_dtype, tags),
-                                             compress=opts.compress, overwrite=opts.overwrite)
-            with engine.server, ThreadPoolExecutor(workers, thread_name_prefix="geoseg-read") as readers:
-                tasks = []
-                for job in jobs:
-                    job.started = time.perf_counter()
-                    units = [delayed(engine.run_panel, pure=False)(job, c0, c1, readers) for c0, c1 in job.units]
-                    tasks.append(delayed(engine.finish_scene, pure=False)(job, units))
-                try:
-                    dask.compute(*tasks, scheduler="threads", num_workers=workers)
-                except BaseException:
-                    engine.cancel.set()
-                    raise
+            plan = _plan_scene(p, contract, opts, ref, out, tile, overlap)
+            if manifest.is_done(plan) and not opts.overwrite:
+                log.info("%s: finished by an earlier run; skipped", p)
+                results[stem] = scene_result(plan, "skipped", files=manifest.scenes[stem].get("files", []))
+            elif not opts.overwrite and not staging_matches(plan):
+                _check_free(p, out, output_names(stem, opts.vector_format), opts.probabilities)
+        except GeoSegError as exc:
+            if len(paths) == 1:
+                raise
+            log.error("%s", exc)
+            results[stem] = SceneResult(p, "failed", error=str(exc), exception=exc)
+            continue
+        plans.append(plan)
+    return plans, results
+
+
+def _plan_scene(p: str, contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store, tile: int,
+                overlap: int) -> ScenePlan:
+    info = inspect_scene(p)
+    pre = check_scene(contract, info, opts.bands)
+    if info.crs is None:
+        pre.warnings.append(f"{p}: has no CRS; the outputs will carry none")
+    for w in pre.warnings:
+        log.warning(w)
+    fp = fingerprint(info, pre.band_indexes, tile, overlap, ref, opts)
+    return ScenePlan(info, scene_stem(p), tuple(pre.band_indexes), tile, overlap, out.location, fp,
+                     tuple(pre.warnings))
+
+
+def _check_free(scene: str, out: Store, names: dict[str, str], probabilities: bool) -> None:
+    for kind, name in names.items():
+        if kind == "probabilities" and not probabilities:
+            continue
+        if out.exists(name):
+            raise OutputExistsError(f"{out.url(name)}: already exists; pass --overwrite to replace it or choose "
+                                    "another --output-dir")
+
+
+def _run(plans: list[ScenePlan], bundle: Bundle, model: Any, ref: ModelRef, opts: PredictOptions, scheduler: Any,
+         manifest: Manifest, progress: ProgressCallback | None) -> tuple[JobOutcome, str, int]:
+    from geoseg.engine import STAGES
+
+    if not plans:
+        return JobOutcome({}, dict.fromkeys(STAGES, 0.0)), "threads", 0
+    if scheduler is None or scheduler == "threads":
+        from geoseg.bundle import load_model
+        from geoseg.engine import Runtime
+        from geoseg.schedule import LocalScheduler
+
+        loaded = model if isinstance(model, LoadedModel) else load_model(bundle)
+        runtime = Runtime(loaded, opts)
+        workers = opts.resolved_workers()
+        local = LocalScheduler(runtime, workers, None)
+        try:
+            outcome = run_plans(plans, ref, opts, local, manifest, progress)
         finally:
-            for job in jobs:
-                for out in (job.classes, job.probs):
-                    if out is not None:
-                        out.abort()
-                if job.reader is not None:
-                    job.reader.close()
-    engine.stages.add("model", engine.server.seconds)
-    results = [
-        SceneResult(
-            scene=j.info.path, classes_path=j.classes.path if j.classes else Path(),
-            probabilities_path=j.probs.path if j.probs else None, vector_path=j.vector_path,
-            width=j.info.width, height=j.info.height, chips=len(j.grid), chips_skipped=j.chips_skipped,
-            band_indexes=j.band_indexes, tile_size=tile, overlap=overlap, seconds=j.seconds,
-            warnings=j.warnings, area_km2=j.info.area_km2,
-        )
-        for j in jobs
-    ]
-    amp = str(engine.predictor.amp_dtype).replace("torch.", "") if engine.predictor.amp_dtype else None
-    return RunResult(results, time.perf_counter() - started, dict(engine.stages.seconds), contract,
-                     str(bundle.path), opts, str(engine.predictor.device), amp)
+            local.close()
+            runtime.close()
+        outcome.device, outcome.amp = str(runtime.predictor.device), runtime.amp
+        return outcome, local.name, workers
+    from geoseg.schedule import open_dask
+
+    dask_sched = open_dask(scheduler)
+    try:
+        return run_plans(plans, ref, opts, dask_sched, manifest, progress), dask_sched.name, dask_sched.workers
+    finally:
+        dask_sched.close()
+
+
+def _job_files(results: list[SceneResult], out: Store, name: str, manifest: Manifest) -> list[str]:
+    files = [out.url(MANIFEST)] if manifest.scenes else []
+    maps = [str(r.classes_path) for r in results if r.status in ("done", "skipped") and r.classes_path]
+    if len(maps) >= 2:
+        from geoseg.mosaic import write_mosaic
+
+        files += write_mosaic(maps, out, name)
+    return files
 
 
 def predict_scene(
@@ -527,6 +309,8 @@ def predict_scene(
     output_dir: str | os.PathLike[str] = ".",
     **kwargs: Any,
 ) -> SceneResult:
-    """Predict one scene; see :func:`predict_scenes` for the arguments (``kwargs`` are :class:`PredictOptions`)."""
+    """Predict one scene; see :func:`predict_scenes` for the arguments (``kwargs`` are :class:`PredictOptions`,
+    ``progress`` and ``scheduler``). Polygons are written as by the CLI unless ``vector_format=None``."""
     progress = kwargs.pop("progress", None)
-    return predict_scenes([scene], model, output_dir, progress=progress, **kwargs).scenes[0]
+    scheduler = kwargs.pop("scheduler", None)
+    return predict_scenes([scene], model, output_dir, progress=progress, scheduler=scheduler, **kwargs).scenes[0]

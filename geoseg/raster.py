@@ -1,19 +1,16 @@
-"""Raster I/O: open and describe scenes, read chips with their validity masks, write outputs atomically.
+"""Raster I/O: open and describe scenes, read chips with their validity masks, output profiles.
 
-Everything that touches GDAL for rasters lives here. Outputs are first written as a tiled GeoTIFF in a
-hidden temporary folder beside their final path, converted to a Cloud Optimized GeoTIFF by GDAL's COG
-driver, and moved into place only when complete; on any failure the temporary folder is removed.
+Scenes are opened by path or URL (``s3://``, ``https://``, ``/vsi...``: GDAL's virtual file systems read
+them by range requests). The outputs' named profiles (:class:`OutputSpec`) and COG options live here;
+:mod:`geoseg.finish` builds the outputs and :mod:`geoseg.store` publishes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +22,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, OutputExistsError
@@ -43,8 +40,13 @@ GDAL_OPTIONS: dict[str, Any] = {
 
 
 def gdal_env(**options: Any) -> rasterio.Env:
-    """A :class:`rasterio.Env` with geoseg's GDAL settings, overridden by ``options``."""
-    return rasterio.Env(**{**GDAL_OPTIONS, **options})
+    """A :class:`rasterio.Env` with geoseg's GDAL settings, overridden by ``options``.
+
+    Object-storage endpoints set the AWS way (``AWS_ENDPOINT_URL``) are passed on to GDAL too.
+    """
+    from geoseg.store import gdal_remote_options
+
+    return rasterio.Env(**{**GDAL_OPTIONS, **gdal_remote_options(), **options})
 
 
 @dataclass(frozen=True)
@@ -303,89 +305,22 @@ def qml_style(classes: Sequence[Any]) -> str:
     )
 
 
+def cog_options(spec: OutputSpec, compress: str) -> dict[str, Any]:
+    """Creation options of GDAL's COG driver for an output of ``spec`` (``rasterio.shutil.copy`` keywords)."""
+    if compress not in COMPRESSIONS:
+        raise InputError(f"unknown compression {compress!r}; valid: {', '.join(COMPRESSIONS)}")
+    opts: dict[str, Any] = dict(
+        driver="COG", COMPRESS=compress.upper(), BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
+        OVERVIEW_RESAMPLING=spec.resampling, NUM_THREADS="ALL_CPUS",
+    )
+    if spec.predictor:
+        opts["PREDICTOR"] = spec.predictor
+    if spec.nbits:
+        opts["NBITS"] = spec.nbits
+    return opts
+
+
 def check_writable(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``; make sure its folder can be created."""
+    """Refuse an existing output unless ``overwrite``."""
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it or choose another --output-dir")
-
-
-class OutputRaster:
-    """A raster output on the scene's grid, written in windows and published as a COG on ``commit``.
-
-    Writes are serialised by a lock (GDAL handles are not thread-safe); callers write whole internal
-    tiles (rows in multiples of :data:`BLOCK`) so that no compressed tile is rewritten.
-    """
-
-    def __init__(self, path: Path, scene: SceneInfo, spec: OutputSpec, *, compress: str = "deflate",
-                 overwrite: bool = False, workdir: Path | None = None):
-        if compress not in COMPRESSIONS:
-            raise InputError(f"unknown compression {compress!r}; valid: {', '.join(COMPRESSIONS)}")
-        check_writable(path, overwrite)
-        self.path = path
-        self.spec = spec
-        self.compress = compress
-        self.overwrite = overwrite
-        self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=workdir or path.parent))
-        self._tmp = self._tmpdir / "stage.tif"
-        profile = dict(
-            driver="GTiff", width=scene.width, height=scene.height, count=spec.count, dtype=spec.dtype,
-            crs=scene.crs, transform=scene.transform, nodata=spec.nodata, tiled=True,
-            blockxsize=BLOCK, blockysize=BLOCK, compress="zstd", zstd_level=1, bigtiff="if_safer",
-        )
-        if spec.nbits:
-            profile["nbits"] = spec.nbits
-        try:
-            self._ds = rasterio.open(self._tmp, "w", **profile)
-            for i, d in enumerate(spec.descriptions, start=1):
-                self._ds.set_band_description(i, d)
-            if spec.colormap:
-                self._ds.write_colormap(1, spec.colormap)
-            if spec.scales:
-                self._ds.scales = tuple(spec.scales)
-                self._ds.offsets = tuple([0.0] * spec.count)
-            if spec.tags:
-                self._ds.update_tags(**spec.tags)
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, array: np.ndarray, window: Window) -> None:
-        """Write ``array`` ``(bands, rows, cols)`` at ``window``."""
-        with self._lock:
-            self._ds.write(array, window=window)
-
-    def commit(self, sidecars: dict[str, str] | None = None) -> Path:
-        """Build the COG and move it (and text sidecars, by suffix) into place."""
-        try:
-            self._ds.close()
-            cog = self._tmpdir / "cog.tif"
-            opts: dict[str, Any] = dict(
-                driver="COG", COMPRESS=self.compress.upper(), BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
-                OVERVIEW_RESAMPLING=self.spec.resampling, NUM_THREADS="ALL_CPUS",
-            )
-            if self.spec.predictor:
-                opts["PREDICTOR"] = self.spec.predictor
-            if self.spec.nbits:
-                opts["NBITS"] = self.spec.nbits
-            with gdal_env():
-                rasterio.shutil.copy(self._tmp, cog, **opts)
-            check_writable(self.path, self.overwrite)
-            for suffix, text in (sidecars or {}).items():
-                side = self._tmpdir / f"side{suffix}"
-                side.write_text(text)
-                os.replace(side, self.path.with_suffix(suffix))
-            os.replace(cog, self.path)
-            return self.path
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        """Drop everything written so far (safe to call twice)."""
-        ds = getattr(self, "_ds", None)
-        if ds is not None and not ds.closed:
-            with contextlib.suppress(RasterioError):
-                ds.close()
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +92,53 @@ def bundle_factory(tmp_path: Path) -> Callable[..., Path]:
         return make_bundle(tmp_path / name, **kwargs)
 
     return make
+
+
+class S3Bucket:
+    """A fresh bucket on the loopback S3 server: ``.bucket``, ``.endpoint`` and ``.url(key)``."""
+
+    def __init__(self, bucket: str, endpoint: str) -> None:
+        self.bucket = bucket
+        self.endpoint = endpoint
+
+    def url(self, key: str = "") -> str:
+        """``s3://bucket/key``."""
+        return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1; yields its ``http://`` endpoint."""
+    import logging
+
+    try:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+    except Exception as exc:  # missing extras (flask) or no loopback socket
+        pytest.skip(f"moto's S3 server cannot start ({type(exc).__name__}: {exc}); pip install 'moto[server]>=5'")
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """Point the AWS environment at ``s3_server`` with test credentials and create a fresh bucket."""
+    import uuid
+
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_S3_ENDPOINT", "AWS_HTTPS",
+                 "AWS_VIRTUAL_HOSTING", "AWS_NO_SIGN_REQUEST", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = f"geoseg-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return S3Bucket(bucket, s3_server)

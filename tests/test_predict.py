@@ -198,9 +198,16 @@ def test_existing_outputs_are_refused_and_failures_leave_nothing(tmp_path, ident
     data = np.random.default_rng(11).normal(size=(3, 80, 80)).astype(np.float32)
     scene = write_raster(tmp_path / "s.tif", data)
     r = predict_scene(scene, identity3, tmp_path / "out")
+    assert r.status == "done"
+    # the same call again: finished by the earlier run (the manifest says so), skipped
+    assert predict_scene(scene, identity3, tmp_path / "out").status == "skipped"
+    # other settings would replace outputs they did not make: refused
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        predict_scene(scene, identity3, tmp_path / "out")
-    predict_scene(scene, identity3, tmp_path / "out", overwrite=True)
+        predict_scene(scene, identity3, tmp_path / "out", tile_size=32)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        predict_scene(scene, identity3, tmp_path / "other-manifest-less", vector_format=None) if False else \
+            predict_scenes([scene], identity3, tmp_path / "out", blend="uniform")
+    assert predict_scene(scene, identity3, tmp_path / "out", overwrite=True).status == "done"
 
     import geoseg.inference
 

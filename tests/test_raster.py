@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
-import rasterio
 from rasterio.windows import Window
 
 from geoseg.bundle import ClassInfo
-from geoseg.errors import InputError, OutputExistsError
-from geoseg.raster import OutputRaster, SceneReader, classes_spec, inspect_scene
+from geoseg.errors import InputError
+from geoseg.raster import SceneReader, classes_spec, cog_options, inspect_scene
 from tests.conftest import write_raster
 
 
@@ -38,20 +37,11 @@ def test_reader_normalises_masks_and_pads(tmp_path):
     assert not valid[2:].any() and not valid[:, 2:].any()
 
 
-def test_output_raster_aborts_cleanly_and_refuses_existing(tmp_path):
-    scene = write_raster(tmp_path / "s.tif", np.zeros((1, 40, 30), np.uint8))
-    info = inspect_scene(scene)
+def test_class_spec_widens_to_uint16_and_cog_options(tmp_path):
     spec = classes_spec([ClassInfo(id=1, name="a"), ClassInfo(id=300, name="b")])
     assert spec.dtype == "uint16" and spec.nodata == 65535
-    out = OutputRaster(tmp_path / "out" / "x.tif", info, spec)
-    out.write(np.ones((1, 40, 30), np.uint16), Window(0, 0, 30, 40))
-    out.abort()
-    assert list((tmp_path / "out").iterdir()) == []
-    out = OutputRaster(tmp_path / "out" / "x.tif", info, spec)
-    out.write(np.full((1, 40, 30), 300, np.uint16), Window(0, 0, 30, 40))
-    path = out.commit()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.tif"]
-    with rasterio.open(path) as ds:
-        assert ds.read(1).max() == 300 and ds.crs == info.crs
-    with pytest.raises(OutputExistsError):
-        OutputRaster(path, info, spec)
+    assert spec.colormap is not None and spec.colormap[300][:3] == ClassInfo(id=300, name="b").color
+    opts = cog_options(spec, "zstd")
+    assert opts["driver"] == "COG" and opts["COMPRESS"] == "ZSTD" and opts["OVERVIEW_RESAMPLING"] == "MODE"
+    with pytest.raises(InputError, match="deflate"):
+        cog_options(spec, "jpeg")

@@ -1,0 +1,134 @@
+"""Finish a scene: its staged strips -> one COG per output (colours, names, QGIS style) -> polygons -> published.
+
+Runs once per scene, after all of its units, wherever the scheduler puts it. The strips of every unit are
+assembled by a VRT (no pixel is copied twice), GDAL's COG driver writes the final file in a local scratch
+folder, the polygons are made from that file, and every output is then published whole under its final
+name (``os.replace`` locally, a whole upload to object storage): the class map last, so a class map under
+its final name means the scene's other outputs are there too.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import rasterio.shutil
+
+from geoseg.errors import GeoSegError
+from geoseg.raster import (
+    BLOCK,
+    OutputSpec,
+    classes_spec,
+    cog_options,
+    gdal_env,
+    probabilities_spec,
+    qml_style,
+)
+from geoseg.store import Store, local_workdir
+from geoseg.units import ModelRef, PredictOptions, ScenePlan, Unit, parse_strip, strip_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinishResult:
+    """A finished scene: its outputs (kind -> path or URL) and the seconds it took."""
+
+    stem: str
+    outputs: dict[str, str]
+    files: list[str]
+    seconds: dict[str, float] = field(default_factory=lambda: {"cog": 0.0, "vectorize": 0.0})
+
+
+def output_names(stem: str, vector_format: str | None) -> dict[str, str]:
+    """File names of a scene's outputs: ``classes``, ``style``, ``probabilities`` and, with polygons, ``vector``."""
+    names = {"classes": f"{stem}.classes.tif", "style": f"{stem}.classes.qml", "probabilities": f"{stem}.probs.tif"}
+    if vector_format is not None:
+        from geoseg.vectorize import get_format
+
+        names["vector"] = f"{stem}{get_format(vector_format).extensions[0]}"
+    return names
+
+
+def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: PredictOptions) -> FinishResult:
+    """Assemble, convert, vectorise and publish one scene whose units have all run.
+
+    Raises:
+        GeoSegError: a strip is missing from the staging folder (run the job again to make it).
+    """
+    from geoseg.bundle import read_bundle
+
+    contract = read_bundle(model.path).contract
+    tags = {"GEOSEG_MODEL": contract.name, "GEOSEG_TILE_SIZE": str(plan.tile), "GEOSEG_OVERLAP": str(plan.overlap)}
+    specs = {"classes": classes_spec(contract.classes, tags)}
+    if options.probabilities:
+        specs["probabilities"] = probabilities_spec(contract.classes, options.probabilities_dtype, tags)
+    names = output_names(plan.stem, options.vector_format)
+    out, stage = Store(plan.output_dir), Store(plan.staging)
+    result = FinishResult(plan.stem, {}, [])
+    work = Path(stage.url()) if not stage.remote else local_workdir(out, plan.stem)
+    scratch = Path(tempfile.mkdtemp(prefix=".finish-", dir=work))
+    try:
+        t0 = time.perf_counter()
+        cogs = {kind: _cog(plan, units, kind, spec, stage, work, scratch, options.compress)
+                for kind, spec in specs.items()}
+        result.seconds["cog"] = time.perf_counter() - t0
+        if options.vector_format is not None:
+            t0 = time.perf_counter()
+            vector_dir = scratch / "vector"
+            _vectorize(cogs["classes"], vector_dir / names["vector"], contract, options)
+            for f in sorted(vector_dir.iterdir(), key=lambda f: f.name == names["vector"]):  # main file last
+                result.files.append(out.publish(f, f.name))
+            result.outputs["vector"] = out.url(names["vector"])
+            result.seconds["vectorize"] = time.perf_counter() - t0
+        if "probabilities" in cogs:
+            result.outputs["probabilities"] = out.publish(cogs["probabilities"], names["probabilities"])
+        result.outputs["style"] = out.write_text(names["style"], qml_style(contract.classes))
+        result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
+        result.files += [result.outputs[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if stage.remote:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _cog(plan: ScenePlan, units: list[Unit], kind: str, spec: OutputSpec, stage: Store, work: Path,
+         scratch: Path, compress: str) -> Path:
+    """The COG of output ``kind`` built from its strips; strips of a remote stage are fetched first."""
+    from geoseg.vrt import strips_vrt
+
+    staged = {parse_strip(n) for n in stage.list(kind)}
+    sources = []
+    for u in units:
+        for row in u.strip_rows:
+            if (row, u.c0, u.c1) not in staged:
+                raise GeoSegError(f"{plan.scene}: strip {strip_key(kind, row, u.c0, u.c1)} is missing from "
+                                  f"{stage.url()}; run the same command again to make it")
+            key = strip_key(kind, row, u.c0, u.c1)
+            if stage.remote:
+                stage.fetch(key, work / key)
+            sources.append((key, rasterio.windows.Window(u.c0, row, u.c1 - u.c0, min(BLOCK, u.r1 - row))))
+    info = plan.info
+    vrt = work / f"{kind}.vrt"
+    vrt.write_text(strips_vrt(info.width, info.height, info.crs, info.transform, spec, sources))
+    cog = scratch / f"{kind}.tif"
+    with gdal_env():
+        rasterio.shutil.copy(vrt, cog, **cog_options(spec, compress))
+    vrt.unlink()
+    return cog
+
+
+def _vectorize(classes: Path, dst: Path, contract: Any, options: PredictOptions) -> None:
+    from geoseg.vectorize import vectorize_raster
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    bg = [contract.background_class] if contract.background_class is not None else []
+    vectorize_raster(classes, dst, vector_format=options.vector_format, connectivity=options.connectivity,
+                     min_area=options.min_area, simplify=options.simplify, skip_classes=bg,
+                     class_names={k.id: k.name for k in contract.classes}, workers=options.resolved_workers())

@@ -1,0 +1,86 @@
+"""Resume: what a job has finished, recorded beside its outputs.
+
+Two records, both in the output folder (local or object storage), so that any machine can resume a job:
+
+- ``geoseg-manifest.json``: the finished scenes, each with the fingerprint of the settings that made it
+  and its output files. Written by the job's driver after a scene's outputs are all published, never before.
+- ``.geoseg-staging/<stem>/``: a scene being made. ``settings.json`` holds its fingerprint; ``classes/`` and
+  ``probabilities/`` hold finished strips, each published whole, so a strip file *is* the record that the
+  strip is done. The folder is removed once the scene is in the manifest.
+
+The resume rule: the same command run again skips every scene in the manifest with the same fingerprint
+(and its files present), reuses the staged strips of a scene under the same fingerprint, and discards
+staging made under other settings. Outputs that exist without a record are refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from geoseg.store import Store
+from geoseg.units import SETTINGS_FILE, STAGING, ScenePlan, parse_strip
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "geoseg-manifest.json"
+
+
+class Manifest:
+    """The finished scenes of an output folder (see the module docstring). Only the driver writes it."""
+
+    def __init__(self, output_dir: str):
+        self.store = Store(output_dir)
+        text = self.store.read_text(MANIFEST)
+        try:
+            data = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            log.warning("%s: unreadable manifest; finished scenes will be recomputed", self.store.url(MANIFEST))
+            data = {}
+        self.scenes: dict[str, dict[str, Any]] = data.get("scenes", {}) if isinstance(data, dict) else {}
+
+    def is_done(self, plan: ScenePlan) -> bool:
+        """Whether ``plan``'s scene was finished under the same fingerprint and its files are all there."""
+        rec = self.scenes.get(plan.stem)
+        if rec is None or rec.get("fingerprint") != plan.fingerprint:
+            return False
+        return all(self.store.exists(name) for name in rec.get("files", []))
+
+    def record(self, plan: ScenePlan, files: list[str]) -> None:
+        """Record a finished scene (``files``: its output names in the folder) and write the manifest."""
+        self.scenes[plan.stem] = {"scene": plan.scene, "fingerprint": plan.fingerprint, "files": files,
+                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.store.write_text(MANIFEST, json.dumps({"geoseg_manifest": 1, "scenes": self.scenes}, indent=1) + "\n")
+
+
+def staging_matches(plan: ScenePlan) -> bool:
+    """Whether the scene has staging made under the same fingerprint (an interrupted run of this job)."""
+    return Store(plan.staging).read_text(SETTINGS_FILE) == plan.fingerprint
+
+
+def prepare_staging(plan: ScenePlan) -> bool:
+    """Make the scene's staging folder ready; returns whether an earlier run's strips are reused.
+
+    Staging made under another fingerprint is removed; temporary files of a killed run are removed.
+    """
+    stage = Store(plan.staging)
+    if staging_matches(plan):
+        for kind in ("classes", "probabilities"):
+            for name in stage.list(kind):
+                if parse_strip(name) is None:
+                    stage.remove(f"{kind}/{name}")
+        return bool(stage.list("classes"))
+    Store(plan.output_dir).remove(f"{STAGING}/{plan.stem}")
+    stage.prepare()
+    stage.write_text(SETTINGS_FILE, plan.fingerprint)
+    return False
+
+
+def drop_staging(plan: ScenePlan) -> None:
+    """Remove a scene's staging folder, and the staging root when it is left empty."""
+    root = Store(plan.output_dir)
+    root.remove(f"{STAGING}/{plan.stem}")
+    if not root.list(STAGING):
+        root.remove(STAGING)

@@ -1,0 +1,715 @@
+"""The one place where finished files are published, to a local folder or to object storage.
+
+A :class:`Store` is a folder given as a local path or as a URL (``s3://bucket/prefix``). Keys are
+``/``-separated names relative to it. Nothing is ever visible under a final name before it is whole:
+
+* local: the file is built in a hidden temporary folder beside its final path (``.{name}.tmp-XXXX``)
+  and moved into place with :func:`os.replace`;
+* remote: the file is built locally and uploaded whole (one PUT, or a multipart upload that becomes
+  visible only when it completes).
+
+Remote access goes through fsspec (s3fs for ``s3://``). Every failure of the storage layer, whatever
+library raised it, leaves this module as a one-line :class:`~geoseg.errors.StorageError` that names the
+URL, what could not be done and what to try.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from geoseg.errors import InputError, StorageError
+
+__all__ = [
+    "Store",
+    "gdal_path",
+    "gdal_remote_options",
+    "is_remote",
+    "local_workdir",
+    "s3_storage_options",
+]
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+# GDAL virtual file systems by URL scheme; http(s) keep their scheme after /vsicurl/
+_GDAL_PREFIX = {
+    "s3": "/vsis3/",
+    "s3a": "/vsis3/",
+    "gs": "/vsigs/",
+    "gcs": "/vsigs/",
+    "az": "/vsiaz/",
+    "abfs": "/vsiaz/",
+    "abfss": "/vsiaz/",
+}
+_TRUE = {"1", "yes", "true", "on"}
+# names this module leaves beside outputs while it works; listings hide them
+_STAGING_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9a-z_]+$|^\.geoseg-work-")
+_S3_HINT = (
+    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (AWS_NO_SIGN_REQUEST=YES for a public "
+    "bucket), check the bucket name, and set AWS_ENDPOINT_URL for a non-AWS endpoint"
+)
+
+
+def _scheme(location: str) -> str | None:
+    match = _SCHEME.match(location)
+    return match.group(1).lower() if match else None
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is a URL of a remote file system (any ``scheme://`` other than ``file://``).
+
+    Args:
+        location: a local path or a URL.
+
+    Returns:
+        ``True`` for ``s3://``, ``gs://``, ``https://`` and the like; ``False`` for paths and ``file://``.
+    """
+    scheme = _scheme(os.fspath(location))
+    return scheme is not None and scheme != "file"
+
+
+def _local_path(location: str) -> str:
+    """``location`` without a ``file://`` prefix."""
+    if _scheme(location) == "file":
+        return location[len("file://") :] or "/"
+    return location
+
+
+def gdal_path(url: str | os.PathLike[str]) -> str:
+    """The path GDAL (and so rasterio) opens for ``url``.
+
+    ``s3://b/k`` becomes ``/vsis3/b/k``, ``gs://`` becomes ``/vsigs/``, ``az://`` becomes ``/vsiaz/``,
+    ``http(s)://...`` becomes ``/vsicurl/http(s)://...``; local paths (and ``file://``) come back as a
+    plain path string. Open remote paths inside ``rasterio.Env(**gdal_remote_options())`` so that GDAL
+    reaches the same endpoint as fsspec.
+
+    Args:
+        url: a local path or a URL.
+
+    Returns:
+        A path string for GDAL.
+
+    Raises:
+        InputError: for a scheme GDAL has no virtual file system for.
+    """
+    text = os.fspath(url)
+    scheme = _scheme(text)
+    if scheme is None or scheme == "file":
+        return _local_path(text)
+    if scheme in ("http", "https"):
+        return "/vsicurl/" + text
+    if scheme in _GDAL_PREFIX:
+        return _GDAL_PREFIX[scheme] + text.split("://", 1)[1]
+    raise InputError(
+        f"{text}: GDAL cannot open {scheme}:// URLs; use s3://, gs://, az://, http(s):// or a local path"
+    )
+
+
+def _endpoint_url() -> str | None:
+    """The S3 endpoint URL the AWS tools would use, from the environment (``None``: AWS itself)."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    gdal_endpoint = os.environ.get("AWS_S3_ENDPOINT", "").strip()
+    if gdal_endpoint:
+        if "://" in gdal_endpoint:
+            return gdal_endpoint
+        https = os.environ.get("AWS_HTTPS", "YES").strip().lower() not in {"no", "false", "off", "0"}
+        return ("https://" if https else "http://") + gdal_endpoint
+    return None
+
+
+def gdal_remote_options() -> dict[str, str]:
+    """GDAL config options that make ``/vsis3/`` reach the endpoint fsspec uses.
+
+    GDAL does not read ``AWS_ENDPOINT_URL``; from it (or ``AWS_ENDPOINT_URL_S3``), e.g.
+    ``http://127.0.0.1:5000``, this derives ``AWS_S3_ENDPOINT=127.0.0.1:5000``, ``AWS_HTTPS=NO`` and
+    ``AWS_VIRTUAL_HOSTING=FALSE``. Options the user already set in the environment are left to GDAL,
+    and nothing is added when ``AWS_S3_ENDPOINT`` is set already. Credentials, region, profile and
+    ``AWS_NO_SIGN_REQUEST`` are read by GDAL from the environment itself.
+
+    Returns:
+        Options for ``rasterio.Env(**options)``; ``{}`` when there is nothing to add.
+    """
+    endpoint = next(
+        (
+            os.environ[n].strip()
+            for n in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+            if os.environ.get(n, "").strip()
+        ),
+        None,
+    )
+    if endpoint is None or os.environ.get("AWS_S3_ENDPOINT"):
+        return {}
+    parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
+    derived = {
+        "AWS_S3_ENDPOINT": parts.netloc,
+        "AWS_HTTPS": "NO" if parts.scheme == "http" else "YES",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+    }
+    return {key: value for key, value in derived.items() if key not in os.environ}
+
+
+def s3_storage_options() -> dict[str, Any]:
+    """Keyword arguments for ``s3fs.S3FileSystem`` derived from the usual environment variables.
+
+    The endpoint comes from ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or GDAL's ``AWS_S3_ENDPOINT``
+    (with ``AWS_HTTPS=NO`` meaning ``http://``); ``AWS_NO_SIGN_REQUEST=YES`` gives anonymous access;
+    ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` sets the region. Credentials are left to botocore's usual
+    chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, instance roles).
+
+    Returns:
+        A possibly empty dict of s3fs options.
+    """
+    options: dict[str, Any] = {}
+    endpoint = _endpoint_url()
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if os.environ.get("AWS_NO_SIGN_REQUEST", "").strip().lower() in _TRUE:
+        options["anon"] = True
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bucket_missing(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "nosuchbucket" in text or "bucket does not exist" in text
+
+
+def _reason_and_hint(exc: BaseException, remote: bool) -> tuple[str, str]:
+    """A short reason for ``exc`` and what the user can do about it."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if not remote:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(str(exc))
+        return reason, "check that the folder exists and is writable, and that the disk has free space"
+    if names & {"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"}:
+        return "no credentials found", _S3_HINT
+    if _bucket_missing(exc):
+        return (
+            "the bucket does not exist",
+            "check the bucket name (and AWS_ENDPOINT_URL for a non-AWS endpoint)",
+        )
+    if isinstance(exc, FileNotFoundError):
+        return "no such object", "check the key and the bucket name"
+    if isinstance(exc, PermissionError) or ("ClientError" in names and "denied" in str(exc).lower()):
+        return (
+            f"access denied: {_one_line(str(exc), 80)}",
+            "check the credentials' permissions on this bucket (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "or AWS_PROFILE) and AWS_ENDPOINT_URL for a non-AWS endpoint",
+        )
+    if names & {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ConnectionError",
+        "TimeoutError",
+        "FSTimeoutError",
+    } or isinstance(exc, ConnectionError | TimeoutError):
+        where = _endpoint_url() or "the AWS endpoint"
+        return (
+            f"cannot reach {where}",
+            "check the network and AWS_ENDPOINT_URL (set it for a non-AWS endpoint)",
+        )
+    if isinstance(exc, ImportError) or (isinstance(exc, ValueError) and "protocol" in str(exc).lower()):
+        return _one_line(str(exc), 100), "install the fsspec driver for this scheme (s3fs, gcsfs, adlfs)"
+    return f"{type(exc).__name__}: {_one_line(str(exc), 100)}", _S3_HINT
+
+
+def _storage_error(url: str, action: str, exc: BaseException, remote: bool) -> StorageError:
+    """The one-line error for a failed ``action`` (``read``, ``write``, ``list``) on ``url``."""
+    reason, hint = _reason_and_hint(exc, remote)
+    return StorageError(f"{url}: cannot {action} ({reason}); {hint}")
+
+
+@contextlib.contextmanager
+def _translated(url: str, action: str, remote: bool) -> Iterator[None]:
+    """Turn whatever the storage layer raises into a :class:`StorageError` for ``url``."""
+    try:
+        yield
+    except (StorageError, InputError):
+        raise
+    except Exception as exc:  # fsspec, s3fs, aiohttp and botocore share no base class
+        raise _storage_error(url, action, exc, remote) from exc
+
+
+def _clean_key(key: str) -> str:
+    """``key`` as ``a/b/c``; rejects keys that would leave the store."""
+    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InputError(f"{key!r}: store keys cannot contain '..'; give a name relative to the store")
+    return "/".join(parts)
+
+
+def _local_only(path: str | os.PathLike[str], what: str) -> Path:
+    if is_remote(path):
+        raise InputError(f"{os.fspath(path)}: {what} must be a local path, not a URL")
+    return Path(_local_path(os.fspath(path)))
+
+
+def _unique_suffix() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+class Store:
+    """A folder that is a local path or an object-storage URL. Keys are '/'-separated relative names.
+
+    Creating a store touches nothing; :meth:`prepare` creates the local folder or checks the bucket.
+
+    Attributes:
+        location: the folder as given, normalised: no trailing slash, ``file://`` removed.
+        remote: whether ``location`` is a URL (``s3://``, ``gs://``, ...).
+    """
+
+    location: str
+    remote: bool
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        text = os.fspath(location)
+        self.remote = is_remote(text)
+        if self.remote:
+            scheme, rest = text.split("://", 1)
+            rest = rest.strip("/")
+            if not rest:
+                raise InputError(f"{text}: no bucket in the URL; write it as {scheme}://bucket/prefix")
+            self.location = f"{scheme.lower()}://{rest}"
+        else:
+            text = _local_path(text)
+            if not text:
+                raise InputError("an empty path is not a store location; give a folder path or a URL")
+            stripped = text.rstrip("/" + os.sep)
+            self.location = stripped or text[:1]
+        self._fs: Any = None
+
+    def __repr__(self) -> str:
+        return f"Store({self.location!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Store) and other.location == self.location
+
+    def __hash__(self) -> int:
+        return hash(self.location)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a file-system client holds sockets and an event loop; workers build their own
+        state = dict(self.__dict__)
+        state["_fs"] = None
+        return state
+
+    # -- addressing ---------------------------------------------------------------------------------
+
+    def url(self, key: str = "") -> str:
+        """The location of ``key``: joined with ``/`` for a remote store, ``os.path.join`` for a local one.
+
+        Args:
+            key: a ``/``-separated name relative to the store; ``""`` is the store itself.
+
+        Raises:
+            InputError: when ``key`` contains ``..``.
+        """
+        clean = _clean_key(key)
+        if not clean:
+            return self.location
+        if self.remote:
+            return f"{self.location}/{clean}"
+        return os.path.join(self.location, *clean.split("/"))
+
+    def _local(self, key: str) -> Path:
+        return Path(self.url(key))
+
+    @property
+    def _filesystem(self) -> Any:
+        """The fsspec file system of a remote store, built on first use; listings are never cached."""
+        if self._fs is None:
+            if not self.remote:
+                raise InputError(f"{self.location}: a local store has no fsspec file system")
+            import fsspec
+
+            protocol = self.location.split("://", 1)[0]
+            options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+            if protocol in ("s3", "s3a"):
+                options.update(s3_storage_options())
+            with _translated(self.location, "access", remote=True):
+                self._fs = fsspec.filesystem(protocol, **options)
+        return self._fs
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """Whether a file or a non-empty sub-folder ``key`` exists (always asks the storage, no cache).
+
+        Raises:
+            StorageError: when the storage cannot be asked (credentials, network).
+        """
+        url = self.url(key)
+        if not self.remote:
+            return os.path.lexists(url)
+        with _translated(url, "read", remote=True):
+            self._filesystem.invalidate_cache(url)
+            return bool(self._filesystem.exists(url))
+
+    def list(self, key: str = "") -> list[str]:
+        """The names directly inside the sub-folder ``key``: files and sub-folders, sorted.
+
+        Temporary names this module leaves while it stages files are not listed.
+
+        Returns:
+            Names without a trailing slash; ``[]`` when ``key`` is absent or is a file.
+
+        Raises:
+            StorageError: when the folder or bucket cannot be listed.
+        """
+        url = self.url(key)
+        if not self.remote:
+            try:
+                names = os.listdir(url)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            except OSError as exc:
+                raise _storage_error(url, "list", exc, remote=False) from exc
+        else:
+            fs = self._filesystem
+            with _translated(url, "list", remote=True):
+                fs.invalidate_cache(url)
+                own = fs._strip_protocol(url).rstrip("/")
+                try:
+                    entries = fs.ls(url, detail=False)
+                except FileNotFoundError as exc:
+                    if _bucket_missing(exc):
+                        raise
+                    return []
+            paths = [str(e).rstrip("/") for e in entries]
+            if paths == [own]:  # ls of a file lists the file itself
+                return []
+            names = [p.rsplit("/", 1)[-1] for p in paths if p != own]
+        return sorted({n for n in names if n and not _STAGING_NAME.match(n)})
+
+    def read_text(self, key: str) -> str | None:
+        """The UTF-8 text of the file ``key``, or ``None`` when it does not exist.
+
+        Raises:
+            StorageError: when the file exists but cannot be read, or the bucket is missing.
+        """
+        url = self.url(key)
+        if not self.remote:
+            try:
+                return Path(url).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise _storage_error(url, "read", exc, remote=False) from exc
+        with _translated(url, "read", remote=True):
+            try:
+                data = self._filesystem.cat_file(url)
+            except FileNotFoundError as exc:
+                if _bucket_missing(exc):
+                    raise
+                return None
+        return bytes(data).decode("utf-8")
+
+    # -- publishing ---------------------------------------------------------------------------------
+
+    def write_text(self, key: str, text: str) -> str:
+        """Write ``text`` (UTF-8) as the file ``key``, whole: readers see the old file or the new one.
+
+        Returns:
+            The URL (or path) of the file.
+
+        Raises:
+            StorageError: when it cannot be written.
+        """
+        url = self.url(key)
+        if self.remote:
+            with _translated(url, "write", remote=True):
+                self._filesystem.pipe_file(url, text.encode("utf-8"))
+            return url
+        with self.staged_file(key) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return url
+
+    def publish(self, local_file: str | os.PathLike[str], key: str) -> str:
+        """Make the finished ``local_file`` the file ``key``, whole; the local file is consumed.
+
+        Local store: :func:`os.replace` when on the same file system, otherwise a copy to a hidden
+        temporary file beside the destination, then :func:`os.replace`. Remote store: one upload (a single
+        PUT or a multipart upload, visible only once complete), then the local file is deleted.
+
+        Args:
+            local_file: a finished local file.
+            key: its name in the store.
+
+        Returns:
+            The URL (or path) of the published file.
+
+        Raises:
+            InputError: when ``local_file`` is a URL.
+            StorageError: when ``local_file`` is not a file, or the destination cannot be written.
+        """
+        src = _local_only(local_file, "the file to publish")
+        url = self.url(key)
+        if not _clean_key(key):
+            raise InputError(f"{url}: publish needs a key naming the file inside the store")
+        if not src.is_file():
+            raise StorageError(
+                f"{src}: cannot publish as {url} (not a file); write the file before publishing it"
+            )
+        if self.remote:
+            with _translated(url, "write", remote=True):
+                self._filesystem.put_file(str(src), url)
+            src.unlink()
+            log.debug("uploaded %s to %s", src, url)
+            return url
+        dest = Path(url)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(src, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                tmp = dest.with_name(f".{dest.name}.tmp-{_unique_suffix()}")
+                try:
+                    shutil.copyfile(src, tmp)
+                    shutil.copymode(src, tmp)
+                    os.replace(tmp, dest)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                src.unlink()
+        except OSError as exc:
+            raise _storage_error(url, "write", exc, remote=False) from exc
+        log.debug("published %s", dest)
+        return url
+
+    def fetch(self, key: str, dest: str | os.PathLike[str]) -> Path:
+        """Copy the file ``key`` to the local file ``dest`` (whole: via a temporary file beside it).
+
+        Returns:
+            ``dest`` as a :class:`~pathlib.Path`.
+
+        Raises:
+            InputError: when ``dest`` is a URL.
+            StorageError: when ``key`` does not exist or cannot be read, or ``dest`` cannot be written.
+        """
+        target = _local_only(dest, "the fetch destination")
+        url = self.url(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{_unique_suffix()}")
+        try:
+            if self.remote:
+                with _translated(url, "read", remote=True):
+                    self._filesystem.get_file(url, str(tmp))
+            else:
+                try:
+                    shutil.copyfile(url, tmp)
+                except OSError as exc:
+                    raise _storage_error(url, "read", exc, remote=False) from exc
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise _storage_error(str(target), "write", exc, remote=False) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def remove(self, key: str) -> None:
+        """Remove the file or the whole sub-folder ``key``; nothing happens when it is absent.
+
+        Raises:
+            InputError: for an empty key (removing the whole store is refused).
+            StorageError: when it cannot be removed.
+        """
+        url = self.url(key)
+        if not _clean_key(key):
+            raise InputError(
+                f"{url}: remove needs a key inside the store; refusing to remove the store itself"
+            )
+        if self.remote:
+            with _translated(url, "write", remote=True):
+                self._filesystem.invalidate_cache(url)
+                if self._filesystem.exists(url):
+                    self._filesystem.rm(url, recursive=True)
+            return
+        try:
+            if os.path.isdir(url) and not os.path.islink(url):
+                shutil.rmtree(url)
+            else:
+                os.unlink(url)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(url, "write", exc, remote=False) from exc
+
+    def prepare(self) -> None:
+        """Make the store usable: create a local folder, or check that a bucket answers (one list call).
+
+        Raises:
+            StorageError: when the folder cannot be created, or the bucket is missing, unreachable or
+                refuses the credentials.
+        """
+        if not self.remote:
+            try:
+                os.makedirs(self.location, exist_ok=True)
+            except OSError as exc:
+                raise _storage_error(self.location, "write", exc, remote=False) from exc
+            return
+        fs = self._filesystem
+        with _translated(self.location, "list", remote=True):
+            if self.location.startswith(("s3://", "s3a://")):
+                bucket, _, prefix = fs._strip_protocol(self.location).partition("/")
+                fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.ls(self.location, detail=False)
+
+    # -- staging ------------------------------------------------------------------------------------
+
+    def _staging_folder(self, key: str, what: str) -> tuple[Path, str]:
+        """A new hidden folder in which ``key`` is built, and the final name of ``key``."""
+        clean = _clean_key(key)
+        if not clean:
+            raise InputError(f"{self.location}: {what} needs a key naming an entry inside the store")
+        name = clean.rsplit("/", 1)[-1]
+        if self.remote:
+            return Path(tempfile.mkdtemp(prefix=f"geoseg-{name}.tmp-")), name
+        final = self._local(clean)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                # not mkdtemp: its 0700 mode would stay on a published folder; mkdir honours the umask
+                folder = final.parent / f".{name}.tmp-{_unique_suffix()}"
+                with contextlib.suppress(FileExistsError):
+                    folder.mkdir()
+                    return folder, name
+        except OSError as exc:
+            raise _storage_error(str(final), "write", exc, remote=False) from exc
+
+    @contextlib.contextmanager
+    def staged_file(self, key: str) -> Iterator[Path]:
+        """A local path to write ``key`` to; published as ``key`` when the block ends normally.
+
+        The path does not exist yet and has the final file name (so drivers that go by the extension
+        work); it lies in a hidden folder ``.{name}.tmp-XXXX`` beside the final file for a local store, in
+        :func:`tempfile.gettempdir` for a remote one. Anything else written into that folder (GDAL
+        sidecars) is discarded. When the block raises, the staged file is removed and ``key`` is left as
+        it was.
+
+        Yields:
+            The local path to write.
+
+        Raises:
+            StorageError: when nothing was written to the path, or publishing fails.
+        """
+        folder, name = self._staging_folder(key, "staged_file")
+        try:
+            path = folder / name
+            yield path
+            if not path.is_file():
+                raise StorageError(
+                    f"{self.url(key)}: cannot write (nothing was written to the staged file "
+                    f"{path}); write the file inside the 'with' block"
+                )
+            self.publish(path, key)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def staged_dir(self, key: str) -> Iterator[Path]:
+        """A local empty folder to fill; it becomes the sub-folder ``key`` when the block ends normally.
+
+        Local store: the old folder is replaced whole (renamed aside, the new one moved in, the old one
+        deleted). Remote store: the old objects under ``key`` are removed, then every file is uploaded
+        (each object whole; the folder as a whole is not atomic on object storage). When the block raises,
+        the staged folder is removed and ``key`` is left as it was.
+
+        Yields:
+            The local folder to fill.
+
+        Raises:
+            StorageError: when publishing fails.
+        """
+        folder, name = self._staging_folder(key, "staged_dir")
+        try:
+            yield folder
+            if self.remote:
+                self._upload_tree(folder, key)
+            else:
+                self._replace_dir(folder, self._local(key))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _upload_tree(self, folder: Path, key: str) -> None:
+        clean = _clean_key(key)
+        self.remove(clean)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            self.publish(path, f"{clean}/{rel}")
+        log.debug("uploaded folder %s", self.url(clean))
+
+    def _replace_dir(self, folder: Path, dest: Path) -> None:
+        old = dest.with_name(f".{dest.name}.old-{_unique_suffix()}")
+        try:
+            if os.path.lexists(dest):
+                os.replace(dest, old)
+            try:
+                os.replace(folder, dest)
+            except OSError:
+                if os.path.lexists(old):
+                    os.replace(old, dest)  # put the old one back
+                raise
+        except OSError as exc:
+            raise _storage_error(str(dest), "write", exc, remote=False) from exc
+        finally:
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            elif os.path.lexists(old):
+                os.unlink(old)
+        log.debug("published folder %s", dest)
+
+
+def local_workdir(store: Store, name: str) -> Path:
+    """A local scratch folder for building the outputs of ``store``; created if needed.
+
+    Beside the outputs (hidden ``.geoseg-work-<name>``) for a local store, so that finished files move
+    into place without a copy; under :func:`tempfile.gettempdir` for a remote store (named after
+    ``name`` and the store's URL, so two stores never share one).
+
+    Args:
+        store: the store the outputs go to.
+        name: a short name for the job (a file-name-safe string).
+
+    Returns:
+        The folder.
+
+    Raises:
+        StorageError: when it cannot be created.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "job"
+    if store.remote:
+        digest = hashlib.sha1(store.location.encode("utf-8")).hexdigest()[:10]
+        folder = Path(tempfile.gettempdir()) / f"geoseg-work-{safe}-{digest}"
+    else:
+        folder = Path(store.location) / f".geoseg-work-{safe}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _storage_error(str(folder), "write", exc, remote=False) from exc
+    return folder
