@@ -8,7 +8,6 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,50 +38,62 @@ def versions() -> dict[str, str]:
 
 
 def run_report(run: RunResult) -> dict[str, Any]:
-    """A JSON-ready report of a predict run."""
+    """A JSON-ready report of a predict job: every scene's status, the settings used, speed and files."""
+    done = [s for s in run.scenes if s.status == "done"]
     mpix = run.pixels / 1e6
-    area = sum(s.area_km2 or 0.0 for s in run.scenes)
+    area = sum(s.area_km2 or 0.0 for s in done)
     hours = run.seconds / 3600
     opts = dataclasses.asdict(run.options)
     if callable(opts.get("blend")):
         opts["blend"] = getattr(opts["blend"], "__name__", "custom")
+    files = [f for s in run.scenes if s.status == "done" for f in s.files] + list(run.files)
     return {
-        "geoseg_report": 1,
+        "geoseg_report": 2,
+        "status": "failed" if len(run.failed) == len(run.scenes) else "partial" if run.failed else "done",
         "inputs": [s.scene for s in run.scenes],
         "outputs": [
-            {"scene": s.scene, "classes": str(s.classes_path),
-             "probabilities": str(s.probabilities_path) if s.probabilities_path else None,
-             "width": s.width, "height": s.height, "chips": s.chips, "chips_skipped": s.chips_skipped,
-             "bands": s.band_indexes, "seconds": round(s.seconds, 3), "warnings": s.warnings}
+            {"scene": s.scene, "status": s.status, "error": s.error,
+             "classes": _str(s.classes_path), "probabilities": _str(s.probabilities_path),
+             "vector": _str(s.vector_path), "files": s.files,
+             "width": s.width, "height": s.height, "chips": s.chips, "chips_computed": s.chips_computed,
+             "chips_skipped": s.chips_skipped, "rows_resumed": s.rows_resumed, "bands": s.band_indexes,
+             "seconds": round(s.seconds, 3), "warnings": s.warnings}
             for s in run.scenes
         ],
+        "files": files,
         "model": {"path": run.model_path, "name": run.model.name, "architecture": run.model.model.architecture,
                   "encoder": run.model.model.encoder, "classes": [c.name for c in run.model.classes]},
-        "settings": {**opts, "tile_size": run.scenes[0].tile_size if run.scenes else None,
-                     "overlap": run.scenes[0].overlap if run.scenes else None,
-                     "device": run.device, "amp": run.amp},
+        "settings": {**opts, "tile_size": done[0].tile_size if done else None,
+                     "overlap": done[0].overlap if done else None,
+                     "device": run.device, "amp": run.amp, "scheduler": run.scheduler,
+                     "output_dir": run.output_dir},
+        "workers": run.workers,
         "seconds": round(run.seconds, 3),
         "stage_seconds": {k: round(v, 3) for k, v in run.stage_seconds.items()},
-        "stage_seconds_note": "busy seconds summed over threads; stages overlap, so they can add up to more "
-                              "than the wall time",
+        "stage_seconds_note": "busy seconds summed over threads and workers; stages overlap, so they can add "
+                              "up to more than the wall time",
         "megapixels": round(mpix, 3),
         "mpix_per_s": round(mpix / run.seconds, 4) if run.seconds else None,
         "km2_per_hour": round(area / hours, 2) if hours and area else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_note": "of the process that drove the job (with a cluster, workers are not included)",
         "versions": versions(),
     }
 
 
-def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
-    """Write a JSON report atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, p)
-    return p
+def _str(p: Any) -> str | None:
+    return None if p is None else str(p)
+
+
+def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> str:
+    """Write a JSON report whole (a local path or a URL); returns where it went."""
+    from geoseg.store import Store
+
+    p = os.fspath(path)
+    folder, _, name = p.replace("\\", "/").rpartition("/")
+    store = Store(folder or ".")
+    store.prepare()
+    return store.write_text(name, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def describe_path(path: str) -> dict[str, Any]:

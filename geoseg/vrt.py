@@ -48,7 +48,7 @@ def strips_vrt(width: int, height: int, crs: Any, transform: Affine, spec: Outpu
     Each source is a GeoTIFF holding ``spec.count`` bands of ``spec.dtype`` that covers exactly its
     ``Window`` of the scene. A relative path is written relative to the VRT's folder (the VRT must be
     saved in the folder the paths are relative to); absolute and GDAL (``/vsis3/...``) paths are written
-    as given. Pixels that no source covers read as ``spec.nodata``; where sources overlap, the later
+    as given, URLs (``s3://...``) as GDAL paths. Pixels that no source covers read as ``spec.nodata``; where sources overlap, the later
     one wins.
 
     The VRT carries the CRS, transform, nodata, band descriptions, colour table (band 1), scales (offset
@@ -139,8 +139,8 @@ def mosaic_vrts(class_maps: Sequence[str], name: str) -> dict[str, str]:
 
     Maps are grouped by CRS. Each mosaic covers the union of its maps' extents at the finest resolution
     among them (per axis), draws the maps with nearest-neighbour resampling in the given order (later maps
-    on top, their nodata pixels transparent), and takes its nodata, colour table, band description and
-    ``CLASS*`` tags from the first map of its group. Maps that are not north-up (rotated, sheared or
+    on top, their nodata pixels transparent), and takes its colour table, band description and ``CLASS*``
+    tags from the first map of its group, its nodata from the first map that has one. Maps that are not north-up (rotated, sheared or
     flipped) are left out with a logged warning.
 
     The documents are meant to be saved in the folder holding the maps when all maps share one folder:

@@ -175,6 +175,8 @@ def test_strips_vrt_fills_uncovered_pixels_with_nodata_and_escapes(tmp_path):
     absolute = strips_vrt(6, 8, None, t, spec, [(str(tmp_path / "a b.tif"), Window(0, 4, 6, 4)),
                                                 ("/vsis3/bucket/p.tif", Window(0, 0, 6, 4))])
     assert absolute.count('relativeToVRT="0"') == 2 and "<SRS" not in absolute
+    url = strips_vrt(6, 8, None, t, spec, [("s3://bucket/key/p.tif", Window(0, 0, 6, 4))])
+    assert '<SourceFilename relativeToVRT="0">/vsis3/bucket/key/p.tif<' in url
 
 
 @pytest.mark.parametrize("window", [Window(0, 0, 7, 4), Window(-1, 0, 2, 2), Window(0.5, 0, 2, 2), Window(0, 0, 0, 2)])
@@ -244,6 +246,29 @@ def test_mosaic_vrts_later_maps_on_top_and_nodata_transparent(tmp_path):
 
 def test_mosaic_vrts_names_groups_and_rejects_multiband(tmp_path):
     assert mosaic_vrts([], "job") == {}
+    t = from_origin(500_000, 5_100_000, 2, 2)
+    laea = "+proj=laea +lat_0=52 +lon_0=10 +x_0=4321000 +y_0=3210000 +ellps=GRS80 +units=m +no_defs"
+    maps = [_class_map(tmp_path / "n.tif", np.ones((3, 3)), t, crs=None),
+            _class_map(tmp_path / "l.tif", np.ones((3, 3)), t, crs=laea)]
+    names = sorted(mosaic_vrts(maps, "job"))
+    assert names[1] == "job.nocrs.vrt" and names[0].startswith("job.crs") and len(names[0]) == len("job.crs.vrt") + 8
     bad = write_raster(tmp_path / "p.tif", np.zeros((2, 3, 3), np.uint8))
     with pytest.raises(InputError, match="p.tif"):
         mosaic_vrts([str(bad)], "job")
+
+
+def test_mosaic_vrts_takes_gdal_paths(tmp_path):
+    t = from_origin(500_000, 5_100_000, 2, 2)
+    try:
+        one = [_class_map(Path(f"/vsimem/out/{n}.tif"), np.full((3, 3), 2), t) for n in ("a", "b")]
+        xml = mosaic_vrts(one, "job")["job.vrt"]
+        assert xml.count('<SourceFilename relativeToVRT="1">') == 2 and "/vsimem" not in xml
+        two = [one[0], _class_map(Path("/vsimem/other/c.tif"), np.full((3, 3), 4), t * rasterio.Affine.translation(3, 0))]
+        xml = mosaic_vrts(two, "job")["job.vrt"]
+        assert '<SourceFilename relativeToVRT="0">/vsimem/out/a.tif<' in xml
+        (tmp_path / "job.vrt").write_text(xml)
+        with rasterio.open(tmp_path / "job.vrt") as ds:
+            np.testing.assert_array_equal(ds.read(1), np.repeat([[2, 2, 2, 4, 4, 4]], 3, axis=0))
+    finally:
+        for name in ("out/a", "out/b", "other/c"):
+            rasterio.shutil.delete(f"/vsimem/{name}.tif")
