@@ -196,6 +196,7 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
 @click.option("--vector-format", type=click.Choice(VECTOR_FORMATS), default="gpkg", show_default=True,
               help="Polygons written beside the class map: <stem>.gpkg, .shp, .geojson or .parquet.")
 @click.option("--no-vector", is_flag=True, help="Write no polygons.")
+@click.option("--merge-vectors", is_flag=True, help="Also write the polygons of all scenes as one layer, <name>.gpkg.")
 @opt_min_area
 @opt_simplify
 @opt_connectivity
@@ -222,11 +223,11 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
     scene_list, model = settings.pop("scenes"), settings.pop("model")
     output_dir, report = settings.pop("output_dir"), settings.pop("report")
     scheduler, name = settings.pop("scheduler"), settings.pop("name")
-    settings.pop("merge_vectors", None)
+    merge = settings.pop("merge_vectors", False)
     bar = _ChipBar(ctx.obj["quiet"])
     try:
         run = predict_scenes(scene_list, model, output_dir, options=PredictOptions(**settings), progress=bar,
-                             scheduler=scheduler, name=name)
+                             scheduler=scheduler, name=name, merge_vectors=merge)
     except KeyboardInterrupt:
         bar.close()
         click.echo("interrupted: run the same command again to resume (finished scenes and strips are kept)",
@@ -245,8 +246,7 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
             done = " (finished earlier)" if s.status == "skipped" else ""
             click.echo(f"{s.scene} -> {s.classes_path}" + "".join(f", {p}" for p in extra) + done)
         for f in run.files:
-            if f.endswith(".vrt"):
-                click.echo(f"mosaic: {f}")
+            click.echo(f"job: {f}")
         click.echo(f"{len(run.scenes)} scene(s), {run.pixels / 1e6:.1f} MPix in {run.seconds:.1f} s "
                    f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device}, "
                    f"{run.scheduler} scheduler")

@@ -131,15 +131,23 @@ def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, 
             pending[scheduler.submit_unit(u)] = ("unit", p.stem, u)
 
     def fail(stem: str, exc: BaseException) -> None:
-        plan = by_stem[stem]
         res = partial[stem]
         res.status, res.error, res.exception = "failed", _reason(exc), exc
         outcome.results[stem] = res
-        log.error("%s: failed: %s", plan.scene, res.error)
-        scheduler.cancel([f for f, (_, s, _) in pending.items() if s == stem])
-        for f in [f for f, (_, s, _) in pending.items() if s == stem]:
-            del pending[f]
-        drop_staging(plan)
+        log.error("%s: failed: %s", by_stem[stem].scene, res.error)
+        mine = [f for f, (_, s, _) in pending.items() if s == stem]
+        scheduler.cancel(mine)
+        for f in mine:  # what already runs is waited for (as an orphan), so no strip lands after the cleanup
+            if f.cancelled():
+                del pending[f]
+            else:
+                pending[f] = ("orphan", stem, None)
+        settle(stem)
+
+    def settle(stem: str) -> None:
+        if outcome.results.get(stem) is partial[stem] and partial[stem].status == "failed" \
+                and not any(s == stem for _, s, _ in pending.values()):
+            drop_staging(by_stem[stem])
 
     try:
         while pending:
@@ -147,6 +155,9 @@ def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, 
                 if fut not in pending:
                     continue
                 kind, stem, unit = pending.pop(fut)
+                if kind == "orphan" or partial[stem].status == "failed":
+                    settle(stem)
+                    continue
                 try:
                     value = fut.result()
                 except Cancelled:
@@ -168,7 +179,7 @@ def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, 
                     outcome.results[stem] = partial[stem]
                     tracker.advance(by_stem[stem].scene, scenes=1)
     except BaseException:
-        scheduler.cancel(list(pending))
+        scheduler.interrupt(list(pending))
         raise
     return outcome
 

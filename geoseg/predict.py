@@ -147,6 +147,7 @@ def predict_scenes(
     progress: ProgressCallback | None = None,
     scheduler: Any = None,
     name: str = "mosaic",
+    merge_vectors: bool = False,
     **kwargs: Any,
 ) -> RunResult:
     """Predict class maps (and optionally probabilities and polygons) for several scenes with one model.
@@ -165,6 +166,7 @@ def predict_scenes(
         scheduler: ``None`` (this process's threads, or ``DASK_SCHEDULER_ADDRESS`` when set), ``"threads"``,
             ``"local:N"`` (N local worker processes), a dask scheduler address or a ``distributed.Client``.
         name: the job's name: its mosaic of the class maps is ``<name>.vrt`` (with two scenes or more).
+        merge_vectors: also write the polygons of every scene as one layer, ``<name>.<vector ext>``.
 
     Returns:
         A :class:`RunResult` with one :class:`SceneResult` per scene; a scene that failed while others
@@ -206,7 +208,7 @@ def predict_scenes(
     if todo and all(r.status == "failed" for r in ordered):
         first = next(r for r in ordered if r.status == "failed")
         raise first.exception or GeoSegError(first.error or "every scene failed")
-    files = _job_files(ordered, out, name, manifest)
+    files = _job_files(ordered, out, name, manifest, opts.vector_format if merge_vectors else None)
     return RunResult(ordered, time.perf_counter() - started, outcome.stage_seconds, contract, str(bundle.path),
                      opts, outcome.device or opts.device, outcome.amp, sched_name, workers, out_dir, files)
 
@@ -293,13 +295,20 @@ def _run(plans: list[ScenePlan], bundle: Bundle, model: Any, ref: ModelRef, opts
         dask_sched.close()
 
 
-def _job_files(results: list[SceneResult], out: Store, name: str, manifest: Manifest) -> list[str]:
+def _job_files(results: list[SceneResult], out: Store, name: str, manifest: Manifest,
+               merge_format: str | None) -> list[str]:
     files = [out.url(MANIFEST)] if manifest.scenes else []
-    maps = [str(r.classes_path) for r in results if r.status in ("done", "skipped") and r.classes_path]
+    finished = [r for r in results if r.status in ("done", "skipped")]
+    maps = [str(r.classes_path or out.url(f"{scene_stem(r.scene)}.classes.tif")) for r in finished]
     if len(maps) >= 2:
         from geoseg.mosaic import write_mosaic
 
         files += write_mosaic(maps, out, name)
+    if merge_format is not None and finished:
+        from geoseg.mosaic import merge_vectors
+
+        vectors = [out.url(output_names(scene_stem(r.scene), merge_format)["vector"]) for r in finished]
+        files.append(merge_vectors(vectors, out, name, merge_format, scenes=[r.scene for r in finished]))
     return files
 
 

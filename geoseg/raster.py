@@ -44,9 +44,22 @@ def gdal_env(**options: Any) -> rasterio.Env:
 
     Object-storage endpoints set the AWS way (``AWS_ENDPOINT_URL``) are passed on to GDAL too.
     """
+    set_remote_options()
+    return rasterio.Env(**{**GDAL_OPTIONS, **options})
+
+
+def set_remote_options() -> None:
+    """Tell GDAL, process-wide, the object-storage endpoint set the AWS way (``AWS_ENDPOINT_URL``).
+
+    Process-wide on purpose: a :class:`rasterio.Env` leaving one thread clears its options for every
+    thread, while chips of a remote scene are read on many threads.
+    """
+    from rasterio.env import set_gdal_config
+
     from geoseg.store import gdal_remote_options
 
-    return rasterio.Env(**{**GDAL_OPTIONS, **gdal_remote_options(), **options})
+    for key, value in gdal_remote_options().items():
+        set_gdal_config(key, value)
 
 
 @dataclass(frozen=True)
@@ -121,9 +134,13 @@ def _mask_kind(ds: rasterio.DatasetReader) -> tuple[str, int | None]:
 
 def open_scene(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     """Open a scene for reading, with a one-line error naming the file when GDAL cannot."""
+    from geoseg.store import gdal_path
+
     p = os.fspath(path)
+    set_remote_options()
     try:
-        return rasterio.open(p)
+        # GDAL's own /vsis3/, /vsicurl/... paths: credentials and endpoint come from the GDAL/AWS environment
+        return rasterio.open(gdal_path(p))
     except RasterioIOError as exc:
         if "://" not in p and not os.path.exists(p):
             raise InputError(f"{p}: no such file; check the path (globs must match at least one file)") from None

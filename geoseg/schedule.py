@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from geoseg.engine import Advance, Runtime, run_unit
@@ -57,9 +57,14 @@ class LocalScheduler:
         return set(cf.wait(list(pending), timeout=0.5, return_when=cf.FIRST_COMPLETED).done)
 
     def cancel(self, futures: Iterable[Any]) -> None:
-        self.runtime.cancel.set()
+        """Cancel what has not started (one scene's units after it failed)."""
         for f in futures:
             f.cancel()
+
+    def interrupt(self, futures: Iterable[Any]) -> None:
+        """Stop the whole job: pending units are cancelled, running ones stop at their next chip."""
+        self.runtime.cancel.set()
+        self.cancel(futures)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -98,6 +103,9 @@ class DaskScheduler:
 
     def cancel(self, futures: Iterable[Any]) -> None:
         self.client.cancel(list(futures))
+
+    def interrupt(self, futures: Iterable[Any]) -> None:
+        self.cancel(futures)
 
     def close(self) -> None:
         for obj in self._owned:
@@ -158,4 +166,3 @@ def open_dask(scheduler: Any, threads: int | None = None) -> DaskScheduler:
 
 
 Scheduler = LocalScheduler | DaskScheduler
-SchedulerFactory = Callable[[], Scheduler]
