@@ -128,8 +128,10 @@ def run_demo(
                       vector_format="gpkg")
     seconds["predict"] = time.perf_counter() - t0
 
-    scores = compare_class_maps(r.classes_path, sc.labels, [c.id for c in CLASSES])
-    return DemoResult(tr.image, tr.labels, sc.image, sc.labels, bundle, r.classes_path, r.vector_path, scores, seconds)
+    classes = Path(str(r.classes_path))  # local outputs are paths
+    vector = Path(str(r.vector_path)) if r.vector_path is not None else None
+    scores = compare_class_maps(classes, sc.labels, [c.id for c in CLASSES])
+    return DemoResult(tr.image, tr.labels, sc.image, sc.labels, bundle, classes, vector, scores, seconds)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

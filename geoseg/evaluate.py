@@ -159,8 +159,8 @@ def evaluate(
         result = predict_scene(image, loaded, pred_dir, tile_size=tile_size, overlap=overlap,
                                batch_size=batch_size, device=device, workers=workers, bands=bands, tta=tta,
                                overwrite=overwrite, progress=progress, vector_format=None)
-        cm = _compare(result.classes_path, label_src, ClassMap(contract.class_ids), info, area)
-        prediction = Path(result.classes_path) if keep_prediction else None
+        cm = _compare(Path(str(result.classes_path)), label_src, ClassMap(contract.class_ids), info, area)
+        prediction = Path(str(result.classes_path)) if keep_prediction else None
 
     if cm.total == 0:
         raise InputError(f"{labels}: no labelled pixel overlaps a predicted pixel of {image}; check the labels' "

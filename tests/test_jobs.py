@@ -57,7 +57,7 @@ def _bytes(folder: Path, pattern: str = "*.classes.tif") -> dict[str, bytes]:
 def test_same_bytes_on_threads_and_on_a_cluster_whatever_the_split(tmp_path, unet, scenes, cluster):
     ref = predict_scenes(scenes, unet, tmp_path / "local", probabilities=True)
     assert [s.status for s in ref.scenes] == ["done"] * 3 and ref.scheduler == "threads"
-    split = predict_scenes(scenes, unet, tmp_path / "split", probabilities=True, panel_width=512, unit_rows=512)
+    predict_scenes(scenes, unet, tmp_path / "split", probabilities=True, panel_width=512, unit_rows=512)
     dist = predict_scenes(scenes, unet, tmp_path / "dist", probabilities=True, scheduler=cluster,
                           panel_width=512, unit_rows=512, name="job", merge_vectors=True)
     assert dist.scheduler == "distributed" and dist.workers == 2
@@ -93,7 +93,7 @@ def test_same_bytes_on_threads_and_on_a_cluster_whatever_the_split(tmp_path, une
 
 
 def test_a_worker_killed_mid_job_does_not_fail_the_job(tmp_path, unet, scenes, cluster):
-    ref = predict_scenes(scenes, unet, tmp_path / "ref", vector_format=None)
+    predict_scenes(scenes, unet, tmp_path / "ref", vector_format=None)
     pids = list(cluster.run(os.getpid).values())
     holder: dict[str, object] = {}
 
@@ -154,7 +154,7 @@ def test_object_storage_in_and_out(tmp_path, unet, real_data, s3_env):
     src = real_data / "landsat_rgb" / "RGB.byte.tif"
     fs = fsspec.filesystem("s3", endpoint_url=s3_env.endpoint)
     fs.put(str(src), f"{s3_env.bucket}/scenes/RGB.byte.tif")
-    local = predict_scenes([src], unet, tmp_path / "local", tile_size=256, overlap=32)
+    predict_scenes([src], unet, tmp_path / "local", tile_size=256, overlap=32)
     remote = predict_scenes([s3_env.url("scenes/RGB.byte.tif")], unet, s3_env.url("maps"), tile_size=256,
                             overlap=32)
     assert remote.scenes[0].status == "done" and str(remote.scenes[0].classes_path).startswith("s3://")
