@@ -15,9 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -294,12 +291,10 @@ def save_bundle(
     state = network if isinstance(network, dict) else network.state_dict()
     # safetensors refuses shared or non-contiguous storage: give it plain copies
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    p.parent.mkdir(parents=True, exist_ok=True)
     if p.suffix == ".safetensors":
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
         meta = {METADATA_KEY: contract.model_dump_json()}
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, p)
+        with staged_file(p) as tmp:
+            save_file(state, str(tmp), metadata=meta)
         return Bundle(contract, p, p)
     c = contract.model_copy(update={"weights": WEIGHTS_FILE})
     with staged_directory(p) as tmpdir:
@@ -315,18 +310,22 @@ def write_contract(folder: Path, contract: Contract) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def staged_directory(dst: Path) -> Iterator[Path]:
-    """A hidden temporary folder beside ``dst`` that replaces ``dst`` only if the block succeeds."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def staged_directory(dst: Path) -> contextlib.AbstractContextManager[Path]:
+    """A hidden temporary folder beside ``dst`` that replaces ``dst`` whole only if the block succeeds."""
+    from geoseg.store import Store
+
+    store = Store(dst.parent)
+    store.prepare()
+    return store.staged_dir(dst.name)
+
+
+def staged_file(dst: Path) -> contextlib.AbstractContextManager[Path]:
+    """A temporary path beside ``dst`` that becomes ``dst`` whole only if the block succeeds."""
+    from geoseg.store import Store
+
+    store = Store(dst.parent)
+    store.prepare()
+    return store.staged_file(dst.name)
 
 
 @dataclass

@@ -137,8 +137,9 @@ def run_demo(
 def _replace_dir(src: Path, dst: Path) -> None:
     import shutil
 
+    from geoseg.bundle import staged_directory
+
     if src.resolve() == dst.resolve():
         return
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
+    with staged_directory(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoseg import augment as augment_mod
-from geoseg.bundle import ArchSpec, ClassInfo, Contract, InputSpec, save_bundle
+from geoseg.bundle import ArchSpec, ClassInfo, Contract, InputSpec, save_bundle, staged_file
 from geoseg.config import LOSS_NAMES, TrainConfig, config_from_dict, dump_config, load_config
 from geoseg.data import (
     IGNORE_INDEX,
@@ -276,9 +276,8 @@ def _predict_indexes(logits: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
@@ -299,12 +298,10 @@ def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with staged_file(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, path)
 
 
 class _TensorBoard:

@@ -34,16 +34,14 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask
 import geopandas as gpd
 import numpy as np
 import pyproj
@@ -57,6 +55,7 @@ from scipy.sparse.csgraph import connected_components
 
 from geoseg.errors import InputError, unknown_name
 from geoseg.raster import band_validity, check_writable, gdal_env, inspect_scene, open_scene
+from geoseg.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -995,24 +994,22 @@ def _stitch_chunk(groups: Sequence[Sequence[Any]], connectivity: int, block: int
 
 
 def _blocks(plan: _Plan, workers: int) -> Iterator[_Block]:
-    """Polygonised blocks in row-major order; the next wave computes while the caller merges this one."""
-    order = [(r, c) for r in range(plan.rows) for c in range(plan.cols)]
-    wave = max(1, 2 * workers)
-    waves = [order[i:i + wave] for i in range(0, len(order), wave)]
+    """Polygonised blocks in row-major order, ``2 * workers`` computing ahead of the caller's merge.
 
-    def compute(ids: list[tuple[int, int]]) -> tuple[_Block, ...]:
-        tasks = [dask.delayed(_process_block)(plan, r, c) for r, c in ids]
-        return dask.compute(*tasks, scheduler="threads", num_workers=workers)  # type: ignore[no-any-return]
-
-    with ThreadPoolExecutor(1, thread_name_prefix="geoseg-vectorize") as ex:
-        fut = ex.submit(compute, waves[0]) if waves else None
-        for i in range(len(waves)):
-            assert fut is not None
-            done = list(fut.result())
-            fut = ex.submit(compute, waves[i + 1]) if i + 1 < len(waves) else None
-            done.reverse()
-            while done:  # hand blocks over one by one: the caller's references are the only ones left
-                yield done.pop()
+    A sliding window on a plain thread pool: a slow block holds back only its own hand-over, never a whole
+    wave of others (GDAL and shapely release the GIL, so the threads run in parallel).
+    """
+    order = iter([(r, c) for r in range(plan.rows) for c in range(plan.cols)])
+    ahead = max(1, 2 * workers)
+    with ThreadPoolExecutor(workers, thread_name_prefix="geoseg-vectorize") as ex:
+        window: deque[Future[_Block]] = deque(
+            ex.submit(_process_block, plan, r, c) for r, c in itertools.islice(order, ahead))
+        while window:
+            blk = window.popleft().result()
+            nxt = next(order, None)
+            if nxt is not None:
+                window.append(ex.submit(_process_block, plan, *nxt))
+            yield blk  # the caller's reference is the only one left
 
 
 def _iter_features(plan: _Plan, workers: int, progress: Progress | None) -> Iterator[gpd.GeoDataFrame]:
@@ -1068,10 +1065,9 @@ def _simplified(plan: _Plan, held_geoms: list[np.ndarray], held_cls: list[np.nda
 
 def _workers(workers: int | None) -> int:
     if workers is None:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not on Linux
-            return max(1, os.cpu_count() or 1)
+        from geoseg.units import default_workers
+
+        return default_workers()  # the one rule, shared with predict
     if not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive integer, got {workers!r}")
     return workers
@@ -1164,22 +1160,18 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     result = VectorizeResult(path=path, vector_format=fmt.name,
                              crs=plan.out_crs.to_string() if plan.out_crs is not None else None,
                              blocks=plan.rows * plan.cols)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tmp = tmpdir / path.name
+    store = Store(path.parent)
+    store.prepare()
+    with store.staged_file(path.name) as tmp:
         batches = _rebatch(_iter_features(plan, nworkers, progress), result)
         if fmt.driver is None:
             _write_parquet(tmp, batches, plan)
         else:
             _write_ogr(tmp, batches, plan, fmt)
         check_writable(path, overwrite)
-        for f in sorted(tmpdir.iterdir()):  # a shapefile is several files; the .shp goes last
+        for f in sorted(tmp.parent.iterdir()):  # a shapefile is several files; the .shp goes last, on exit
             if f != tmp:
-                os.replace(f, path.parent / f.name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+                store.publish(f, f.name)
     result.seconds = time.perf_counter() - t0
     log.info("vectorised %s: %d polygons in %d blocks to %s (%s) in %.1f s", plan.path, result.features,
              result.blocks, path, fmt.name, result.seconds)

@@ -136,6 +136,16 @@ def test_resume_after_sigkill_gives_identical_bytes_and_less_work(tmp_path, unet
     assert not (out / "big.classes.tif").exists()  # nothing incomplete under a final name
     staged = len(list(staging.glob("r*.tif")))
     assert staged >= 4
+    # Ctrl-C part-way through the resumed run: a clean stop, exit 130, the staging kept for the next run
+    proc = subprocess.Popen(_cli("predict", *args, "-o", str(out)), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(staging.glob("r*.tif"))) < staged + 2 and proc.poll() is None:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "run the same command again" in err
+        assert not (out / "big.classes.tif").exists() and len(list(staging.glob("r*.tif"))) >= staged
     report = tmp_path / "resume.json"
     subprocess.run(_cli("predict", *args, "-o", str(out), "--report", str(report)), check=True, timeout=300)
     assert (out / "big.classes.tif").read_bytes() == (tmp_path / "ref" / "big.classes.tif").read_bytes()
