@@ -229,3 +229,23 @@ def test_job_file_runs_the_same_job(tmp_path, unet, scenes):
         "s1.probs.tif", "test-job.vrt"]
     with rasterio.open(maps / "s0.probs.tif") as ds:
         assert ds.dtypes[0] == "float32"  # the command line overrides the job file
+
+
+def test_cli_reaches_a_cluster_by_address_and_by_dask_env(tmp_path, unet, scenes, cluster, monkeypatch):
+    address = cluster.scheduler.address
+    report = tmp_path / "run.json"
+    res = CliRunner().invoke(main, ["-q", "predict", *scenes[:2], "-m", str(unet), "-o", str(tmp_path / "a"),
+                                    "--scheduler", address, "--no-vector", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["settings"]["scheduler"] == "distributed" and rep["workers"] == 2
+    assert rep["settings"]["vector_format"] is None and rep["settings"]["workers"] >= 1
+    assert set(rep["files"]) >= {str(tmp_path / "a" / n) for n in ("s0.classes.tif", "s1.classes.tif", "mosaic.vrt")}
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)
+    res = CliRunner().invoke(main, ["-q", "predict", scenes[0], "-m", str(unet), "-o", str(tmp_path / "b"),
+                                    "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["settings"]["scheduler"] == "distributed" and rep["outputs"][0]["vector"].endswith("s0.gpkg")
+    res = CliRunner().invoke(main, ["predict", scenes[0], "-m", str(unet), "--scheduler", "nowhere:1"])
+    assert res.exit_code == 1 and "tcp://host:8786" in res.output
