@@ -20,8 +20,8 @@ call, median of ``--repeats``) holds:
   "model load");
 - ``distributed`` also: shipping the units to the workers and the results back;
 - not in any: imports, generating the inputs, starting the clusters (done first; both stay up, idle, while
-  the others run), waiting before each distributed run until the cluster has forgotten the previous job
-  (:func:`forget_earlier_jobs`), and each configuration's first-time costs. These are paid by a warm-up job
+  the others run)
+  and each configuration's first-time costs. These are paid by a warm-up job
   of tiny scenes before the timings, repeated until every worker of a cluster has run a unit (checked with
   dask's task stream); a worker keeps its model between jobs, so the timed distributed runs load no model.
 
@@ -31,18 +31,18 @@ over all three. The class maps of every run are compared byte for byte.
 dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``): glibc
 then hands freed tensor memory back to the system at once, and the next batch pays the page faults again
 (measured on 2 cores: ~2.4x the minor faults, ~2.3x the system time, ~30 % slower per chip for this network
-on one thread). ``--no-malloc-trim`` starts the clusters without it, to tell that cost from the scheduler's.
+on one thread). geoseg's own ``--scheduler local:N`` clusters start their workers without it, and so does this
+benchmark; ``--dask-malloc-trim`` keeps dask's setting (what a plain ``dask worker`` gets), to see that cost.
 
-    python benchmarks/bench_cluster.py                          # 2048 px scenes, 2 repeats: ~6 min on 2 cores
+    python benchmarks/bench_cluster.py                          # 2048 px scenes, 2 repeats: ~7 min on 2 cores
     python benchmarks/bench_cluster.py --size 1024 --repeats 1  # ~2 min
-    python benchmarks/bench_cluster.py --size 1024 --repeats 1 --no-malloc-trim
+    python benchmarks/bench_cluster.py --size 1024 --repeats 1 --dask-malloc-trim
     python benchmarks/bench_cluster.py --encoder resnet34 --chip 512 --workdir /tmp/bench-cluster
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import statistics
@@ -94,31 +94,10 @@ def make_scenes(tmp: Path, size: int, n: int, prefix: str) -> list[Path]:
     return scenes
 
 
-def forget_earlier_jobs(client: Any, timeout: float = 60.0) -> None:
-    """Wait until the cluster holds no task of an earlier geoseg job (not timed).
-
-    geoseg names a dask task after its scene, window and settings, not after its output folder, and a
-    finished job's futures stay alive until the garbage collector runs. Until the scheduler forgets them, a
-    job of the same scenes into another folder is handed the earlier job's results: it computes nothing,
-    writes no class map and reports every scene done (seen with geoseg at 2e0e3ce). Remove once keys differ.
-    """
-    def geoseg_tasks(dask_scheduler: Any) -> int:
-        return sum(str(k).startswith("geoseg-") for k in dask_scheduler.tasks)
-
-    gc.collect()
-    deadline = time.monotonic() + timeout
-    while client.run_on_scheduler(geoseg_tasks):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the cluster still holds tasks of an earlier job after {timeout:.0f} s")
-        time.sleep(0.05)
-
-
 def run_job(scenes: list[Path], bundle: Path, out: Path, scheduler: Any) -> tuple[float, Any]:
     """Wall seconds of one ``predict_scenes`` call, and its result; exits if a scene is not made in ``out``."""
     from geoseg.predict import predict_scenes
 
-    if scheduler is not None:
-        forget_earlier_jobs(scheduler)
     t0 = time.perf_counter()
     res = predict_scenes(scenes, bundle, out, scheduler=scheduler, vector_format=None, workers=1)
     seconds = time.perf_counter() - t0
@@ -163,8 +142,9 @@ def main() -> None:
     ap.add_argument("--chip", type=int, default=256, help="chip size of the model, px (default 256)")
     ap.add_argument("--overlap", type=int, default=32, help="chip overlap, px (default 32)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) the generated inputs here")
-    ap.add_argument("--no-malloc-trim", action="store_true",
-                    help="start the workers without dask's MALLOC_TRIM_THRESHOLD_=65536 (see the notes printed)")
+    ap.add_argument("--dask-malloc-trim", action="store_true",
+                    help="start the workers with dask's MALLOC_TRIM_THRESHOLD_=65536, as `dask worker` does "
+                         "(geoseg's local:N clusters leave it out; see the notes printed)")
     args = ap.parse_args()
 
     import dask
@@ -175,8 +155,10 @@ def main() -> None:
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO lines from the schedulers' closing
     torch.set_num_threads(1)  # the local scheduler runs the model in this process: one torch thread
+    # glibc reads it once, at start-up: LocalCluster also sets it in os.environ later, with no effect here
+    own_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset (glibc default)")
     worker_env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    if args.no_malloc_trim:
+    if not args.dask_malloc_trim:  # what geoseg's own `--scheduler local:N` clusters do
         worker_env.pop("MALLOC_TRIM_THRESHOLD_", None)
         dask.config.set({"distributed.nanny.pre-spawn-environ": worker_env})
     with tempfile.TemporaryDirectory(prefix="geoseg-bench-cluster-") as d:
@@ -248,9 +230,9 @@ def main() -> None:
               f"1-min load average {load0:.1f} before the timings, {load1:.1f} after ({os.cpu_count()} cores)")
         trim = worker_env.get("MALLOC_TRIM_THRESHOLD_")
         print(f"workers' MALLOC_TRIM_THRESHOLD_: {trim if trim is not None else 'unset (glibc default)'}; "
-              f"this process's: {os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset (glibc default)')}. dask sets it "
+              f"this process's: {own_trim}. dask sets it "
               "in every worker it spawns; glibc then unmaps freed tensor memory at once and torch pays the page "
-              "faults again on every batch (compare with --no-malloc-trim)")
+              "faults again on every batch (compare with --dask-malloc-trim)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,6 +79,9 @@ class DaskScheduler:
     def __init__(self, client: Any, owned: list[Any]):
         self.client = client
         self._owned = owned  # a client and cluster we started, closed with us
+        # task keys are unique to this job: a later job on the same client (another output folder, the same
+        # scenes) must never be answered with this one's results
+        self._token = uuid.uuid4().hex[:12]
         self.per_chip_progress = False
         self.advance: Advance | None = None
 
@@ -86,11 +90,11 @@ class DaskScheduler:
         return len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 
     def submit_unit(self, unit: Unit) -> Any:
-        key = f"geoseg-unit-{unit.scene.stem}-{unit.c0}-{unit.r0}-{unit.scene.fingerprint[:8]}"
+        key = f"geoseg-unit-{unit.scene.stem}-{unit.c0}-{unit.r0}-{self._token}"
         return self.client.submit(run_unit, unit, key=key, pure=False)
 
     def submit_finish(self, plan: ScenePlan, units: list[Unit], model: ModelRef, options: PredictOptions) -> Any:
-        key = f"geoseg-finish-{plan.stem}-{plan.fingerprint[:8]}"
+        key = f"geoseg-finish-{plan.stem}-{self._token}"
         return self.client.submit(finish_scene, plan, units, model, options, key=key, pure=False)
 
     def wait_any(self, pending: Iterable[Any]) -> set[Any]:
@@ -150,11 +154,18 @@ def open_dask(scheduler: Any, threads: int | None = None) -> DaskScheduler:
         return DaskScheduler(scheduler, [])
     m = _LOCAL_CLUSTER.match(scheduler)
     if m:
+        import dask
         from distributed import LocalCluster
 
         n = int(m.group(1))
         per = threads or max(1, (os.cpu_count() or 1) // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=per, processes=True, dashboard_address=None)
+        # dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which turns off glibc's adaptive mmap threshold:
+        # every large tensor of a forward pass is then mapped and unmapped afresh (measured ~30 % slower per
+        # chip, benchmarks/bench_cluster.py); geoseg's own workers run with glibc's defaults
+        environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+                   if k != "MALLOC_TRIM_THRESHOLD_"}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=per, processes=True, dashboard_address=":0")
         client = Client(cluster)
         return DaskScheduler(client, [client, cluster])
     try:
