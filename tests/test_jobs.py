@@ -81,6 +81,10 @@ def test_same_bytes_on_threads_and_on_a_cluster_whatever_the_split(tmp_path, une
     one = predict_scenes(scenes[:1], unet, tmp_path / "one", scheduler=cluster, panel_width=512, unit_rows=512,
                          vector_format=None)
     assert (tmp_path / "one" / "s0.classes.tif").read_bytes() == want["s0.classes.tif"]
+    # the same job into another folder on the same client: computed again, never handed the last job's results
+    predict_scenes(scenes[:1], unet, tmp_path / "one2", scheduler=cluster, panel_width=512, unit_rows=512,
+                   vector_format=None)
+    assert (tmp_path / "one2" / "s0.classes.tif").read_bytes() == want["s0.classes.tif"]
     assert one.stage_seconds["model"] > 0 and one.scenes[0].chips_computed >= one.scenes[0].chips
     # the job's mosaic opens as one layer with the colour table; no staging is left
     with rasterio.open(tmp_path / "dist" / "job.vrt") as ds:
