@@ -209,8 +209,10 @@ def test_example_config_loads() -> None:
 
     job = load_job(EXAMPLE)  # its model and scenes need not exist
     base = EXAMPLE.parent.resolve()
-    assert job.scene_list() == [str(base / "scenes" / "*.tif")]
-    assert job.model == str(base / "models" / "landcover-unet")
+    # as written it maps the demo's scenes with the demo's model (geoseg demo --output-dir demo/)
+    repo = base.parent
+    assert job.scene_list() == [str(repo / "demo" / "scene.tif"), str(repo / "demo" / "train_scene.tif")]
+    assert job.model == str(repo / "demo" / "model") and job.name == "demo-job"
     # the example documents every option, at its default
     assert set(job.predict_options()) == {f.name for f in dataclasses.fields(PredictOptions)}
     assert job.options == JobOptions()
