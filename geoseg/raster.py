@@ -56,7 +56,7 @@ def set_remote_options() -> None:
     """
     from rasterio.env import set_gdal_config
 
-    from geoseg.store import gdal_remote_options
+    from geoseg.remote import gdal_remote_options
 
     for key, value in gdal_remote_options().items():
         set_gdal_config(key, value)
@@ -134,7 +134,7 @@ def _mask_kind(ds: rasterio.DatasetReader) -> tuple[str, int | None]:
 
 def open_scene(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     """Open a scene for reading, with a one-line error naming the file when GDAL cannot."""
-    from geoseg.store import gdal_path
+    from geoseg.remote import gdal_path
 
     p = os.fspath(path)
     set_remote_options()
