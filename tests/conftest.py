@@ -142,3 +142,26 @@ def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     bucket = f"geoseg-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return S3Bucket(bucket, s3_server)
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path) -> Any:
+    """A folder served over HTTP on loopback with range requests (what GDAL's /vsicurl/ needs).
+
+    The server is another process: GDAL may hold the GIL while it waits for the answer. Yields
+    ``(folder, base_url)``; the server stops with the test.
+    """
+    import subprocess
+    import sys
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_http_range.py")), str(folder)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield folder, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -253,3 +253,12 @@ def test_cli_reaches_a_cluster_by_address_and_by_dask_env(tmp_path, unet, scenes
     assert rep["settings"]["scheduler"] == "distributed" and rep["outputs"][0]["vector"].endswith("s0.gpkg")
     res = CliRunner().invoke(main, ["predict", scenes[0], "-m", str(unet), "--scheduler", "nowhere:1"])
     assert res.exit_code == 1 and "tcp://host:8786" in res.output
+
+
+def test_a_cog_over_http_is_read_by_range_requests(tmp_path, unet, real_data, http_folder):
+    folder, base = http_folder
+    src = real_data / "aerial_cog" / "cogeo.tif"
+    shutil.copy(src, folder / "cogeo.tif")
+    local = predict_scenes([src], unet, tmp_path / "local", vector_format=None)
+    remote = predict_scenes([f"{base}/cogeo.tif"], unet, tmp_path / "http", vector_format=None)
+    assert Path(remote.scenes[0].classes_path).read_bytes() == Path(local.scenes[0].classes_path).read_bytes()
