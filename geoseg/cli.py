@@ -247,7 +247,9 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
             click.echo(f"{s.scene} -> {s.classes_path}" + "".join(f", {p}" for p in extra) + done)
         for f in run.files:
             click.echo(f"job: {f}")
-        click.echo(f"{len(run.scenes)} scene(s), {run.pixels / 1e6:.1f} MPix in {run.seconds:.1f} s "
+        earlier = sum(s.status == "skipped" for s in run.scenes)
+        note = f" ({earlier} finished by an earlier run)" if earlier else ""
+        click.echo(f"{len(run.scenes)} scene(s){note}, {run.pixels / 1e6:.1f} MPix in {run.seconds:.1f} s "
                    f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device}, "
                    f"{run.scheduler} scheduler")
     if run.failed:

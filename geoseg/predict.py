@@ -229,7 +229,12 @@ def _preflight(paths: list[str], contract: Contract, opts: PredictOptions, ref: 
             plan = _plan_scene(p, contract, opts, ref, out, tile, overlap)
             if manifest.is_done(plan) and not opts.overwrite:
                 log.info("%s: finished by an earlier run; skipped", p)
-                results[stem] = scene_result(plan, "skipped", files=manifest.scenes[stem].get("files", []))
+                names = output_names(stem, opts.vector_format)
+                results[stem] = scene_result(
+                    plan, "skipped", files=manifest.scenes[stem].get("files", []),
+                    classes_path=as_location(out.url(names["classes"])),
+                    probabilities_path=as_location(out.url(names["probabilities"])) if opts.probabilities else None,
+                    vector_path=as_location(out.url(names["vector"])) if "vector" in names else None)
             elif not opts.overwrite and not staging_matches(plan):
                 _check_free(p, out, output_names(stem, opts.vector_format), opts.probabilities)
         except GeoSegError as exc:
