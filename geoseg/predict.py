@@ -125,7 +125,10 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
         raise InputError(f"--probabilities-dtype {opts.probabilities_dtype}: valid values are "
                          f"{', '.join(PROBABILITY_DTYPES)}")
     if opts.panel_width < BLOCK:
-        raise InputError(f"panel width {opts.panel_width}: must be at least {BLOCK}")
+        raise InputError(f"--panel-width {opts.panel_width}: must be at least {BLOCK}")
+    if opts.unit_rows is not None and (opts.unit_rows < BLOCK or opts.unit_rows % BLOCK):
+        raise InputError(f"--unit-rows {opts.unit_rows}: must be a positive multiple of {BLOCK}; try "
+                         f"{max(BLOCK, round(opts.unit_rows / BLOCK) * BLOCK)}")
     get_profile(opts.blend)
     if opts.connectivity not in (4, 8):
         raise InputError(f"--connectivity {opts.connectivity}: must be 4 or 8")

@@ -241,6 +241,8 @@ def test_bad_options_are_refused_before_work(tmp_path, tiny_unet):
         predict_scene(scene, tiny_unet, tmp_path / "o", tile_size=60)
     with pytest.raises(InputError, match="half the tile"):
         predict_scene(scene, tiny_unet, tmp_path / "o", overlap=40)
+    with pytest.raises(InputError, match="multiple of 512"):
+        predict_scene(scene, tiny_unet, tmp_path / "o", unit_rows=700)
     from geoseg.errors import UnknownNameError
 
     with pytest.raises(UnknownNameError, match="cosine"):
