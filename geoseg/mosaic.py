@@ -78,9 +78,9 @@ def merge_vectors(vector_files: list[str], out: Store, name: str, vector_format:
                   scenes: list[str] | None = None) -> str:
     """Merge the job's per-scene polygon files into one layer ``<name><ext>`` in ``out``, streaming.
 
-    Every scene's file is read in Arrow batches of :data:`geoseg.vectorize.BATCH_FEATURES` features and
-    appended to the output as it is read, so memory holds one batch, never a whole scene or the job. The
-    columns are ``class_id``, ``class_name``, ``area_m2``, ``perim_m``, ``scene`` and the geometry.
+    Every scene's file is read in Arrow batches of :data:`geoseg.vectorize.formats.BATCH_FEATURES`
+    features and appended to the output as it is read, so memory holds one batch, never a whole scene or the
+    job. The columns are ``class_id``, ``class_name``, ``area_m2``, ``perim_m``, ``scene`` and the geometry.
 
     The output is in the CRS of the first file (GeoJSON: always EPSG:4326, as RFC 7946 requires); batches
     of scenes in another CRS are reprojected (logged once). The geometry type is that of the first polygons
@@ -208,7 +208,7 @@ def _open_batches(path: str, src: _Source) -> Iterator[tuple[Any, str, Iterator[
     """``(crs, geometry column, record batches)`` of one polygon file; ``crs`` is a pyproj CRS or None."""
     import pyproj
 
-    from geoseg.vectorize import BATCH_FEATURES
+    from geoseg.vectorize import formats
 
     if src.fmt.driver is None:
         import pyarrow.parquet as pq
@@ -227,11 +227,11 @@ def _open_batches(path: str, src: _Source) -> Iterator[tuple[Any, str, Iterator[
             # GeoParquet: a missing "crs" means OGC:CRS84, an explicit null means unknown
             crs_spec = spec.get("crs", "OGC:CRS84")
             crs = None if crs_spec is None else pyproj.CRS.from_user_input(crs_spec)
-            yield crs, column, pf.iter_batches(batch_size=BATCH_FEATURES)
+            yield crs, column, pf.iter_batches(batch_size=formats.BATCH_FEATURES)
         return
     from pyogrio.raw import open_arrow
 
-    with open_arrow(path, batch_size=BATCH_FEATURES, use_pyarrow=True) as (meta, reader):
+    with open_arrow(path, batch_size=formats.BATCH_FEATURES, use_pyarrow=True) as (meta, reader):
         crs = pyproj.CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
         yield crs, meta.get("geometry_name") or "wkb_geometry", iter(reader)
 
@@ -351,7 +351,7 @@ def _check_shapefile_size(batch: Any, path: Path, state: _Merge) -> None:
     """Stop before a merged shapefile passes the format's 2 GB limit (estimated from the WKB sizes)."""
     import pyarrow.compute as pc
 
-    from geoseg.vectorize import SHAPEFILE_LIMIT_BYTES
+    from geoseg.vectorize.formats import SHAPEFILE_LIMIT_BYTES
 
     n = batch.num_rows
     # a .shp record is at most its polygon's WKB plus 52 bytes of headers and bounding box
@@ -364,48 +364,24 @@ def _check_shapefile_size(batch: Any, path: Path, state: _Merge) -> None:
 
 
 def _write_ogr(path: Path, batches: Iterator[Any], state: _Merge, layer: str) -> None:
-    import pyarrow as pa
-    import pyogrio
+    from geoseg.vectorize.writers import write_arrow_ogr
 
     fmt = state.fmt
-    schema = _output_schema()
-    failure: list[BaseException] = []
 
-    def record_batches() -> Iterator[Any]:
-        try:
-            for batch in batches:
-                if fmt.size_limit is not None:
-                    _check_shapefile_size(batch, path, state)
-                yield batch
-        except BaseException as exc:  # pyogrio reports a failing stream as a bare RuntimeError
-            failure.append(exc)
-            raise
+    def checked() -> Iterator[Any]:
+        for batch in batches:
+            if fmt.size_limit is not None:
+                _check_shapefile_size(batch, path, state)
+            yield batch
 
-    reader = pa.RecordBatchReader.from_batches(schema, record_batches())
-    try:
-        pyogrio.write_arrow(reader, os.fspath(path), driver=fmt.driver, layer=layer, geometry_name="geometry",
-                            geometry_type=state.layer_type,
-                            crs=state.crs.to_wkt() if state.crs is not None else None,
-                            encoding="UTF-8" if fmt.name == "shp" else None,
-                            layer_options=fmt.layer_options or None)
-    except Exception:
-        if failure:
-            raise failure[0] from None
-        raise
+    write_arrow_ogr(path, _output_schema(), checked(), fmt, layer=layer, geometry_type=state.layer_type,
+                    crs=state.crs)
 
 
 def _write_parquet(path: Path, batches: Iterator[Any], state: _Merge) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from geoseg.vectorize.writers import write_geoparquet
 
     # a Polygon layer may still hold a MultiPolygon from a scene vectorised with 8-connectivity
     types = {"MultiPolygon": ["MultiPolygon"], "Polygon": ["Polygon", "MultiPolygon"]}
-    column: dict[str, Any] = {"encoding": "WKB", "geometry_types": types.get(state.layer_type, [])}
-    column["crs"] = state.crs.to_json_dict() if state.crs is not None else None
-    geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
-    schema = _output_schema().with_metadata({b"geo": json.dumps(geo).encode()})
-    geometry = schema.get_field_index("geometry")
-    schema = schema.set(geometry, schema.field(geometry).remove_metadata())  # "geo" marks the WKB column
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for batch in batches:
-            writer.write_batch(pa.record_batch(batch.columns, schema=schema))
+    write_geoparquet(path, _output_schema(), batches, geometry_types=types.get(state.layer_type, []),
+                     crs=state.crs)

@@ -109,7 +109,7 @@ def test_scene_column_from_scenes(tmp_path: Path, scenes: dict[str, gpd.GeoDataF
 def test_streams_in_batches(tmp_path: Path, scenes: dict[str, gpd.GeoDataFrame],
                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Each file is read in batches of BATCH_FEATURES features; no batch holds a whole scene."""
-    monkeypatch.setattr("geoseg.vectorize.BATCH_FEATURES", 2)
+    monkeypatch.setattr("geoseg.vectorize.formats.BATCH_FEATURES", 2)
     sizes: list[int] = []
     conform = geoseg.mosaic._conform
 

@@ -1,4 +1,4 @@
-"""Tests of geoseg/vectorize.py: block-wise polygons equal one whole-raster polygonisation, formats, filters."""
+"""Tests of geoseg/vectorize/: block-wise polygons equal one whole-raster polygonisation, formats, filters."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from geoseg.raster import inspect_scene
 from geoseg.vectorize import (
     FORMATS,
     Quantity,
-    _stitch,
     format_for,
     get_format,
     parse_min_area,
@@ -34,6 +33,7 @@ from geoseg.vectorize import (
     polygonize,
     vectorize_raster,
 )
+from geoseg.vectorize.stitch import stitch
 
 TRANSFORM = from_origin(500_000.0, 5_100_000.0, 2.0, 2.0)
 
@@ -244,7 +244,7 @@ def test_stitch_unit_pixels_equals_union(mask: np.ndarray, connectivity: int) ->
         rows, cols = np.nonzero(lab == i)
         groups.append(list(shapely.box(cols, rows, cols + 1, rows + 1)))
     h, w = mask.shape
-    got = _stitch(groups, connectivity, 1, w, h)
+    got = stitch(groups, connectivity, 1, w, h)
     for geom, pieces in zip(got, groups, strict=True):
         assert shapely.is_valid(geom)
         assert shapely.equals(geom, shapely.union_all(pieces))

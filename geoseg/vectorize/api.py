@@ -1,0 +1,221 @@
+"""The tools: :func:`vectorize_raster` (to a file, streaming) and :func:`polygonize` (to a GeoDataFrame).
+
+They plan (:mod:`.plan`), polygonise blocks (:mod:`.blocks`), join pieces across seams (:mod:`.merge`,
+:mod:`.stitch`), turn pieces into features (:mod:`.features`) and write them (:mod:`.writers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+from geoseg.errors import InputError
+from geoseg.raster import check_writable
+from geoseg.store import Store
+from geoseg.vectorize import formats
+from geoseg.vectorize.blocks import iter_blocks
+from geoseg.vectorize.features import concat, empty, finalize, keep_mask, measure, to_crs_coords
+from geoseg.vectorize.formats import format_for
+from geoseg.vectorize.merge import Merger
+from geoseg.vectorize.plan import BLOCK_SIZE, Plan, make_plan
+from geoseg.vectorize.writers import rebatch, write_ogr, write_parquet
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class VectorizeResult:
+    """What :func:`vectorize_raster` wrote.
+
+    Attributes:
+        path: the output file (for a shapefile, the ``.shp``).
+        vector_format: the format's registry name.
+        features: number of polygons written.
+        class_counts: polygons per class id.
+        class_areas_m2: total area in square metres per class id (NaN when the raster has no CRS).
+        crs: the output CRS as a string (``None`` when the raster has none).
+        blocks: number of blocks polygonised.
+        seconds: wall time.
+    """
+
+    path: Path
+    vector_format: str
+    features: int = 0
+    class_counts: dict[int, int] = field(default_factory=dict)
+    class_areas_m2: dict[int, float] = field(default_factory=dict)
+    crs: str | None = None
+    blocks: int = 0
+    seconds: float = 0.0
+
+    def add(self, batch: gpd.GeoDataFrame) -> None:
+        self.features += len(batch)
+        if not len(batch):
+            return
+        grouped = batch.groupby("class_id")["area_m2"].agg(["count", "sum"])
+        for cid, row in grouped.iterrows():
+            k = int(cid)  # type: ignore[call-overload]
+            self.class_counts[k] = self.class_counts.get(k, 0) + int(row["count"])
+            self.class_areas_m2[k] = self.class_areas_m2.get(k, 0.0) + float(row["sum"])
+
+
+def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
+               min_area: float | str | None = None, simplify: float | str | None = None,
+               skip_classes: Iterable[int] = (), class_names: Mapping[int, str] | None = None,
+               to_crs: Any = None, block_size: int = BLOCK_SIZE, workers: int | None = None,
+               progress: Progress | None = None) -> gpd.GeoDataFrame:
+    """Polygons of a class raster as a GeoDataFrame, without writing a file.
+
+    Same polygons and options as :func:`vectorize_raster` (which streams them to a file instead); the
+    result is held in memory, so prefer :func:`vectorize_raster` for large rasters.
+
+    Returns:
+        GeoDataFrame with columns ``class_id`` (int32), ``class_name`` (str or None), ``area_m2``,
+        ``perim_m`` and ``geometry`` (Polygon; MultiPolygon with 8-connectivity), in the raster's CRS or
+        ``to_crs``.
+
+    Raises:
+        InputError: unreadable raster, not a one-band integer raster, or a bad option.
+    """
+    plan = make_plan(src, connectivity=connectivity, min_area=min_area, simplify=simplify,
+                      skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size)
+    batches = list(_iter_features(plan, _workers(workers), progress))
+    if not batches:
+        return empty(plan)
+    return gpd.GeoDataFrame(concat(batches), crs=plan.out_crs)
+
+
+
+
+def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                     vector_format: str | None = None, connectivity: int = 4,
+                     min_area: float | str | None = None, simplify: float | str | None = None,
+                     skip_classes: Iterable[int] = (), class_names: Mapping[int, str] | None = None,
+                     to_crs: Any = None, block_size: int = BLOCK_SIZE, workers: int | None = None,
+                     overwrite: bool = False, progress: Progress | None = None) -> VectorizeResult:
+    """Polygonise a class raster block by block and stream the polygons to a vector file.
+
+    Args:
+        src: one-band integer class raster (e.g. the class map of ``geoseg predict``).
+        dst: output path; its extension picks the format unless ``vector_format`` is given
+            (``.gpkg`` default, ``.shp``, ``.geojson``, ``.parquet``).
+        vector_format: a name in :data:`FORMATS` (``gpkg``, ``shp``, ``geojson``, ``parquet``).
+        connectivity: 4 (edge neighbours) or 8 (also diagonal neighbours) joins pixels into polygons.
+        min_area: drop smaller polygons: ``"40px"``, ``"200m2"``, ``"0.5ha"``; a plain number is pixels.
+            Dropped polygons leave holes (sieve the raster first to absorb them into neighbours).
+        simplify: topology-preserving simplification tolerance: ``"1m"``, ``"0.5px"`` or a number in CRS
+            units; neighbouring polygons keep shared edges (no gaps, no overlaps). Holds all polygons.
+        skip_classes: class ids that produce no polygons (background); nodata never does.
+        class_names: class id -> name; default from the raster's ``CLASSES`` / ``CLASS_<id>`` tags.
+        to_crs: reproject the output (any pyproj CRS input); GeoJSON is always EPSG:4326.
+        block_size: block side in pixels; memory grows with ``workers * block_size**2``.
+        workers: threads polygonising blocks (default: the CPUs available).
+        overwrite: replace an existing output.
+        progress: called as ``progress(done_blocks, total_blocks)`` after each block.
+
+    Returns:
+        A :class:`VectorizeResult` (path, counts and areas per class, seconds).
+
+    Raises:
+        InputError: unreadable or unsuitable raster, bad option, or a shapefile past the 2 GB limit.
+        OutputExistsError: ``dst`` exists and ``overwrite`` is false.
+        UnknownNameError: unknown ``vector_format``.
+    """
+    t0 = time.perf_counter()
+    path, fmt = format_for(dst, vector_format)
+    check_writable(path, overwrite)
+    plan = make_plan(src, connectivity=connectivity, min_area=min_area, simplify=simplify,
+                      skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size,
+                      force_4326=fmt.epsg4326)
+    nworkers = _workers(workers)
+    result = VectorizeResult(path=path, vector_format=fmt.name,
+                             crs=plan.out_crs.to_string() if plan.out_crs is not None else None,
+                             blocks=plan.rows * plan.cols)
+    store = Store(path.parent)
+    store.prepare()
+    with store.staged_file(path.name) as tmp:
+        batches = rebatch(_iter_features(plan, nworkers, progress), result.add)
+        if fmt.driver is None:
+            write_parquet(tmp, batches, plan)
+        else:
+            write_ogr(tmp, batches, plan, fmt)
+        check_writable(path, overwrite)
+        for f in sorted(tmp.parent.iterdir()):  # a shapefile is several files; the .shp goes last, on exit
+            if f != tmp:
+                store.publish(f, f.name)
+    result.seconds = time.perf_counter() - t0
+    log.info("vectorised %s: %d polygons in %d blocks to %s (%s) in %.1f s", plan.path, result.features,
+             result.blocks, path, fmt.name, result.seconds)
+    return result
+
+
+def _iter_features(plan: Plan, workers: int, progress: Progress | None) -> Iterator[gpd.GeoDataFrame]:
+    """Output features in batches (GeoDataFrames in the output CRS)."""
+    merger = Merger(plan)
+    total = plan.rows * plan.cols
+    held_geoms: list[np.ndarray] = []  # only with simplify: the whole coverage in pixel coordinates
+    held_cls: list[np.ndarray] = []
+    for done, blk in enumerate(iter_blocks(plan, workers), start=1):
+        merger.add(blk)
+        closed, blk.closed = blk.closed, None  # written, then freed
+        if plan.simplify_px is None:
+            if len(closed):
+                yield closed
+        else:
+            held_geoms.append(closed[0])
+            held_cls.append(closed[1])
+        del closed
+        if blk.c == plan.cols - 1:
+            geoms, cls = merger.complete(blk.r, blk.r == plan.rows - 1)
+            if plan.simplify_px is None:
+                if len(geoms):
+                    batch = finalize(plan, geoms, cls)
+                    del geoms  # the pixel-coordinate polygons: not held while the batch is written
+                    yield batch
+                    del batch
+            else:
+                held_geoms.append(geoms)
+                held_cls.append(cls)
+            log.debug("block row %d done: %d open pieces", blk.r, merger.open_count)
+        if progress is not None:
+            progress(done, total)
+    if plan.simplify_px is not None:
+        yield from _simplified(plan, held_geoms, held_cls)
+
+
+def _simplified(plan: Plan, held_geoms: list[np.ndarray], held_cls: list[np.ndarray]
+                ) -> Iterator[gpd.GeoDataFrame]:
+    geoms = np.concatenate(held_geoms) if held_geoms else np.empty(0, dtype=object)
+    cls = np.concatenate(held_cls) if held_cls else np.empty(0, dtype=np.int64)
+    if not len(geoms):
+        return
+    keep = keep_mask(plan, geoms, measure(plan, to_crs_coords(plan, geoms))[0])
+    geoms, cls = geoms[keep], cls[keep]
+    # Every vertex is a pixel corner; splitting edges at every corner gives neighbours identical vertices
+    # on shared edges (GDAL drops collinear ones), which coverage simplification needs to leave no gaps.
+    dense = shapely.segmentize(geoms, 1.0)
+    assert plan.simplify_px is not None
+    simple = shapely.coverage_simplify(dense, plan.simplify_px)
+    for i in range(0, len(simple), formats.BATCH_FEATURES):
+        j = i + formats.BATCH_FEATURES
+        yield finalize(plan, simple[i:j], cls[i:j], filter_area=False)
+
+
+def _workers(workers: int | None) -> int:
+    if workers is None:
+        from geoseg.units import default_workers
+
+        return default_workers()  # the one rule, shared with predict
+    if not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers must be a positive integer, got {workers!r}")
+    return workers

@@ -1,0 +1,182 @@
+"""Write polygons: GeoDataFrame batches as Arrow record batches, streamed into an OGR file or GeoParquet.
+
+:func:`write_arrow_ogr` and :func:`write_geoparquet` take any Arrow record batches with a WKB ``geometry``
+column; :mod:`geoseg.mosaic` writes its merged layer with them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+from geoseg.errors import InputError
+from geoseg.raster import gdal_env
+from geoseg.vectorize import formats
+from geoseg.vectorize.features import concat
+from geoseg.vectorize.formats import VectorFormat
+from geoseg.vectorize.plan import Plan
+
+
+def rebatch(batches: Iterator[gpd.GeoDataFrame], count: Callable[[gpd.GeoDataFrame], None]
+            ) -> Iterator[gpd.GeoDataFrame]:
+    """Coalesce small batches into about :data:`~geoseg.vectorize.formats.BATCH_FEATURES` features, each
+    passed to ``count`` before it is yielded."""
+    pending: list[gpd.GeoDataFrame] = []
+    size = 0
+    for b in batches:
+        pending.append(b)
+        size += len(b)
+        if size >= formats.BATCH_FEATURES:  # read at call time, so that tests can lower it
+            out = concat(pending)
+            pending, size = [], 0
+            count(out)
+            yield out
+            del out
+    if pending:
+        out = concat(pending)
+        count(out)
+        yield out
+
+
+def arrow_schema() -> Any:
+    """The Arrow schema of the polygon columns (:data:`~geoseg.vectorize.formats.COLUMNS`) and a WKB
+    ``geometry``."""
+    import pyarrow as pa
+
+    geom = pa.field("geometry", pa.binary(), metadata={b"ARROW:extension:name": b"geoarrow.wkb"})
+    return pa.schema([("class_id", pa.int32()), ("class_name", pa.string()), ("area_m2", pa.float64()),
+                      ("perim_m", pa.float64()), geom])
+
+
+def record_batch(gdf: gpd.GeoDataFrame, schema: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.record_batch([
+        pa.array(gdf["class_id"].to_numpy(np.int32)),
+        pa.array([n if isinstance(n, str) else None for n in gdf["class_name"]], type=pa.string()),
+        pa.array(gdf["area_m2"].to_numpy(np.float64)),
+        pa.array(gdf["perim_m"].to_numpy(np.float64)),
+        pa.array(shapely.to_wkb(gdf.geometry.values), type=pa.binary()),
+    ], schema=schema)
+
+
+def _geometry_type(plan: Plan) -> str:
+    return "MultiPolygon" if plan.connectivity == 8 else "Polygon"
+
+
+def _shp_bytes(gdf: gpd.GeoDataFrame) -> int:
+    """Bytes a batch adds to the larger of .shp (headers, part indexes, 16 bytes a point) and .dbf."""
+    geoms = gdf.geometry.values
+    points = int(shapely.get_num_coordinates(geoms).sum())
+    rings = shapely.get_num_interior_rings(shapely.get_parts(geoms)).sum() + len(shapely.get_parts(geoms))
+    shp = 52 * len(gdf) + 4 * int(rings) + 16 * points
+    dbf = len(gdf) * (1 + 11 + 80 + 24 + 24)
+    return max(shp, dbf)
+
+
+# ------------------------------------------------------------------------------------ shared writers
+
+
+def write_arrow_ogr(path: Path, schema: Any, batches: Iterable[Any], fmt: VectorFormat, *, layer: str,
+                    geometry_type: str, crs: Any) -> None:
+    """Stream Arrow record batches into the OGR file ``path`` (one layer), in bounded memory.
+
+    Args:
+        path: the file to write.
+        schema: the batches' ``pyarrow.Schema``, with a WKB column ``geometry``.
+        batches: the record batches; a generator may check them as they pass (e.g. a size limit).
+        fmt: an OGR format (``fmt.driver`` is not ``None``).
+        layer: the layer name.
+        geometry_type: the layer's geometry type (``"Polygon"``, ``"MultiPolygon"``...).
+        crs: the layer's ``pyproj.CRS``, or ``None``.
+
+    Raises:
+        Whatever ``batches`` raises, as itself: pyogrio reports a failing stream as a bare RuntimeError.
+    """
+    import pyarrow as pa
+    import pyogrio
+
+    failure: list[BaseException] = []
+
+    def record_batches() -> Iterator[Any]:
+        try:
+            yield from batches
+        except BaseException as exc:  # pyogrio reports a failing stream as a bare RuntimeError
+            failure.append(exc)
+            raise
+
+    reader = pa.RecordBatchReader.from_batches(schema, record_batches())
+    try:
+        pyogrio.write_arrow(reader, os.fspath(path), driver=fmt.driver, layer=layer, geometry_name="geometry",
+                            geometry_type=geometry_type, crs=crs.to_wkt() if crs is not None else None,
+                            encoding="UTF-8" if fmt.name == "shp" else None,
+                            layer_options=fmt.layer_options or None)
+    except Exception:
+        if failure:
+            raise failure[0] from None
+        raise
+
+
+def write_geoparquet(path: Path, schema: Any, batches: Iterable[Any], *, geometry_types: list[str],
+                     crs: Any) -> None:
+    """Write Arrow record batches as GeoParquet 1.1 (WKB ``geometry`` column, zstd), one row group each.
+
+    Args:
+        path: the file to write.
+        schema: the batches' ``pyarrow.Schema``, with a WKB column ``geometry``.
+        batches: the record batches.
+        geometry_types: the geometry types the file declares (GeoParquet's ``geometry_types``).
+        crs: the geometries' ``pyproj.CRS``, or ``None`` (written as an explicit null: unknown).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column: dict[str, Any] = {"encoding": "WKB", "geometry_types": geometry_types}
+    column["crs"] = crs.to_json_dict() if crs is not None else None
+    geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
+    schema = schema.with_metadata({b"geo": json.dumps(geo).encode()})
+    geometry = schema.get_field_index("geometry")
+    schema = schema.set(geometry, schema.field(geometry).remove_metadata())  # "geo" marks the WKB column
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_batch(pa.record_batch(batch.columns, schema=schema))
+
+
+# --------------------------------------------------------------------------------- vectorize's files
+
+
+def write_ogr(tmp: Path, batches: Iterator[gpd.GeoDataFrame], plan: Plan, fmt: VectorFormat) -> None:
+    """Write ``batches`` into the OGR file ``tmp`` (layer ``tmp.stem``), stopping before a shapefile's limit.
+
+    Raises:
+        InputError: a shapefile would pass the format's 2 GB limit.
+    """
+    schema = arrow_schema()
+
+    def record_batches() -> Iterator[Any]:
+        written = 0
+        for gdf in batches:
+            if fmt.size_limit is not None:
+                written += _shp_bytes(gdf)
+                if written > fmt.size_limit:
+                    raise InputError(f"{tmp.name}: a shapefile past the format's 2 GB limit would be "
+                                     "written; write GeoPackage instead (.gpkg, --vector-format gpkg)")
+            yield record_batch(gdf, schema)
+
+    with gdal_env():
+        write_arrow_ogr(tmp, schema, record_batches(), fmt, layer=tmp.stem,
+                        geometry_type=_geometry_type(plan), crs=plan.out_crs)
+
+
+def write_parquet(tmp: Path, batches: Iterator[gpd.GeoDataFrame], plan: Plan) -> None:
+    """Write ``batches`` as the GeoParquet file ``tmp``."""
+    schema = arrow_schema()
+    write_geoparquet(tmp, schema, (record_batch(gdf, schema) for gdf in batches),
+                     geometry_types=[_geometry_type(plan)], crs=plan.out_crs)
