@@ -11,6 +11,7 @@ This module does not import torch; :func:`load_model` does, when it is called.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -144,6 +145,7 @@ class Bundle:
     contract: Contract
     path: Path
     weights_path: Path
+    source: str | None = None  # the URL it was fetched from (``s3://...``), when it was not local
 
     @property
     def name(self) -> str:
@@ -185,9 +187,19 @@ def _parse_contract(data: Any, where: Path) -> Contract:
 def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read a bundle's contract without loading weights or torch.
 
+    A URL (``s3://bucket/models/landcover``: a bundle folder, or a ``.safetensors`` file) is fetched first
+    into a local cache (:func:`fetch_bundle`); the bundle's ``source`` then names the URL.
+
     Raises:
         BundleError: the path is missing, is not a bundle, or its contract does not validate.
     """
+    from geoseg.remote import is_remote
+
+    if is_remote(path):
+        url = os.fspath(path)
+        bundle = read_bundle(fetch_bundle(url))
+        bundle.source = url
+        return bundle
     p = Path(path)
     if not p.exists():
         raise BundleError(f"{p}: no such model bundle; give a bundle directory (with {CONTRACT_FILE}) "
@@ -225,6 +237,63 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
             raise BundleError(f"{p}: the embedded contract is not JSON ({exc})") from None
         return Bundle(_parse_contract(data, p), p, p)
     raise BundleError(f"{p}: not a model bundle; expected a directory or a .safetensors file")
+
+
+def bundle_digest(paths: list[Path]) -> str:
+    """SHA-256 over the bundle's files (contract and weights), streamed."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+def fetch_bundle(url: str, digest: str | None = None) -> Path:
+    """Download the bundle at ``url`` (a folder with ``model.json`` and its weights, or a ``.safetensors``
+    file) into a local cache folder, whole, and return the local path. Fetched afresh on every call: a job
+    checks what it fetched by digest, so a changed bundle is never mixed with an old copy.
+
+    With ``digest``, a cached copy with that digest is used as it is (the workers of one machine fetch once).
+
+    Raises:
+        BundleError: nothing like a bundle is at ``url``.
+        StorageError: the storage cannot be read (credentials, bucket).
+    """
+    import tempfile
+
+    from geoseg.store import Store
+
+    url = url.rstrip("/")
+    folder, _, name = url.rpartition("/")
+    cache = Path(tempfile.gettempdir()) / "geoseg-bundles" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    cached = cache / name if name.endswith(".safetensors") else cache / "bundle"
+    if digest is not None and cached.exists():
+        with contextlib.suppress(BundleError, OSError):
+            if bundle_digest(read_bundle(cached).files) == digest:
+                return cached
+    cache.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".safetensors"):
+        src = Store(folder)
+        if not src.exists(name):
+            raise BundleError(f"{url}: no such model bundle; check the URL")
+        with staged_file(cache / name) as tmp:
+            src.fetch(name, tmp)
+        return cache / name
+    src = Store(url)
+    text = src.read_text(CONTRACT_FILE)
+    if text is None:
+        raise BundleError(f"{url}: not a model bundle (no {CONTRACT_FILE} there); give the folder written by "
+                          "geoseg train, uploaded whole")
+    try:
+        weights = str(json.loads(text).get("weights", WEIGHTS_FILE))
+    except (json.JSONDecodeError, AttributeError):
+        raise BundleError(f"{url}/{CONTRACT_FILE}: not a JSON contract; re-upload the bundle") from None
+    with staged_directory(cache / "bundle") as tmp:
+        (tmp / CONTRACT_FILE).write_text(text)
+        src.fetch(weights, tmp / weights)
+    return cache / "bundle"
 
 
 def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:

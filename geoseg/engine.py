@@ -99,10 +99,9 @@ def worker_runtime(model: ModelRef, options: PredictOptions) -> Runtime:
     with _RUNTIMES_LOCK:
         rt = _RUNTIMES.get(key)
         if rt is None:
-            from geoseg.bundle import load_model, read_bundle
-            from geoseg.units import bundle_digest
+            from geoseg.bundle import bundle_digest, load_model
 
-            bundle = read_bundle(model.path)
+            bundle = model.read()
             if bundle_digest(bundle.files) != model.digest:
                 raise BundleError(f"{model.path}: this worker's copy of the model differs from the job's "
                                   "(digest mismatch); give every worker the same bundle")

@@ -61,9 +61,7 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
     Raises:
         GeoSegError: a strip is missing from the staging folder (run the job again to make it).
     """
-    from geoseg.bundle import read_bundle
-
-    contract = read_bundle(model.path).contract
+    contract = model.read().contract
     tags = {"GEOSEG_MODEL": contract.name, "GEOSEG_TILE_SIZE": str(plan.tile), "GEOSEG_OVERLAP": str(plan.overlap)}
     specs = {"classes": classes_spec(contract.classes, tags)}
     if options.probabilities:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.blend import get_profile
-from geoseg.bundle import Bundle, Contract, LoadedModel, check_scene, read_bundle
+from geoseg.bundle import Bundle, Contract, LoadedModel, bundle_digest, check_scene, read_bundle
 from geoseg.errors import GeoSegError, InputError, OutputExistsError
 from geoseg.finish import output_names
 from geoseg.job import (
@@ -34,8 +34,8 @@ from geoseg.job import (
 )
 from geoseg.manifest import MANIFEST, Manifest, staging_matches
 from geoseg.raster import BLOCK, COMPRESSIONS, inspect_scene
-from geoseg.store import Store, is_remote
-from geoseg.units import ModelRef, PredictOptions, ScenePlan, bundle_digest, fingerprint, scene_stem
+from geoseg.store import Store
+from geoseg.units import ModelRef, PredictOptions, ScenePlan, fingerprint, scene_stem
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ def predict_scenes(
     paths = _expand_scenes(scenes)
     out_dir = os.fspath(output_dir)
     out = Store(out_dir)
-    ref = ModelRef(str(bundle.path if is_remote(str(bundle.path)) else Path(bundle.path).resolve()),
-                   bundle_digest(bundle.files))
+    # workers load the model from where the job found it: the URL it was fetched from, or the local path
+    ref = ModelRef(bundle.source or str(Path(bundle.path).resolve()), bundle_digest(bundle.files))
     manifest = Manifest(out_dir)
     plans, results = _preflight(paths, contract, opts, ref, out, manifest, tile, overlap)
     todo = [p for p in plans if p.stem not in results]

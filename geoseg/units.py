@@ -21,7 +21,6 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from geoseg.errors import InputError
@@ -76,16 +75,12 @@ class ModelRef:
     path: str
     digest: str
 
+    def read(self) -> Any:
+        """The :class:`~geoseg.bundle.Bundle` named here; a URL is fetched (a cached copy of this digest is reused)."""
+        from geoseg.bundle import fetch_bundle, read_bundle
+        from geoseg.remote import is_remote
 
-def bundle_digest(paths: list[Path]) -> str:
-    """SHA-256 over the bundle's files (contract and weights), streamed."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:32]
+        return read_bundle(fetch_bundle(self.path, self.digest) if is_remote(self.path) else self.path)
 
 
 def scene_stem(path: str) -> str:

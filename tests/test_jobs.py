@@ -169,16 +169,27 @@ def test_object_storage_in_and_out(tmp_path, unet, real_data, s3_env):
     fs = fsspec.filesystem("s3", endpoint_url=s3_env.endpoint)
     fs.put(str(src), f"{s3_env.bucket}/scenes/RGB.byte.tif")
     predict_scenes([src], unet, tmp_path / "local", tile_size=256, overlap=32)
-    remote = predict_scenes([s3_env.url("scenes/RGB.byte.tif")], unet, s3_env.url("maps"), tile_size=256,
+    fs.put(str(unet), f"{s3_env.bucket}/models/unet", recursive=True)  # workers rarely share a disk
+    model_url = s3_env.url("models/unet")
+    remote = predict_scenes([s3_env.url("scenes/RGB.byte.tif")], model_url, s3_env.url("maps"), tile_size=256,
                             overlap=32)
     assert remote.scenes[0].status == "done" and str(remote.scenes[0].classes_path).startswith("s3://")
+    assert remote.scenes[0].status == "done"
+    # a worker fetches the bundle from the URL the job names, and checks it is the job's model
+    from geoseg.bundle import bundle_digest, read_bundle
+    from geoseg.engine import worker_runtime
+    from geoseg.units import ModelRef, PredictOptions
+
+    ref = ModelRef(model_url, bundle_digest(read_bundle(model_url).files))
+    assert worker_runtime(ref, PredictOptions(device="cpu")).contract == read_bundle(unet).contract
     names = sorted(Path(p).name for p in fs.ls(f"{s3_env.bucket}/maps"))
     assert names == ["RGB.byte.classes.qml", "RGB.byte.classes.tif", "RGB.byte.gpkg", MANIFEST]  # no staging left
     got = tmp_path / "got.tif"
     fs.get(f"{s3_env.bucket}/maps/RGB.byte.classes.tif", str(got))
     assert got.read_bytes() == (tmp_path / "local" / "RGB.byte.classes.tif").read_bytes()
     # the same call again resumes from the manifest in the bucket: skipped
-    again = predict_scenes([s3_env.url("scenes/RGB.byte.tif")], unet, s3_env.url("maps"), tile_size=256, overlap=32)
+    again = predict_scenes([s3_env.url("scenes/RGB.byte.tif")], model_url, s3_env.url("maps"), tile_size=256,
+                           overlap=32)
     assert again.scenes[0].status == "skipped"
 
 

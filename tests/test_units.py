@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.bundle import check_scene, read_bundle
+from geoseg.bundle import bundle_digest, check_scene, read_bundle
 from geoseg.errors import InputError
 from geoseg.raster import BLOCK, SceneInfo, inspect_scene
 from geoseg.schedule import check_scheduler
@@ -23,7 +23,6 @@ from geoseg.units import (
     ModelRef,
     PredictOptions,
     ScenePlan,
-    bundle_digest,
     fingerprint,
     parse_strip,
     plan_units,
