@@ -463,3 +463,24 @@ def test_output_stays_in_source_crs(make_raster: Callable[..., Path]) -> None:
     gdf = polygonize(src, block_size=8)
     assert gdf.crs == "EPSG:3857"
     assert gdf.total_bounds == pytest.approx([1_000_000.0, 5_999_985.0, 1_000_015.0, 6_000_000.0])
+
+
+def test_source_date_epoch_makes_vector_files_reproducible(tmp_path, monkeypatch):
+    """GeoPackage and shapefile record a date; with SOURCE_DATE_EPOCH it is fixed, so the bytes are too."""
+    import time
+
+    from geoseg.vectorize import vectorize_raster
+    from tests.conftest import write_raster
+
+    data = np.random.default_rng(0).integers(1, 4, size=(60, 70)).astype(np.uint8)
+    src = write_raster(tmp_path / "c.tif", data)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764028800")
+    for ext in ("gpkg", "shp"):
+        vectorize_raster(src, tmp_path / "a" / f"v.{ext}")
+        time.sleep(0.01)
+        vectorize_raster(src, tmp_path / "b" / f"v.{ext}")
+        assert (tmp_path / "a" / f"v.{ext}").read_bytes() == (tmp_path / "b" / f"v.{ext}").read_bytes()
+    assert (tmp_path / "a" / "v.dbf").read_bytes() == (tmp_path / "b" / "v.dbf").read_bytes()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(InputError, match="SOURCE_DATE_EPOCH"):
+        vectorize_raster(src, tmp_path / "c.gpkg")

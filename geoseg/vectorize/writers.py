@@ -6,6 +6,8 @@ column; :mod:`geoseg.mosaic` writes its merged layer with them too.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -113,15 +115,49 @@ def write_arrow_ogr(path: Path, schema: Any, batches: Iterable[Any], fmt: Vector
             raise
 
     reader = pa.RecordBatchReader.from_batches(schema, record_batches())
+    options = dict(fmt.layer_options)
+    stamp = _source_date()
+    if stamp is not None and fmt.name == "shp":
+        options["DBF_DATE_LAST_UPDATE"] = stamp.strftime("%Y-%m-%d")
     try:
-        pyogrio.write_arrow(reader, os.fspath(path), driver=fmt.driver, layer=layer, geometry_name="geometry",
-                            geometry_type=geometry_type, crs=crs.to_wkt() if crs is not None else None,
-                            encoding="UTF-8" if fmt.name == "shp" else None,
-                            layer_options=fmt.layer_options or None)
+        with _ogr_current_date(stamp):
+            pyogrio.write_arrow(reader, os.fspath(path), driver=fmt.driver, layer=layer, geometry_name="geometry",
+                                geometry_type=geometry_type, crs=crs.to_wkt() if crs is not None else None,
+                                encoding="UTF-8" if fmt.name == "shp" else None, layer_options=options or None)
     except Exception:
         if failure:
             raise failure[0] from None
         raise
+
+
+def _source_date() -> datetime.datetime | None:
+    """``SOURCE_DATE_EPOCH`` (the reproducible-builds convention) as a UTC time, or ``None`` when unset.
+
+    With it set, the dates a GeoPackage (``gpkg_contents.last_change``) or a shapefile (``.dbf`` header) records
+    are that time, so the same polygons give the same bytes in any run.
+    """
+    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(int(value), tz=datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise InputError(f"SOURCE_DATE_EPOCH={value!r}: give seconds since 1970-01-01 UTC, e.g. 1764028800") from None
+
+
+@contextlib.contextmanager
+def _ogr_current_date(stamp: datetime.datetime | None) -> Iterator[None]:
+    """GDAL's ``OGR_CURRENT_DATE`` for pyogrio's own GDAL (rasterio.Env does not reach it), during a write."""
+    if stamp is None:
+        yield
+        return
+    import pyogrio
+
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": stamp.strftime("%Y-%m-%dT%H:%M:%S.000Z")})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
 
 
 def write_geoparquet(path: Path, schema: Any, batches: Iterable[Any], *, geometry_types: list[str],
