@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geoseg.engine import STAGES, Cancelled, UnitResult
 from geoseg.finish import FinishResult
 from geoseg.manifest import Manifest, drop_staging, prepare_staging
 from geoseg.store import Store, is_remote
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, Unit, plan_units
+
+if TYPE_CHECKING:
+    from geoseg.schedule import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class JobOutcome:
     amp: str | None = None
 
 
-def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, scheduler: Any,
+def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, scheduler: Scheduler,
               manifest: Manifest, progress: ProgressCallback | None) -> JobOutcome:
     """Run every unit of ``plans`` on ``scheduler`` and finish each scene (see the module docstring)."""
     tracker = _Tracker(progress, len(plans))
@@ -145,8 +148,8 @@ def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, 
         settle(stem)
 
     def settle(stem: str) -> None:
-        if outcome.results.get(stem) is partial[stem] and partial[stem].status == "failed" \
-                and not any(s == stem for _, s, _ in pending.values()):
+        """A failed scene's staging goes once none of its tasks can still write into it."""
+        if partial[stem].status == "failed" and not any(s == stem for _, s, _ in pending.values()):
             drop_staging(by_stem[stem])
 
     try:
