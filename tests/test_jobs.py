@@ -117,6 +117,7 @@ def test_a_worker_killed_mid_job_does_not_fail_the_job(tmp_path, unet, scenes, c
     deadline = time.time() + 60
     while time.time() < deadline and not list(staging.glob("*/classes/*.tif")):
         time.sleep(0.05)
+    assert t.is_alive(), "the job ended before a worker could be killed; make the scenes larger"
     os.kill(pids[0], signal.SIGKILL)  # the nanny starts a new worker; its tasks run again elsewhere
     t.join(timeout=240)
     run = holder["run"]
