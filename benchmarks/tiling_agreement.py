@@ -46,7 +46,7 @@ def main() -> None:
             maps = {}
             for name, kw in ((f"t{a}", dict(tile_size=a, overlap=a // 4)), (f"t{b}", dict(tile_size=b, overlap=b // 4)),
                              ("naive", dict(tile_size=b, overlap=0, blend="uniform"))):
-                r = predict_scene(scene, args.model, Path(d) / name / scene.stem, bands=None, **kw)
+                r = predict_scene(scene, args.model, Path(d) / name / scene.stem, bands=None, vector_format=None, **kw)
                 maps[name] = _classes(r.classes_path)
             valid = ~np.ma.getmaskarray(maps[f"t{a}"])
             agree = float((maps[f"t{a}"].data == maps[f"t{b}"].data)[valid].mean())
