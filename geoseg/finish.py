@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FinishResult:
-    """A finished scene: its outputs (kind -> path or URL) and the seconds it took."""
+    """A finished scene: its outputs (kind -> path or URL), the names of every file it published in the output
+    folder, and the seconds it took."""
 
     stem: str
     outputs: dict[str, str]
@@ -81,14 +82,15 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
             vector_dir = scratch / "vector"
             _vectorize(cogs["classes"], vector_dir / names["vector"], contract, options)
             for f in sorted(vector_dir.iterdir(), key=lambda f: f.name == names["vector"]):  # main file last
-                result.files.append(out.publish(f, f.name))
+                out.publish(f, f.name)
+                result.files.append(f.name)
             result.outputs["vector"] = out.url(names["vector"])
             result.seconds["vectorize"] = time.perf_counter() - t0
         if "probabilities" in cogs:
             result.outputs["probabilities"] = out.publish(cogs["probabilities"], names["probabilities"])
         result.outputs["style"] = out.write_text(names["style"], qml_style(contract.classes))
         result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
-        result.files += [result.outputs[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
+        result.files += [names[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if stage.remote:

@@ -213,12 +213,7 @@ def _finished(plan: ScenePlan, fin: FinishResult, scene: SceneResult, stages: di
     scene.classes_path = as_location(fin.outputs.get("classes"))
     scene.probabilities_path = as_location(fin.outputs.get("probabilities"))
     scene.vector_path = as_location(fin.outputs.get("vector"))
-    scene.files = fin.files
     out = Store(plan.output_dir)
-    manifest.record(plan, [_name(out, f) for f in fin.files])
+    scene.files = [out.url(name) for name in fin.files]
+    manifest.record(plan, fin.files)
     drop_staging(plan)
-
-
-def _name(out: Store, url: str) -> str:
-    base = out.url("")
-    return url[len(base):].lstrip("/\\") if url.startswith(base) else url

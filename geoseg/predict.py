@@ -21,7 +21,7 @@ from typing import Any
 
 from geoseg.blend import get_profile
 from geoseg.bundle import Bundle, Contract, LoadedModel, bundle_digest, check_scene, read_bundle
-from geoseg.errors import GeoSegError, InputError, OutputExistsError
+from geoseg.errors import GeoSegError, InputError
 from geoseg.finish import output_names
 from geoseg.job import (
     JobOutcome,
@@ -33,7 +33,7 @@ from geoseg.job import (
     scene_result,
 )
 from geoseg.manifest import MANIFEST, Manifest, staging_matches
-from geoseg.raster import BLOCK, COMPRESSIONS, inspect_scene
+from geoseg.raster import BLOCK, COMPRESSIONS, check_writable, inspect_scene
 from geoseg.store import Store
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, fingerprint, scene_stem
 
@@ -75,14 +75,6 @@ class RunResult:
     def partial(self) -> bool:
         """Some scenes failed and others did not."""
         return bool(self.failed) and len(self.failed) < len(self.scenes)
-
-
-def output_paths(scene: str, output_dir: str | os.PathLike[str], vector_format: str | None = None
-                 ) -> dict[str, Path | str]:
-    """Where a scene's outputs go: ``<stem>.classes.tif``, ``<stem>.probs.tif`` and ``<stem>.<vector ext>``."""
-    out = Store(os.fspath(output_dir))
-    names = output_names(scene_stem(scene), vector_format)
-    return {k: as_location(out.url(v)) or "" for k, v in names.items() if k != "style"}
 
 
 def _expand_scenes(scenes: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -234,12 +226,14 @@ def _preflight(paths: list[str], contract: Contract, opts: PredictOptions, ref: 
                 log.info("%s: finished by an earlier run; skipped", p)
                 names = output_names(stem, opts.vector_format)
                 results[stem] = scene_result(
-                    plan, "skipped", files=manifest.scenes[stem].get("files", []),
+                    plan, "skipped", files=[out.url(n) for n in manifest.scenes[stem].get("files", [])],
                     classes_path=as_location(out.url(names["classes"])),
                     probabilities_path=as_location(out.url(names["probabilities"])) if opts.probabilities else None,
                     vector_path=as_location(out.url(names["vector"])) if "vector" in names else None)
             elif not opts.overwrite and not staging_matches(plan):
-                _check_free(p, out, output_names(stem, opts.vector_format), opts.probabilities)
+                for kind, name in output_names(stem, opts.vector_format).items():
+                    if kind != "probabilities" or opts.probabilities:
+                        check_writable(out.url(name), overwrite=False)
         except GeoSegError as exc:
             if len(paths) == 1:
                 raise
@@ -261,15 +255,6 @@ def _plan_scene(p: str, contract: Contract, opts: PredictOptions, ref: ModelRef,
     fp = fingerprint(info, pre.band_indexes, tile, overlap, ref, opts)
     return ScenePlan(info, scene_stem(p), tuple(pre.band_indexes), tile, overlap, out.location, fp,
                      tuple(pre.warnings))
-
-
-def _check_free(scene: str, out: Store, names: dict[str, str], probabilities: bool) -> None:
-    for kind, name in names.items():
-        if kind == "probabilities" and not probabilities:
-            continue
-        if out.exists(name):
-            raise OutputExistsError(f"{out.url(name)}: already exists; pass --overwrite to replace it or choose "
-                                    "another --output-dir")
 
 
 def _run(plans: list[ScenePlan], bundle: Bundle, model: Any, ref: ModelRef, opts: PredictOptions, scheduler: Any,
@@ -307,7 +292,7 @@ def _job_files(results: list[SceneResult], out: Store, name: str, manifest: Mani
                merge_format: str | None) -> list[str]:
     files = [out.url(MANIFEST)] if manifest.scenes else []
     finished = [r for r in results if r.status in ("done", "skipped")]
-    maps = [str(r.classes_path or out.url(f"{scene_stem(r.scene)}.classes.tif")) for r in finished]
+    maps = [str(r.classes_path) for r in finished]
     if len(maps) >= 2:
         from geoseg.mosaic import write_mosaic
 

@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
@@ -337,7 +336,12 @@ def cog_options(spec: OutputSpec, compress: str) -> dict[str, Any]:
     return opts
 
 
-def check_writable(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``."""
-    if path.exists() and not overwrite:
+def check_writable(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse an existing output (a local path or a URL) unless ``overwrite``."""
+    if overwrite:
+        return
+    from geoseg.store import parent_and_name
+
+    store, name = parent_and_name(path)
+    if store.exists(name):
         raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it or choose another --output-dir")

@@ -87,11 +87,9 @@ def _str(p: Any) -> str | None:
 
 def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> str:
     """Write a JSON report whole (a local path or a URL); returns where it went."""
-    from geoseg.store import Store
+    from geoseg.store import parent_and_name
 
-    p = os.fspath(path)
-    folder, _, name = p.replace("\\", "/").rpartition("/")
-    store = Store(folder or ".")
+    store, name = parent_and_name(path)
     store.prepare()
     return store.write_text(name, json.dumps(report, indent=2, default=str) + "\n")
 

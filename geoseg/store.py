@@ -488,6 +488,12 @@ class Store:
         log.debug("published folder %s", dest)
 
 
+def parent_and_name(location: str | os.PathLike[str]) -> tuple[Store, str]:
+    """The store holding the file ``location`` (a path or URL) and the file's name in it."""
+    folder, _, name = os.fspath(location).replace("\\", "/").rstrip("/").rpartition("/")
+    return Store(folder or "."), name
+
+
 def local_workdir(store: Store, name: str) -> Path:
     """A local scratch folder for building the outputs of ``store``; created if needed.
 

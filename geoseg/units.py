@@ -116,7 +116,9 @@ class ScenePlan:
     @property
     def staging(self) -> str:
         """The scene's staging folder (local path or URL), beside its outputs."""
-        return join(self.output_dir, STAGING, self.stem)
+        from geoseg.store import Store
+
+        return Store(self.output_dir).url(f"{STAGING}/{self.stem}")
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,6 @@ class Unit:
         """Chips this unit computes when it starts at its first row."""
         g = self.scene.grid
         return len(g.rows_touching(self.r0, self.r1)) * len(g.cols_touching(self.c0, self.c1))
-
-
-def join(location: str, *parts: str) -> str:
-    """``location`` joined with ``parts``: '/' for URLs, the OS separator for local folders."""
-    if "://" in location:
-        return "/".join([location.rstrip("/"), *parts])
-    return os.path.join(location, *parts)
 
 
 def strip_key(output: str, row: int, c0: int, c1: int) -> str:
