@@ -296,6 +296,16 @@ def fetch_bundle(url: str, digest: str | None = None) -> Path:
     return cache / "bundle"
 
 
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """A tensor in its own memory (not a view of the weights file, which is then released), float32, and
+    channels_last when 4-D: the layout inference runs in, so no second copy is made on the CPU or CUDA."""
+    import torch
+
+    if t.is_floating_point():
+        t = t.float()
+    return t.clone(memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
+
+
 def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -322,21 +332,31 @@ def load_model(path: str | os.PathLike[str] | Bundle) -> LoadedModel:
     Raises:
         BundleError: the bundle is not valid or its weights do not fit its architecture.
     """
+    import torch
+
     from geoseg.models import build_network
 
     bundle = path if isinstance(path, Bundle) else read_bundle(path)
-    net = build_network(bundle.contract)
     try:
         state = _read_state_dict(bundle.weights_path)
     except BundleError:
         raise
     except Exception as exc:
         raise BundleError(f"{bundle.weights_path}: cannot read weights ({exc}); re-export the bundle") from None
+    # the network is built without memory (meta tensors) and takes the file's tensors as they are: no random
+    # initialisation to overwrite, and one copy of the weights instead of two (about 100 MB less peak
+    # memory for U-Net resnet18)
+    state = {k: _own_copy(v) for k, v in state.items()}
+    with torch.device("meta"):
+        net = build_network(bundle.contract)
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         msg = str(exc).splitlines()[0]
         raise BundleError(f"{bundle.weights_path}: weights do not fit the contract's network ({msg})") from None
+    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):  # a buffer that is not saved with the weights
+        net = build_network(bundle.contract)
+        net.load_state_dict(state, strict=True)
     net.eval()
     return LoadedModel(bundle, net)
 

@@ -44,6 +44,23 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return out
 
 
+class BatchSize(click.ParamType):
+    """``auto`` or a positive whole number."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r}: give a positive whole number of chips, or auto", param, ctx)
+        return n
+
+
 # ------------------------------------------------------------------ options shared by several commands
 opt_model = click.option("--model", "-m", "model", required=True, type=click.Path(exists=False),
                          help="Model bundle: a directory with model.json, or a geoseg .safetensors file.")
@@ -53,13 +70,15 @@ opt_tile_size = click.option("--tile-size", type=int, default=None,
                              help="Chip size in pixels [default: the bundle's chip size].")
 opt_overlap = click.option("--overlap", type=int, default=None,
                            help="Pixels shared by neighbouring chips [default: the bundle's overlap].")
-opt_batch_size = click.option("--batch-size", type=int, default=8, show_default=True,
-                              help="Chips per model batch.")
+opt_batch_size = click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
+                              help="Chips per model batch; auto: about one 512 px chip of pixels per batch on a "
+                                   "CPU, what fits in 60% of free memory on a GPU.")
 opt_device = click.option("--device", default="auto", show_default=True,
                           help="auto (CUDA when available), cpu, cuda or cuda:N.")
 opt_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                              default="auto", show_default=True,
-                             help="Mixed precision on CUDA (auto: bf16 where supported); CPU runs fp32.")
+                             help="Number format of the network. auto: bf16 on CUDA where supported (else fp16); "
+                                  "on a CPU bf16 with Intel AMX, else fp32.")
 opt_workers = click.option("--workers", type=int, default=None,
                            help="Reader threads and Dask workers [default: min(4, CPU cores)].")
 opt_bands = click.option("--bands", callback=_int_list, default=None, metavar="N,N,...",
@@ -250,8 +269,8 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
         earlier = sum(s.status == "skipped" for s in run.scenes)
         note = f" ({earlier} finished by an earlier run)" if earlier else ""
         click.echo(f"{len(run.scenes)} scene(s){note}, {run.pixels / 1e6:.1f} MPix in {run.seconds:.1f} s "
-                   f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device}, "
-                   f"{run.scheduler} scheduler")
+                   f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device} "
+                   f"({run.options.precision}, batch {run.options.batch_size}), {run.scheduler} scheduler")
     if run.failed:
         click.echo(f"Error: {len(run.failed)} of {len(run.scenes)} scene(s) failed; the others were written",
                    err=True)
@@ -421,6 +440,7 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
 @opt_overlap
 @opt_batch_size
 @opt_device
+@opt_precision
 @opt_workers
 @click.option("--tta", is_flag=True, help="Average over flips and 90-degree rotations.")
 @click.option("--keep-prediction", is_flag=True, help="Keep the class map in --output-dir.")
@@ -428,8 +448,8 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
 @click.pass_context
 def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_column: str | None,
              label_value: int | None, within: str | None, output_dir: str, bands: list[int] | None,
-             tile_size: int | None, overlap: int | None, batch_size: int, device: str, workers: int | None,
-             tta: bool, keep_prediction: bool, overwrite: bool) -> None:
+             tile_size: int | None, overlap: int | None, batch_size: int | str, device: str, precision: str,
+             workers: int | None, tta: bool, keep_prediction: bool, overwrite: bool) -> None:
     """Predict a scene with a model and score it against labels (IoU, F1, precision, recall)."""
     from geoseg.evaluate import evaluate as evaluate_tool
 
@@ -437,8 +457,8 @@ def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_colu
     try:
         result = evaluate_tool(model, image, labels, label_column=label_column, label_value=label_value,
                                within=within, output_dir=output_dir, bands=bands, tile_size=tile_size,
-                               overlap=overlap, batch_size=batch_size, device=device, workers=workers, tta=tta,
-                               keep_prediction=keep_prediction, overwrite=overwrite, progress=bar)
+                               overlap=overlap, batch_size=batch_size, device=device, precision=precision,
+                               workers=workers, tta=tta, keep_prediction=keep_prediction, overwrite=overwrite, progress=bar)
     finally:
         bar.close()
     click.echo(result.markdown_path.read_text().rstrip())

@@ -14,6 +14,7 @@ model digest (:func:`worker_runtime`), so it loads a model once however many uni
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from rasterio.windows import transform as window_transform
 from geoseg.blend import RollingAccumulator, chip_weights, normalise
 from geoseg.bundle import LoadedModel
 from geoseg.errors import BundleError
+from geoseg.hardware import DeviceSettings
 from geoseg.raster import BLOCK, OutputSpec, SceneReader, gdal_env
 from geoseg.store import Store
 from geoseg.tiling import Chip, clip_to_scene
@@ -39,6 +41,9 @@ from geoseg.units import ModelRef, PredictOptions, Unit, parse_strip, strip_key
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "model", "blend", "write", "cog", "vectorize")
+# rows the blend accumulator finalises at a time: it holds chip + RING_STEP - 1 rows (640 for 512 px chips
+# instead of 1024 with whole strips), and finished rows wait as class ids until their strip of BLOCK rows is full
+RING_STEP = 128
 Advance = Callable[[str, int, int], None]  # (scene, chips, pixels): called as chips and strips complete
 
 
@@ -52,11 +57,23 @@ class Runtime:
     def __init__(self, model: LoadedModel, options: PredictOptions):
         from geoseg.inference import ModelServer, Predictor
 
+        if not isinstance(options.batch_size, int) or options.precision == "auto":
+            # predict_scenes resolves auto once per job; units made by hand get this process's choice
+            from geoseg.hardware import resolve_settings
+
+            settings = resolve_settings(options, model.contract.chip_size, len(model.contract.input.bands),
+                                        load=lambda: model)
+            options = dataclasses.replace(options, precision=settings.precision, batch_size=settings.batch_size)
+        assert isinstance(options.batch_size, int)
         self.contract = model.contract
         self.predictor = Predictor(model, options.device, options.precision, options.tta)
         self.server = ModelServer(self.predictor, options.batch_size)
         self.readers = ThreadPoolExecutor(options.resolved_workers(), thread_name_prefix="geoseg-read")
-        self.slots = threading.Semaphore(3 * options.batch_size)  # chips read but not yet blended, all units
+        self.slots = threading.Semaphore(max(6, 3 * options.batch_size))  # chips read, not yet blended
+        # units blending at once: on a CPU one unit keeps the model busy (its reads run ahead on the reader
+        # threads), and each unit holds a blend accumulator as wide as its panel, so one at a time keeps
+        # memory flat as scenes grow; a GPU may need several units' blending to keep up with it
+        self.unit_gate = threading.Semaphore(1 if self.predictor.device.type == "cpu" else options.resolved_workers())
         self.cancel = threading.Event()
         self.server.__enter__()
 
@@ -110,6 +127,15 @@ def worker_runtime(model: ModelRef, options: PredictOptions) -> Runtime:
                 _RUNTIMES.pop(next(iter(_RUNTIMES))).close()
             rt = _RUNTIMES[key] = Runtime(load_model(bundle), options)
         return rt
+
+
+def worker_settings(model: ModelRef, options: PredictOptions, tile: int, bands: int) -> DeviceSettings:
+    """The job's device settings (:func:`geoseg.hardware.resolve_settings`) as a dask worker sees them."""
+    from geoseg.bundle import load_model
+    from geoseg.hardware import resolve_settings
+
+    _set_worker_threads()
+    return resolve_settings(options, tile, bands, load=lambda: load_model(model.read()))
 
 
 def _set_worker_threads() -> None:
@@ -170,13 +196,29 @@ def run_unit(unit: Unit, runtime: Runtime | None = None, advance: Advance | None
         advance(plan.scene, 0, (start - unit.r0) * (unit.c1 - unit.c0))
     if start >= unit.r1:
         return result
-    with gdal_env():
-        reader = SceneReader(plan.info.path, list(plan.band_indexes), rt.contract.input.mean, rt.contract.input.std)
-        try:
-            _Rolling(unit, rt, reader, store, result, advance).run(start)
-        finally:
-            reader.close()
+    while not rt.unit_gate.acquire(timeout=0.5):
+        if rt.cancel.is_set():
+            raise Cancelled()
+    try:
+        with gdal_env():
+            reader = SceneReader(plan.info.path, list(plan.band_indexes), rt.contract.input.mean,
+                                 rt.contract.input.std)
+            try:
+                _Rolling(unit, rt, reader, store, result, advance).run(start)
+            finally:
+                reader.close()
+    finally:
+        rt.unit_gate.release()
     return result
+
+
+@dataclass
+class _Strip:
+    """A strip of output rows being finalised (staged when full): first row, class ids, encoded probabilities."""
+
+    r0: int
+    classes: np.ndarray
+    probs: np.ndarray | None
 
 
 class _Rolling:
@@ -193,6 +235,7 @@ class _Rolling:
         self.classes_spec = classes_spec(contract.classes)
         self.probs_spec = (probabilities_spec(contract.classes, unit.options.probabilities_dtype)
                            if unit.options.probabilities else None)
+        self.strip: _Strip | None = None  # the strip being filled, RING_STEP rows at a time
 
     def _chips(self, start: int) -> Iterator[Chip]:
         u, g = self.unit, self.grid
@@ -216,7 +259,7 @@ class _Rolling:
         cols = grid.cols_touching(u.c0, u.c1)
         x_lo = grid.xs[cols.start]
         x_hi = min(grid.xs[cols.stop - 1] + grid.chip, u.scene.info.width)
-        acc = RollingAccumulator(len(rt.contract.classes), x_lo, x_hi - x_lo, chip=grid.chip, step=BLOCK, top=start)
+        acc = RollingAccumulator(len(rt.contract.classes), x_lo, x_hi - x_lo, chip=grid.chip, step=RING_STEP, top=start)
         chips = self._chips(start)
         inflight: deque[tuple[Chip, Future[Any]]] = deque()
 
@@ -238,14 +281,14 @@ class _Rolling:
                 c, fut = inflight.popleft()
                 try:
                     row_off = max(int(c.window.row_off), start)
-                    while acc.top + BLOCK <= row_off:  # rows above this chip row are final
-                        self._emit(acc, BLOCK)
+                    while acc.top + RING_STEP <= row_off:  # rows above this chip row are final
+                        self._emit(acc, RING_STEP)
                     self._blend(acc, c, fut, start)
                 finally:
                     rt.slots.release()
                 top_up()
             while acc.top < u.r1:
-                self._emit(acc, min(BLOCK, u.r1 - acc.top))
+                self._emit(acc, min(RING_STEP, u.r1 - acc.top))
         finally:
             for _, fut in inflight:  # on error: let the readers finish, give their slots back
                 fut.cancel() or fut.exception()
@@ -271,15 +314,40 @@ class _Rolling:
             self.advance(self.unit.scene.scene, 1, 0)
 
     def _emit(self, acc: RollingAccumulator, n: int) -> None:
-        """Finalise the top ``n`` rows of the accumulator and stage them as strips of columns ``[c0, c1)``."""
+        """Finalise the top ``n`` rows of the accumulator into the strip being filled; stage it when it has
+        :data:`BLOCK` rows or reaches the unit's bottom."""
         u = self.unit
         t0 = time.perf_counter()
-        r0, c0, c1 = acc.top, u.c0, u.c1
+        if self.strip is None:
+            rows = min(BLOCK, u.r1 - acc.top)
+            k = len(self.rt.contract.classes)
+            self.strip = _Strip(acc.top, np.empty((1, rows, u.c1 - u.c0), dtype=self.classes_spec.dtype),
+                                None if self.probs_spec is None else
+                                np.empty((k, rows, u.c1 - u.c0), dtype=self.probs_spec.dtype))
+        strip = self.strip
+        at = acc.top - strip.r0
+        self._finalise(acc, n, strip.classes[:, at:at + n],
+                       None if strip.probs is None else strip.probs[:, at:at + n])
+        acc.advance(n)
+        self.result.seconds["blend"] += time.perf_counter() - t0
+        if acc.top - strip.r0 < strip.classes.shape[1]:
+            return
+        self.strip = None
+        t0 = time.perf_counter()
+        rows = strip.classes.shape[1]
+        window = Window(u.c0, strip.r0, u.c1 - u.c0, rows)
+        # probabilities first: a strip counts as staged when its class strip is there
+        if strip.probs is not None and self.probs_spec is not None:
+            self._stage(strip_key("probabilities", strip.r0, u.c0, u.c1), strip.probs, window, self.probs_spec)
+        self._stage(strip_key("classes", strip.r0, u.c0, u.c1), strip.classes, window, self.classes_spec)
+        self.result.seconds["write"] += time.perf_counter() - t0
+        if self.advance is not None:
+            self.advance(u.scene.scene, 0, rows * (u.c1 - u.c0))
+
+    def _finalise(self, acc: RollingAccumulator, n: int, classes: np.ndarray, probs_out: np.ndarray | None) -> None:
+        """Class ids (and encoded probabilities) of the accumulator's top ``n`` rows, columns ``[c0, c1)``."""
+        c0, c1 = self.unit.c0, self.unit.c1
         sums, wsum = acc.peek(n)
-        classes = np.empty((1, n, c1 - c0), dtype=self.classes_spec.dtype)
-        probs_out = None
-        if self.probs_spec is not None:
-            probs_out = np.empty((sums.shape[0], n, c1 - c0), dtype=self.probs_spec.dtype)
         # column chunks keep the temporaries (argmax indexes, normalised probabilities) small
         for a in range(c0, c1, 2048):
             b = min(a + 2048, c1)
@@ -299,17 +367,6 @@ class _Rolling:
                     enc = p
                     enc[:, ~valid] = np.nan
                 probs_out[:, :, out] = enc
-        acc.advance(n)
-        self.result.seconds["blend"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        window = Window(c0, r0, c1 - c0, n)
-        # probabilities first: a strip counts as staged when its class strip is there
-        if probs_out is not None and self.probs_spec is not None:
-            self._stage(strip_key("probabilities", r0, c0, c1), probs_out, window, self.probs_spec)
-        self._stage(strip_key("classes", r0, c0, c1), classes, window, self.classes_spec)
-        self.result.seconds["write"] += time.perf_counter() - t0
-        if self.advance is not None:
-            self.advance(u.scene.scene, 0, n * (c1 - c0))
 
     def _stage(self, key: str, array: np.ndarray, window: Window, spec: OutputSpec) -> None:
         info = self.unit.scene.info

@@ -100,8 +100,9 @@ def evaluate(
     bands: list[int] | None = None,
     tile_size: int | None = None,
     overlap: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     device: str = "auto",
+    precision: str = "auto",
     workers: int | None = None,
     tta: bool = False,
     keep_prediction: bool = False,
@@ -121,7 +122,7 @@ def evaluate(
         label_nodata: label raster value meaning "unlabelled" (default: the raster's nodata).
         within: a vector file or shapely geometry (scene CRS) limiting the scored area.
         output_dir: folder for the JSON, Markdown and PNG reports (and the class map when kept).
-        bands, tile_size, overlap, batch_size, device, workers, tta: as for :func:`geoseg.predict.predict_scene`.
+        bands, tile_size, overlap, batch_size, device, precision, workers, tta: as for :func:`geoseg.predict.predict_scene`.
         keep_prediction: keep the class map in ``output_dir`` (else it goes to a temporary folder).
         overwrite: replace existing reports.
         progress: passed on to the predict engine.
@@ -157,7 +158,8 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix=".geoseg-eval-", dir=out) as tmp:
         pred_dir = out if keep_prediction else Path(tmp)
         result = predict_scene(image, loaded, pred_dir, tile_size=tile_size, overlap=overlap,
-                               batch_size=batch_size, device=device, workers=workers, bands=bands, tta=tta,
+                               batch_size=batch_size, device=device, precision=precision, workers=workers, bands=bands,
+                               tta=tta,
                                overwrite=overwrite, progress=progress, vector_format=None)
         cm = _compare(Path(str(result.classes_path)), label_src, ClassMap(contract.class_ids), info, area)
         prediction = Path(str(result.classes_path)) if keep_prediction else None

@@ -23,11 +23,13 @@ import torch
 
 from geoseg.bundle import LoadedModel
 from geoseg.errors import GeoSegError, InputError
+from geoseg.hardware import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["DEVICES", "PRECISIONS", "ModelServer", "Predictor", "resolve_device", "resolve_precision"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,17 +55,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or ``None`` for float32. ``auto``: bf16 on CUDA when supported, else fp16; fp32 on CPU."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
 # test-time augmentation: (forward transform, inverse transform) on (N, C, H, W) tensors
 _TTA: list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = [
     (lambda t: t, lambda t: t),
@@ -76,19 +67,21 @@ _TTA: list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor]
 
 
 class Predictor:
-    """A loaded model on its device: ``_forward`` turns ``(N, C, H, W)`` inputs into ``(N, K, H, W)`` probabilities.
+    """A loaded model on its device: :meth:`forward` turns ``(N, C, H, W)`` inputs into ``(N, K, H, W)`` probabilities.
 
     Args:
         model: the loaded bundle.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (autocast on CUDA only).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see :func:`geoseg.hardware.resolve_precision`):
+            autocast of the network; the softmax always runs in float32.
         tta: average the probabilities over flips and 90-degree rotations (6x the model work).
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False):
         self.contract = model.contract
         self.device = resolve_device(device)
-        self.amp_dtype = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.amp_dtype = AMP_DTYPES[self.precision]
         self.tta = tta
         net = model.module.to(self.device).eval()
         self.channels_last = self.device.type in ("cpu", "cuda")
@@ -101,7 +94,7 @@ class Predictor:
         self.net = net
         self.sigmoid = self.contract.model.activation == "sigmoid"
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits -> probabilities for one device batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` float32."""
         transforms = _TTA if self.tta else _TTA[:1]
         probs: torch.Tensor | None = None
@@ -245,7 +238,7 @@ class ModelServer:
                 x = torch.from_numpy(batch)
                 if pred.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                probs = pred._forward(x).contiguous()  # (N, K, H, W) rows for the blend, whatever the layout
+                probs = pred.forward(x).contiguous()  # (N, K, H, W) rows for the blend, whatever the layout
                 dt = time.perf_counter() - t0
                 self.seconds += dt
                 return probs.numpy(), dt
@@ -257,7 +250,7 @@ class ModelServer:
                 x = host_in.to(pred.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             torch.cuda.current_stream(pred.device).wait_stream(self._copy_stream)
             x.record_stream(torch.cuda.current_stream(pred.device))
-            probs = pred._forward(x)
+            probs = pred.forward(x)
             k = probs.shape[1]
             host_out = self._pinned(self._host_out, slot, (self.batch_size, k, *batch.shape[2:]))
             host_out.copy_(probs, non_blocking=True)

@@ -59,7 +59,7 @@ class JobOptions(_Strict):
 
     tile_size: int | None = Field(default=None, ge=16, description="chip side in pixels; default the bundle's")
     overlap: int | None = Field(default=None, ge=0, description="chip overlap in pixels; default the bundle's")
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int | str = Field(default="auto", description="chips per model call; auto: chosen per device")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     precision: Precision = "auto"
     workers: int | None = Field(default=None, ge=1, description="reader threads; default min(4, CPU cores)")
@@ -76,6 +76,17 @@ class JobOptions(_Strict):
     min_area: float | str | None = Field(default=None, description="40px, 200m2, 0.5ha; a plain number is pixels")
     simplify: float | str | None = Field(default=None, description="1m, 0.5px; a plain number is CRS units")
     connectivity: Literal[4, 8] = 4
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{v!r}: give a whole number of chips (an integer) or auto")
+        if v < 1:
+            raise ValueError(f"{v}: must be greater than or equal to 1, or auto")
+        return v
 
     @field_validator("bands")
     @classmethod

@@ -23,6 +23,7 @@ from geoseg.blend import get_profile
 from geoseg.bundle import Bundle, Contract, LoadedModel, bundle_digest, check_scene, read_bundle
 from geoseg.errors import GeoSegError, InputError
 from geoseg.finish import output_names
+from geoseg.hardware import DeviceSettings
 from geoseg.job import (
     JobOutcome,
     ProgressCallback,
@@ -61,6 +62,7 @@ class RunResult:
     workers: int = 1
     output_dir: str = "."
     files: list[str] = field(default_factory=list)  # job-level files: manifest, mosaic
+    machine: str = ""  # the CPU or GPU the device settings were chosen for
 
     @property
     def pixels(self) -> int:
@@ -109,8 +111,9 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
         overlap = contract.overlap if contract.overlap * 2 <= tile else tile // 4
     if not 0 <= overlap * 2 <= tile:
         raise InputError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile // 2})")
-    if opts.batch_size < 1:
-        raise InputError(f"--batch-size {opts.batch_size}: must be at least 1")
+    if opts.batch_size != "auto" and (not isinstance(opts.batch_size, int) or isinstance(opts.batch_size, bool)
+                                      or opts.batch_size < 1):
+        raise InputError(f"--batch-size {opts.batch_size}: must be a positive whole number or auto")
     if opts.compress not in COMPRESSIONS:
         raise InputError(f"--compress {opts.compress}: valid values are {', '.join(COMPRESSIONS)}")
     if opts.probabilities_dtype not in PROBABILITY_DTYPES:
@@ -187,9 +190,57 @@ def predict_scenes(
     check_scheduler(scheduler)
     paths = _expand_scenes(scenes)
     out_dir = os.fspath(output_dir)
-    out = Store(out_dir)
     # workers load the model from where the job found it: the URL it was fetched from, or the local path
     ref = ModelRef(bundle.source or str(Path(bundle.path).resolve()), bundle_digest(bundle.files))
+    loader = _Loader(bundle, model)
+    dask_sched = None
+    if scheduler is not None and scheduler != "threads":
+        from geoseg.schedule import open_dask
+
+        dask_sched = open_dask(scheduler)
+    try:
+        settings = _device_settings(opts, tile, len(contract.input.bands), ref, dask_sched, loader)
+        opts.precision, opts.batch_size = settings.precision, settings.batch_size
+        return _job(paths, bundle, loader, ref, opts, tile, overlap, out_dir, dask_sched, settings, progress, name,
+                    merge_vectors, started)
+    finally:
+        if dask_sched is not None:
+            dask_sched.close()
+
+
+class _Loader:
+    """The job's model in this process, loaded at most once (only the local scheduler and CUDA sizing need it)."""
+
+    def __init__(self, bundle: Bundle, model: Any):
+        self.bundle = bundle
+        self.loaded: LoadedModel | None = model if isinstance(model, LoadedModel) else None
+
+    def __call__(self) -> LoadedModel:
+        if self.loaded is None:
+            from geoseg.bundle import load_model
+
+            self.loaded = load_model(self.bundle)
+        return self.loaded
+
+
+def _device_settings(opts: PredictOptions, tile: int, bands: int, ref: ModelRef, dask_sched: Any,
+                     loader: _Loader) -> DeviceSettings:
+    """``auto`` precision and batch size made concrete once for the job, where the model runs."""
+    from geoseg.hardware import resolve_settings
+
+    if dask_sched is not None:
+        return dask_sched.device_settings(ref, opts, tile, bands)
+    settings = resolve_settings(opts, tile, bands, load=loader)
+    log.info("model settings: %s, batch %d on %s (%s)", settings.precision, settings.batch_size, settings.device,
+             settings.machine)
+    return settings
+
+
+def _job(paths: list[str], bundle: Bundle, loader: _Loader, ref: ModelRef, opts: PredictOptions, tile: int,
+         overlap: int, out_dir: str, dask_sched: Any, settings: DeviceSettings, progress: ProgressCallback | None,
+         name: str, merge_vectors: bool, started: float) -> RunResult:
+    contract = bundle.contract
+    out = Store(out_dir)
     manifest = Manifest(out_dir)
     plans, results = _preflight(paths, contract, opts, ref, out, manifest, tile, overlap)
     todo = [p for p in plans if p.stem not in results]
@@ -197,7 +248,7 @@ def predict_scenes(
     if failed and len(failed) == len(paths):
         raise failed[0].exception or GeoSegError(failed[0].error or "every scene failed")
     out.prepare()
-    outcome, sched_name, workers = _run(todo, bundle, model, ref, opts, scheduler, manifest, progress)
+    outcome, sched_name, workers = _run(todo, loader, ref, opts, dask_sched, manifest, progress)
     results.update(outcome.results)
     ordered = [results[scene_stem(p)] for p in paths]
     if todo and all(r.status == "failed" for r in ordered):
@@ -205,7 +256,8 @@ def predict_scenes(
         raise first.exception or GeoSegError(first.error or "every scene failed")
     files = _job_files(ordered, out, name, manifest, opts.vector_format if merge_vectors else None)
     return RunResult(ordered, time.perf_counter() - started, outcome.stage_seconds, contract, str(bundle.path),
-                     opts, outcome.device or opts.device, outcome.amp, sched_name, workers, out_dir, files)
+                     opts, outcome.device or settings.device, outcome.amp, sched_name, workers, out_dir, files,
+                     machine=settings.machine)
 
 
 def _preflight(paths: list[str], contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store,
@@ -257,35 +309,27 @@ def _plan_scene(p: str, contract: Contract, opts: PredictOptions, ref: ModelRef,
                      tuple(pre.warnings))
 
 
-def _run(plans: list[ScenePlan], bundle: Bundle, model: Any, ref: ModelRef, opts: PredictOptions, scheduler: Any,
+def _run(plans: list[ScenePlan], loader: _Loader, ref: ModelRef, opts: PredictOptions, dask_sched: Any,
          manifest: Manifest, progress: ProgressCallback | None) -> tuple[JobOutcome, str, int]:
     from geoseg.engine import STAGES
 
     if not plans:
         return JobOutcome({}, dict.fromkeys(STAGES, 0.0)), "threads", 0
-    if scheduler is None or scheduler == "threads":
-        from geoseg.bundle import load_model
-        from geoseg.engine import Runtime
-        from geoseg.schedule import LocalScheduler
-
-        loaded = model if isinstance(model, LoadedModel) else load_model(bundle)
-        runtime = Runtime(loaded, opts)
-        workers = opts.resolved_workers()
-        local = LocalScheduler(runtime, workers, None)
-        try:
-            outcome = run_plans(plans, ref, opts, local, manifest, progress)
-        finally:
-            local.close()
-            runtime.close()
-        outcome.device, outcome.amp = str(runtime.predictor.device), runtime.amp
-        return outcome, local.name, workers
-    from geoseg.schedule import open_dask
-
-    dask_sched = open_dask(scheduler)
-    try:
+    if dask_sched is not None:
         return run_plans(plans, ref, opts, dask_sched, manifest, progress), dask_sched.name, dask_sched.workers
+    from geoseg.engine import Runtime
+    from geoseg.schedule import LocalScheduler
+
+    runtime = Runtime(loader(), opts)
+    workers = opts.resolved_workers()
+    local = LocalScheduler(runtime, workers, None)
+    try:
+        outcome = run_plans(plans, ref, opts, local, manifest, progress)
     finally:
-        dask_sched.close()
+        local.close()
+        runtime.close()
+    outcome.device, outcome.amp = str(runtime.predictor.device), runtime.amp
+    return outcome, local.name, workers
 
 
 def _job_files(results: list[SceneResult], out: Store, name: str, manifest: Manifest,

@@ -24,9 +24,10 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from geoseg.engine import Advance, Runtime, run_unit
+from geoseg.engine import Advance, Runtime, run_unit, worker_settings
 from geoseg.errors import InputError
 from geoseg.finish import finish_scene
+from geoseg.hardware import DeviceSettings
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, Unit
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ class DaskScheduler:
     @property
     def workers(self) -> int:
         return len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+
+    def device_settings(self, model: ModelRef, options: PredictOptions, tile: int, bands: int) -> DeviceSettings:
+        """``auto`` precision and batch size, resolved on one of the cluster's workers (where the model runs)."""
+        key = f"geoseg-settings-{self._token}"
+        return self.client.submit(worker_settings, model, options, tile, bands, key=key, pure=False).result()
 
     def submit_unit(self, unit: Unit) -> Any:
         key = f"geoseg-unit-{unit.scene.stem}-{unit.c0}-{unit.r0}-{self._token}"

@@ -46,7 +46,7 @@ class PredictOptions:
 
     tile_size: int | None = None
     overlap: int | None = None
-    batch_size: int = 8
+    batch_size: int | str = "auto"  # chips per model call; auto: chosen per device (geoseg.hardware)
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None

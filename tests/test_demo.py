@@ -3,6 +3,7 @@ import pytest
 import rasterio
 
 from geoseg.demo import run_demo
+from geoseg.evaluate import evaluate
 from geoseg.errors import OutputExistsError
 from geoseg.synthetic import CLASSES, make_scene
 
@@ -29,3 +30,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert 0 <= res.scores["accuracy"] <= 1 and "mean IoU" in res.summary()
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_demo(tmp_path / "demo", size=256, train_size=256, epochs=1, device="cpu")
+    # the trained model in bf16 (what --precision auto picks on an AMX CPU) against fp32, on its scene
+    maps, mious = {}, {}
+    for p in ("fp32", "bf16"):
+        ev = evaluate(res.bundle, res.scene, res.truth, output_dir=tmp_path / p, precision=p, device="cpu",
+                      keep_prediction=True)
+        assert ev.prediction_path is not None
+        with rasterio.open(ev.prediction_path) as ds:
+            maps[p] = ds.read(1)
+        mious[p] = ev.metrics["miou"]
+    assert (maps["fp32"] == maps["bf16"]).mean() >= 0.995
+    assert abs(mious["fp32"] - mious["bf16"]) <= 0.002

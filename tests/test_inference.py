@@ -17,7 +17,7 @@ def test_cpu_runs_channels_last_with_the_same_probabilities(tmp_path):
     with torch.inference_mode():
         want = torch.softmax(loaded.module.eval()(x), dim=1)
         pred = Predictor(loaded, "cpu", "fp32")
-        got = pred._forward(x.contiguous(memory_format=torch.channels_last))
+        got = pred.forward(x.contiguous(memory_format=torch.channels_last))
     conv = next(m for m in pred.net.modules() if isinstance(m, torch.nn.Conv2d))
     assert pred.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)

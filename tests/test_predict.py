@@ -214,7 +214,7 @@ def test_existing_outputs_are_refused_and_failures_leave_nothing(tmp_path, ident
     def boom(self, x):
         raise RuntimeError("model exploded")
 
-    monkeypatch.setattr(geoseg.inference.Predictor, "_forward", boom)
+    monkeypatch.setattr(geoseg.inference.Predictor, "forward", boom)
     with pytest.raises(RuntimeError, match="model exploded"):
         predict_scene(scene, identity3, tmp_path / "fail")
     assert [p.name for p in (tmp_path / "fail").iterdir()] == []

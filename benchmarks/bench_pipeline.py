@@ -1,0 +1,203 @@
+"""Pipeline efficiency, speed-up over the earlier defaults, and peak memory of `geoseg predict` with a real network.
+
+One synthetic 3-band uint8 scene (default 4096 x 4096), one U-Net resnet18 with random weights (6 classes,
+512 px chips, 128 px overlap: the figures of issue 8). Every run is its own process, so its peak memory
+(ru_maxrss) is its own; they run in turn, ``--repeats`` times, and the table shows medians:
+
+- ``bare forward``: the model alone on exactly the chips predict computes (read from the scene and
+  normalised before the clock starts), at the precision, batch size and threads predict resolves, through
+  the same :class:`~geoseg.inference.Predictor` (network + softmax). The yardstick of the pipeline.
+- ``predict (defaults)``: :func:`geoseg.predict.predict_scene` in-process, ``--no-vector``: reading,
+  normalising, model, blending, strips, VRT and COG. Efficiency = its wall time / the bare forward's.
+- ``predict fp32 batch 8``: the defaults before issue 8 (``--precision fp32 --batch-size 8``).
+- ``CLI with polygons``: the whole command a user types, start-up and GeoPackage included.
+- start-up: a new interpreter importing what ``geoseg predict`` imports (torch, smp, rasterio).
+
+``--memory-sizes`` adds predict at defaults on larger scenes (peak memory as the scene grows).
+
+    python benchmarks/bench_pipeline.py                       # ~6 min on 2 cores
+    python benchmarks/bench_pipeline.py --size 2048 --repeats 1
+    python benchmarks/bench_pipeline.py --memory-sizes 8192 16384 --workdir /tmp/gs-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+N_CLASSES = 6
+
+# ----------------------------------------------------------------------------------- children
+
+
+def child_make(workdir: str, sizes: list[int], encoder: str, chip: int, overlap: int) -> None:
+    from bench_cluster import make_bundle
+
+    from geoseg.synthetic import make_scene
+
+    tmp = Path(workdir)
+    make_bundle(tmp / f"unet-{encoder}-{chip}-{overlap}", encoder, chip, overlap)
+    for n in sizes:
+        if not (tmp / f"scene{n}.tif").exists():
+            t0 = time.perf_counter()
+            make_scene(tmp / f"scene{n}.tif", tmp / f"labels{n}.tif", n, seed=n)
+            print(f"generated a {n} x {n} scene in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def child_predict(scene: str, bundle: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
+    from geoseg.predict import predict_scenes
+    from geoseg.report import peak_memory_mb
+
+    t0 = time.perf_counter()
+    run = predict_scenes([scene], bundle, out, overwrite=True, vector_format=None, **options)
+    seconds = time.perf_counter() - t0
+    s = run.scenes[0]
+    return {"seconds": seconds, "peak_memory_mb": peak_memory_mb(), "chips": s.chips_computed,
+            "precision": run.options.precision, "batch_size": run.options.batch_size, "machine": run.machine,
+            "stages": {k: round(v, 2) for k, v in run.stage_seconds.items()}}
+
+
+def child_bare(scene: str, bundle: str, options: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import rasterio
+    import torch
+
+    from geoseg.bundle import load_model
+    from geoseg.hardware import resolve_settings
+    from geoseg.inference import Predictor
+    from geoseg.raster import SceneReader
+    from geoseg.report import peak_memory_mb
+    from geoseg.tiling import ChipGrid
+    from geoseg.units import PredictOptions
+
+    loaded = load_model(bundle)
+    c = loaded.contract
+    opts = PredictOptions(**options)
+    settings = resolve_settings(opts, c.chip_size, len(c.input.bands), load=lambda: loaded)
+    pred = Predictor(loaded, opts.device, settings.precision)
+    with rasterio.open(scene) as ds:
+        grid = ChipGrid(ds.width, ds.height, c.chip_size, c.overlap)
+    reader = SceneReader(scene, list(range(1, len(c.input.bands) + 1)), c.input.mean, c.input.std)
+    chips = [reader.read(ch.window, (c.chip_size, c.chip_size))[0] for ch in grid]
+    reader.close()
+    b = settings.batch_size
+    batches = []
+    for i in range(0, len(chips), b):
+        group = chips[i:i + b]
+        group += [np.zeros_like(chips[0])] * (b - len(group))  # predict pads short batches the same way
+        batches.append(torch.from_numpy(np.stack(group)).contiguous(memory_format=torch.channels_last))
+    with torch.inference_mode():
+        pred.forward(batches[0])  # what predict's first batch pays is in predict's figure, not here
+        t0 = time.perf_counter()
+        for x in batches:
+            pred.forward(x)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "chips": len(chips), "peak_memory_mb": peak_memory_mb(),
+            "precision": settings.precision, "batch_size": b}
+
+
+# ----------------------------------------------------------------------------------- parent
+
+
+def _child(fn: str, *args: Any) -> dict[str, Any]:
+    code = (f"import sys, json; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; import bench_pipeline as b; "
+            f"r = b.{fn}(*json.loads(sys.argv[1])); print('RESULT ' + json.dumps(r))")
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], check=True, capture_output=True,
+                         text=True)
+    line = next(ln for ln in res.stdout.splitlines()[::-1] if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def _cli(scene: Path, bundle: Path, out: Path) -> dict[str, Any]:
+    report = out / "report.json"
+    cmd = [sys.executable, "-m", "geoseg.cli", "-q", "predict", str(scene), "--model", str(bundle),
+           "--output-dir", str(out), "--report", str(report), "--overwrite"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    rep = json.loads(report.read_text())
+    return {"seconds": time.perf_counter() - t0, "peak_memory_mb": rep["peak_memory_mb"]}
+
+
+def _startup() -> dict[str, Any]:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, segmentation_models_pytorch, rasterio, geoseg.predict, "
+                    "geoseg.engine"], check=True)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--encoder", default="resnet18")
+    ap.add_argument("--chip", type=int, default=512)
+    ap.add_argument("--overlap", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--memory-sizes", type=int, nargs="*", default=[], help="also predict these sizes (memory)")
+    ap.add_argument("--no-cli", action="store_true", help="skip the CLI run with polygons")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) the scenes and bundle here")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="geoseg-pipeline-") as d:
+        tmp = args.workdir or Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        sizes = sorted({args.size, *args.memory_sizes})
+        _child("child_make", str(tmp), sizes, args.encoder, args.chip, args.overlap)
+        bundle = tmp / f"unet-{args.encoder}-{args.chip}-{args.overlap}"
+        scene = tmp / f"scene{args.size}.tif"
+        runs: dict[str, list[dict[str, Any]]] = {}
+        plan = [("bare forward", "child_bare", (str(scene), str(bundle), {"device": "cpu"})),
+                ("predict (defaults)", "child_predict", (str(scene), str(bundle), str(tmp / "out"), {"device": "cpu"})),
+                ("predict fp32 batch 8", "child_predict",
+                 (str(scene), str(bundle), str(tmp / "out8"), {"device": "cpu", "precision": "fp32", "batch_size": 8}))]
+        for rep in range(args.repeats):
+            for name, fn, a in plan:
+                r = _child(fn, *a)
+                runs.setdefault(name, []).append(r)
+                print(f"[{rep + 1}/{args.repeats}] {name}: {r['seconds']:.1f} s, {r['peak_memory_mb']:.0f} MB "
+                      f"({r['precision']}, batch {r['batch_size']}, {r['chips']} chips)", flush=True)
+            runs.setdefault("start-up (imports)", []).append(_startup())
+            if not args.no_cli:
+                runs.setdefault("CLI with polygons", []).append(_cli(scene, bundle, tmp / "cli"))
+        for n in args.memory_sizes:
+            r = _child("child_predict", str(tmp / f"scene{n}.tif"), str(bundle), str(tmp / f"out{n}"),
+                       {"device": "cpu"})
+            runs[f"predict {n} x {n}"] = [r]
+            print(f"{n} x {n}: {r['seconds']:.1f} s, {r['peak_memory_mb']:.0f} MB", flush=True)
+        report(runs, args)
+
+
+def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    mem = {k: max(r.get("peak_memory_mb", 0.0) for r in v) for k, v in runs.items()}
+    first = runs["predict (defaults)"][0]
+    print(f"\nmachine: {first['machine']}; scene {args.size} x {args.size} 3-band uint8, U-Net {args.encoder}, "
+          f"{args.chip} px chips, {args.overlap} px overlap; medians of {args.repeats}")
+    print(f"{'run':<24} {'wall s':>8} {'peak MB':>8}")
+    for k in runs:
+        print(f"{k:<24} {med[k]:>8.1f} {mem[k] or float('nan'):>8.0f}")
+    bare, default, before = med["bare forward"], med["predict (defaults)"], med["predict fp32 batch 8"]
+    print(f"\npipeline efficiency (predict / bare forward, same chips, settings, threads): {default / bare:.3f}")
+    print(f"speed-up of the defaults over fp32 batch 8: {before / default:.2f}x; "
+          f"memory {mem['predict fp32 batch 8'] / mem['predict (defaults)']:.2f}x less")
+    print(f"stage busy seconds (defaults, summed over threads): {first['stages']}")
+    sized = [(args.size, mem["predict (defaults)"])] + [(n, mem[f"predict {n} x {n}"]) for n in args.memory_sizes]
+    if len(sized) > 1:
+        sized.sort()
+        print(f"peak memory {sized[-1][0]} vs {sized[0][0]}: {sized[-1][1] / sized[0][1]:.2f}x "
+              f"({sized[0][1]:.0f} -> {sized[-1][1]:.0f} MB)")
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "median_seconds": med, "peak_memory_mb": mem}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
