@@ -297,13 +297,9 @@ def fetch_bundle(url: str, digest: str | None = None) -> Path:
 
 
 def _own_copy(t: torch.Tensor) -> torch.Tensor:
-    """A tensor in its own memory (not a view of the weights file, which is then released), float32, and
-    channels_last when 4-D: the layout inference runs in, so no second copy is made on the CPU or CUDA."""
-    import torch
-
-    if t.is_floating_point():
-        t = t.float()
-    return t.clone(memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
+    """A float32 (when floating) tensor in its own memory, not a view of the weights file's buffer, so the
+    file's memory is released once the network holds its weights."""
+    return (t.float() if t.is_floating_point() else t).clone()
 
 
 def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
