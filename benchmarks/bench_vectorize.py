@@ -2,9 +2,12 @@
 
 Generates a six-class raster of land-cover-like blobs (a smoothed random field, quantised; EPSG:32633,
 10 m, tiled 512, deflate) in a temporary folder, then runs each method in its own subprocess so that the
-peak memory (the child's ru_maxrss) belongs to that method alone:
+peak memory belongs to that method alone. geoseg polygonises in worker processes, so peak memory is that
+of the method's whole process tree: the largest sum of its processes' resident sets (sampled every 20 ms;
+shared library pages count in every process that maps them, so several processes are not flattered), and
+never less than its largest process's ``ru_maxrss``:
 
-- ``geoseg``: :func:`geoseg.vectorize.vectorize_raster` to GeoPackage;
+- ``geoseg``: :func:`geoseg.vectorize.vectorize_raster` to GeoPackage (worker processes);
 - ``gdal_polygonize``: GDAL's command line tool (Debian: ``apt-get install gdal-bin``) to GeoPackage;
   skipped with a message when it is not installed;
 - ``shapes+pyogrio``: one ``rasterio.features.shapes`` call over the whole raster, then one batched
@@ -14,6 +17,7 @@ Usage::
 
     python benchmarks/bench_vectorize.py            # 8192 x 8192 (minutes)
     python benchmarks/bench_vectorize.py --size 2048 --workers 2
+    python benchmarks/bench_vectorize.py --repeats 3   # methods interleaved, medians (noisy shared machines)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,34 +113,59 @@ def child(method: str, src: str, dst: str, workers: int | None, block_size: int 
 # ---------------------------------------------------------------------------------------- parent
 
 
+def _tree_rss_mb(root: psutil.Process) -> float:
+    """Resident memory of ``root``'s descendants (not ``root`` itself), in MB."""
+    total = 0
+    for proc in root.children(recursive=True):
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:  # ended between the listing and the reading
+            continue
+    return total / 2**20
+
+
 def measure(method: str, src: Path, dst: Path, workers: int | None, block_size: int | None) -> dict[str, float]:
-    """Run one method in a fresh interpreter; its peak RSS is the max of it and its own children."""
+    """Run one method in a fresh interpreter; its peak memory is that of its whole process tree."""
     cmd = [sys.executable, __file__, "--child", method, "--src", str(src), "--dst", str(dst)]
     if workers:
         cmd += ["--workers", str(workers)]
     if block_size:
         cmd += ["--block-size", str(block_size)]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    # Wrap in a shell-free middleman so RUSAGE_CHILDREN counts this method only (max over its process tree)
+    # A shell-free middleman: RUSAGE_CHILDREN gives the largest process of this method only, and the
+    # sampler sums the middleman's descendants (the method's processes) at each instant.
     wrapper = [sys.executable, "-c",
                "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
                "sys.exit(r.returncode)", *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.run(wrapper, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+    tree_mb = 0.0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(wrapper, stdout=out, stderr=err, text=True, env=env)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            tree_mb = max(tree_mb, _tree_rss_mb(root))
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} failed:\n{proc.stderr[-2000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    rss_kb = max(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("MAXRSS"))
-    return {"seconds": out["seconds"], "wall": wall, "peak_mb": rss_kb / 1024, "features": out["features"]}
+        raise RuntimeError(f"{method} failed:\n{stderr[-2000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    rss_kb = max(int(line.split()[1]) for line in stderr.splitlines() if line.startswith("MAXRSS"))
+    return {"seconds": result["seconds"], "wall": wall, "peak_mb": max(tree_mb, rss_kb / 1024),
+            "largest_mb": rss_kb / 1024, "features": result["features"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=8192, help="raster side in pixels (default 8192)")
-    ap.add_argument("--workers", type=int, default=None, help="geoseg worker threads (default: all CPUs)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="geoseg worker processes (default: geoseg's, min(4, cores))")
     ap.add_argument("--block-size", type=int, default=None, help="geoseg block size (default: geoseg's)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each method, interleaved; the table shows medians (default 1)")
     ap.add_argument("--keep", type=Path, default=None, help="write into this folder and keep the files")
     ap.add_argument("--child", choices=["geoseg", "shapes", "gdal"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
@@ -151,19 +182,24 @@ def main() -> None:
         t0 = time.perf_counter()
         make_raster(src, args.size)
         print(f"raster: {args.size} x {args.size}, 6 classes, EPSG:32633 ({time.perf_counter() - t0:.1f} s to make)")
-        print(f"cpus: {os.cpu_count()}, geoseg workers: {args.workers or 'all'}, "
-              f"block size: {args.block_size or 'default'}")
+        print(f"cpus: {os.cpu_count()}, geoseg workers: {args.workers or 'default'}, "
+              f"block size: {args.block_size or 'default'}, repeats: {args.repeats}")
         methods = [("geoseg", "geoseg vectorize_raster"), ("gdal", "gdal_polygonize"),
                    ("shapes", "shapes + pyogrio")]
-        rows: dict[str, dict[str, float]] = {}
-        for key, label in methods:
-            if key == "gdal" and not (shutil.which("gdal_polygonize.py") or shutil.which("gdal_polygonize")):
-                print("gdal_polygonize: not installed, skipped (Debian: apt-get install -y gdal-bin)")
-                continue
-            dst = work / f"{key}.gpkg"
-            dst.unlink(missing_ok=True)
-            print(f"running {label} ...", flush=True)
-            rows[label] = measure(key, src, dst, args.workers, args.block_size)
+        if not (shutil.which("gdal_polygonize.py") or shutil.which("gdal_polygonize")):
+            print("gdal_polygonize: not installed, skipped (Debian: apt-get install -y gdal-bin)")
+            methods = [m for m in methods if m[0] != "gdal"]
+        runs: dict[str, list[dict[str, float]]] = {label: [] for _, label in methods}
+        for i in range(args.repeats):
+            for key, label in methods:
+                dst = work / f"{key}.gpkg"
+                dst.unlink(missing_ok=True)
+                print(f"running {label} ({i + 1}/{args.repeats}) ...", flush=True)
+                r = measure(key, src, dst, args.workers, args.block_size)
+                print(f"  {r['seconds']:.1f} s, peak {r['peak_mb']:.0f} MB (largest process "
+                      f"{r['largest_mb']:.0f} MB), {r['features']:.0f} features", flush=True)
+                runs[label].append(r)
+        rows = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
         base = rows["geoseg vectorize_raster"]
         print()
         print(f"{'method':<26}{'seconds':>10}{'peak MB':>10}{'features':>10}{'time/geoseg':>13}{'mem/geoseg':>12}")

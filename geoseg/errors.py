@@ -37,6 +37,10 @@ class UnknownNameError(GeoSegError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class WorkerError(GeoSegError, RuntimeError):
+    """A worker process that died before finishing its work (killed, out of memory, or failed to start)."""
+
+
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> UnknownNameError:
     """Build the error for a registry miss, listing the valid names."""
     return UnknownNameError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(valid))}")

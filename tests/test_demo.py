@@ -3,8 +3,8 @@ import pytest
 import rasterio
 
 from geoseg.demo import run_demo
-from geoseg.evaluate import evaluate
 from geoseg.errors import OutputExistsError
+from geoseg.evaluate import evaluate
 from geoseg.synthetic import CLASSES, make_scene
 
 

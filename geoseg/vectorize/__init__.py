@@ -1,10 +1,11 @@
 """Vectorise a class raster into polygons, block by block, without seams, in bounded memory.
 
 The last step of the pipeline (read -> chips -> model -> blend -> write -> **vectorise**). The raster is cut
-into square blocks of ``block_size`` pixels that are polygonised in parallel (Dask's local threaded
-scheduler). Inside a block, GDAL (``rasterio.features.shapes``, 4- or 8-neighbourhood) turns every connected
-region of one class into one polygon *piece*, in global pixel coordinates (integers, so merging is exact);
-which piece each pixel along the block's border belongs to is read off the pieces' own border edges.
+into square blocks of ``block_size`` pixels that are polygonised in parallel, in worker processes (threads
+for small rasters: :mod:`.pool`). Inside a block, GDAL (``rasterio.features.shapes``, 4- or
+8-neighbourhood) turns every connected region of one class into one polygon *piece*, in global pixel
+coordinates (integers, so merging is exact); which piece each pixel along the block's border belongs to is
+read off the pieces' own border edges.
 
 Seams: a piece that touches an internal block edge is *open*; all others are *closed* and final, and are
 measured and written at once. When a block arrives, the pixels on both sides of each of its seams with
@@ -16,10 +17,10 @@ complete) and is merged by a rectilinear ring stitch (:func:`.stitch.stitch`: sh
 the rest is relinked into rings; no GEOS overlay). The result is the same set of polygons as one whole-raster ``shapes``
 call: same count, same area per class, geometrically equal, and with 4-connectivity the very same vertices.
 
-Memory is bounded by a few blocks in flight (``2 * workers``), the open pieces along the current row of
-blocks, and one batch of features being written; never by the raster. Requesting ``simplify`` is the one
-exception: topology-preserving simplification runs on the whole coverage at once, so the polygons (not the
-raster) are then held in memory.
+Memory is bounded by the worker processes (~130 MB each, most of it their interpreter), a few blocks in
+flight (``2 * workers``), the open pieces along the current row of blocks, and one batch of features being
+written; never by the raster. Requesting ``simplify`` is the one exception: topology-preserving
+simplification runs on the whole coverage at once, so the polygons (not the raster) are then held in memory.
 
 Coordinates: the output stays in the raster's CRS unless ``to_crs`` asks otherwise; GeoJSON is always
 written in EPSG:4326 as RFC 7946 requires (logged). Areas and perimeters are in metres: planar for projected
@@ -31,14 +32,22 @@ Layout, one module per step (the public names are re-exported here):
 * :mod:`.quantities`: ``min_area`` and ``simplify`` with their units;
 * :mod:`.plan`: the raster's facts and the checked options, fixed before the first read;
 * :mod:`.blocks`: one block's pieces (GDAL) and the sliding window of blocks in flight;
+* :mod:`.pool`: where blocks run: worker processes, or threads for small rasters;
 * :mod:`.merge`: union-find over open pieces across seams;
 * :mod:`.stitch`: the exact ring stitch of a group of pieces;
-* :mod:`.features`: pieces to output features (CRS, area, perimeter, ``min_area``, ``to_crs``);
+* :mod:`.features`: pieces to output features (CRS, area, perimeter, ``min_area``, ``to_crs``) as columns;
 * :mod:`.writers`: Arrow record batches to OGR files and GeoParquet (shared with :mod:`geoseg.mosaic`);
 * :mod:`.api`: :func:`vectorize_raster` and :func:`polygonize`.
+
+The tools of :mod:`.api` (and geopandas with them) are imported on first use, so that worker processes,
+which import :mod:`.blocks`, stay lean.
 """
 
-from geoseg.vectorize.api import Progress, VectorizeResult, polygonize, vectorize_raster
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from geoseg.vectorize.formats import (
     BATCH_FEATURES,
     COLUMNS,
@@ -50,6 +59,11 @@ from geoseg.vectorize.formats import (
 )
 from geoseg.vectorize.plan import BLOCK_SIZE
 from geoseg.vectorize.quantities import Quantity, parse_min_area, parse_simplify
+
+if TYPE_CHECKING:
+    from geoseg.vectorize.api import Progress, VectorizeResult, polygonize, vectorize_raster
+
+_LAZY = {"Progress", "VectorizeResult", "polygonize", "vectorize_raster"}  # in geoseg.vectorize.api
 
 __all__ = [
     "BATCH_FEATURES",
@@ -68,3 +82,9 @@ __all__ = [
     "polygonize",
     "vectorize_raster",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("geoseg.vectorize.api"), name)
+    raise AttributeError(f"module 'geoseg.vectorize' has no attribute {name!r}")

@@ -6,16 +6,18 @@ They plan (:mod:`.plan`), polygonise blocks (:mod:`.blocks`), join pieces across
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import shapely
 
 from geoseg.errors import InputError
@@ -23,7 +25,15 @@ from geoseg.raster import check_writable
 from geoseg.store import Store
 from geoseg.vectorize import formats
 from geoseg.vectorize.blocks import iter_blocks
-from geoseg.vectorize.features import concat, empty, finalize, keep_mask, measure, to_crs_coords
+from geoseg.vectorize.features import (
+    Features,
+    empty_frame,
+    finalize,
+    keep_mask,
+    measure,
+    to_crs_coords,
+    to_geodataframe,
+)
 from geoseg.vectorize.formats import format_for
 from geoseg.vectorize.merge import Merger
 from geoseg.vectorize.plan import BLOCK_SIZE, Plan, make_plan
@@ -58,11 +68,12 @@ class VectorizeResult:
     blocks: int = 0
     seconds: float = 0.0
 
-    def add(self, batch: gpd.GeoDataFrame) -> None:
+    def add(self, batch: Features) -> None:
         self.features += len(batch)
         if not len(batch):
             return
-        grouped = batch.groupby("class_id")["area_m2"].agg(["count", "sum"])
+        frame = pd.DataFrame({"class_id": batch.class_id, "area_m2": batch.area_m2})
+        grouped = frame.groupby("class_id")["area_m2"].agg(["count", "sum"])
         for cid, row in grouped.iterrows():
             k = int(cid)  # type: ignore[call-overload]
             self.class_counts[k] = self.class_counts.get(k, 0) + int(row["count"])
@@ -91,8 +102,8 @@ def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
                       skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size)
     batches = list(_iter_features(plan, _workers(workers), progress))
     if not batches:
-        return empty(plan)
-    return gpd.GeoDataFrame(concat(batches), crs=plan.out_crs)
+        return empty_frame(plan)
+    return to_geodataframe(plan, Features.concat(batches))
 
 
 
@@ -119,7 +130,10 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
         class_names: class id -> name; default from the raster's ``CLASSES`` / ``CLASS_<id>`` tags.
         to_crs: reproject the output (any pyproj CRS input); GeoJSON is always EPSG:4326.
         block_size: block side in pixels; memory grows with ``workers * block_size**2``.
-        workers: threads polygonising blocks (default: the CPUs available).
+        workers: processes polygonising blocks, ~130 MB each (default: the CPUs available, at most 4);
+            threads for rasters under 32 megapixels, with ``workers=1`` and in daemonic processes such as
+            dask's workers (:mod:`geoseg.vectorize.pool`). The polygons are the same either way. A script
+            calling this at import time needs ``if __name__ == "__main__":`` (the workers import it).
         overwrite: replace an existing output.
         progress: called as ``progress(done_blocks, total_blocks)`` after each block.
 
@@ -128,6 +142,7 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
 
     Raises:
         InputError: unreadable or unsuitable raster, bad option, or a shapefile past the 2 GB limit.
+        WorkerError: a worker process died (out of memory, killed).
         OutputExistsError: ``dst`` exists and ``overwrite`` is false.
         UnknownNameError: unknown ``vector_format``.
     """
@@ -143,8 +158,10 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
                              blocks=plan.rows * plan.cols)
     store = Store(path.parent)
     store.prepare()
-    with store.staged_file(path.name) as tmp:
-        batches = rebatch(_iter_features(plan, nworkers, progress), result.add)
+    features = _iter_features(plan, nworkers, progress)
+    # closed on the way out, so that a failing write (a shapefile's size limit) stops the workers at once
+    with store.staged_file(path.name) as tmp, contextlib.closing(features):
+        batches = rebatch(features, result.add)
         if fmt.driver is None:
             write_parquet(tmp, batches, plan)
         else:
@@ -159,42 +176,43 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     return result
 
 
-def _iter_features(plan: Plan, workers: int, progress: Progress | None) -> Iterator[gpd.GeoDataFrame]:
-    """Output features in batches (GeoDataFrames in the output CRS)."""
+def _iter_features(plan: Plan, workers: int, progress: Progress | None) -> Generator[Features, None, None]:
+    """Output features in batches (in the output CRS)."""
     merger = Merger(plan)
     total = plan.rows * plan.cols
     held_geoms: list[np.ndarray] = []  # only with simplify: the whole coverage in pixel coordinates
     held_cls: list[np.ndarray] = []
-    for done, blk in enumerate(iter_blocks(plan, workers), start=1):
-        merger.add(blk)
-        closed, blk.closed = blk.closed, None  # written, then freed
-        if plan.simplify_px is None:
-            if len(closed):
-                yield closed
-        else:
-            held_geoms.append(closed[0])
-            held_cls.append(closed[1])
-        del closed
-        if blk.c == plan.cols - 1:
-            geoms, cls = merger.complete(blk.r, blk.r == plan.rows - 1)
+    with contextlib.closing(iter_blocks(plan, workers)) as blocks:
+        for done, blk in enumerate(blocks, start=1):
+            merger.add(blk)
+            closed, blk.closed = blk.closed, None  # written, then freed
             if plan.simplify_px is None:
-                if len(geoms):
-                    batch = finalize(plan, geoms, cls)
-                    del geoms  # the pixel-coordinate polygons: not held while the batch is written
-                    yield batch
-                    del batch
+                if len(closed):
+                    yield closed
             else:
-                held_geoms.append(geoms)
-                held_cls.append(cls)
-            log.debug("block row %d done: %d open pieces", blk.r, merger.open_count)
-        if progress is not None:
-            progress(done, total)
+                held_geoms.append(closed[0])
+                held_cls.append(closed[1])
+            del closed
+            if blk.c == plan.cols - 1:
+                geoms, cls = merger.complete(blk.r, blk.r == plan.rows - 1)
+                if plan.simplify_px is None:
+                    if len(geoms):
+                        batch = finalize(plan, geoms, cls)
+                        del geoms  # the pixel-coordinate polygons: not held while the batch is written
+                        yield batch
+                        del batch
+                else:
+                    held_geoms.append(geoms)
+                    held_cls.append(cls)
+                log.debug("block row %d done: %d open pieces", blk.r, merger.open_count)
+            if progress is not None:
+                progress(done, total)
     if plan.simplify_px is not None:
         yield from _simplified(plan, held_geoms, held_cls)
 
 
 def _simplified(plan: Plan, held_geoms: list[np.ndarray], held_cls: list[np.ndarray]
-                ) -> Iterator[gpd.GeoDataFrame]:
+                ) -> Iterator[Features]:
     geoms = np.concatenate(held_geoms) if held_geoms else np.empty(0, dtype=object)
     cls = np.concatenate(held_cls) if held_cls else np.empty(0, dtype=np.int64)
     if not len(geoms):

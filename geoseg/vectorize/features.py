@@ -1,15 +1,62 @@
 """Pixel-coordinate pieces to output features: CRS coordinates, areas and perimeters in metres,
-``min_area``, ``to_crs``."""
+``min_area``, ``to_crs``; features as columns (:class:`Features`), and as a GeoDataFrame.
+
+Only numpy, shapely and pyproj here: block worker processes import this module, and stay lean without
+geopandas (imported by :func:`to_geodataframe` alone).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import geopandas as gpd
 import numpy as np
+import pyproj
 import shapely
 
 from geoseg.vectorize.plan import Plan
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+
+
+@dataclass
+class Features:
+    """Output polygons as columns, in the output CRS: what blocks hand over and what the writers take.
+
+    Attributes:
+        class_id: ``(n,)`` int32.
+        area_m2: ``(n,)`` float64, square metres (NaN when the raster has no CRS).
+        perim_m: ``(n,)`` float64, metres.
+        wkb: ``(n,)`` object array of WKB ``bytes`` (what every writer stores; cheap to send between processes).
+    """
+
+    class_id: np.ndarray
+    area_m2: np.ndarray
+    perim_m: np.ndarray
+    wkb: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.class_id)
+
+    @classmethod
+    def empty(cls) -> Features:
+        return cls(np.zeros(0, np.int32), np.zeros(0), np.zeros(0), np.empty(0, dtype=object))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Features]) -> Features:
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.empty()
+        return cls(np.concatenate([p.class_id for p in parts]), np.concatenate([p.area_m2 for p in parts]),
+                   np.concatenate([p.perim_m for p in parts]), np.concatenate([p.wkb for p in parts]))
+
+    def names(self, plan: Plan) -> list[str | None]:
+        """The ``class_name`` column: each class id's name in the plan, or ``None``."""
+        return [plan.names.get(k) for k in self.class_id.tolist()]
 
 
 def to_crs_coords(plan: Plan, geoms_px: np.ndarray) -> np.ndarray:
@@ -49,8 +96,7 @@ def keep_mask(plan: Plan, geoms_px: np.ndarray, area_m2: np.ndarray) -> np.ndarr
     return np.asarray(area_m2 >= q.value)
 
 
-def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray, *, filter_area: bool = True
-             ) -> gpd.GeoDataFrame:
+def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray, *, filter_area: bool = True) -> Features:
     """Turn pixel-coordinate pieces into output features: CRS coordinates, attributes, min_area, to_crs."""
     geoms = to_crs_coords(plan, geoms_px)
     area, perim = measure(plan, geoms)
@@ -61,31 +107,48 @@ def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray, *, filter_ar
     if plan.connectivity == 8 and len(geoms):
         parts, idx = shapely.get_parts(geoms, return_index=True)
         geoms = shapely.multipolygons(parts, indices=idx)
-    gdf = gpd.GeoDataFrame(
-        {"class_id": classes.astype(np.int32),
-         "class_name": [plan.names.get(int(k)) for k in classes],
-         "area_m2": area, "perim_m": perim},
-        geometry=gpd.GeoSeries(geoms, crs=plan.crs), crs=plan.crs,
+    if plan.out_crs is not None and plan.crs is not None and not plan.out_crs.equals(plan.crs) and len(geoms):
+        geoms = _reproject(plan, geoms)
+    return Features(classes.astype(np.int32), area, perim, shapely.to_wkb(geoms))
+
+
+@functools.lru_cache(maxsize=8)
+def _transformer(src: pyproj.CRS, dst: pyproj.CRS) -> pyproj.Transformer:
+    return pyproj.Transformer.from_crs(src, dst, always_xy=True)
+
+
+def _reproject(plan: Plan, geoms: np.ndarray) -> np.ndarray:
+    """Geometries from the raster's CRS to the output CRS, as ``GeoSeries.to_crs`` does (x/y order, every
+    vertex through one pyproj transformer); those made invalid are made valid."""
+    assert plan.out_crs is not None
+    transformer = _transformer(pyproj.CRS.from_user_input(plan.crs), plan.out_crs)
+    coords = shapely.get_coordinates(geoms)
+    x, y = transformer.transform(coords[:, 0], coords[:, 1])
+    out = shapely.set_coordinates(geoms.copy(), np.column_stack((x, y)))
+    bad = ~shapely.is_valid(out)
+    if bad.any():
+        out[bad] = shapely.make_valid(out[bad], method="structure", keep_collapsed=False)
+    return np.asarray(out)
+
+
+def to_geodataframe(plan: Plan, features: Features) -> gpd.GeoDataFrame:
+    """Features as a GeoDataFrame (columns ``class_id``, ``class_name``, ``area_m2``, ``perim_m``,
+    ``geometry``) in the output CRS."""
+    import geopandas as gpd
+
+    return gpd.GeoDataFrame(
+        {"class_id": features.class_id, "class_name": features.names(plan),
+         "area_m2": features.area_m2, "perim_m": features.perim_m},
+        geometry=gpd.GeoSeries(shapely.from_wkb(features.wkb), crs=plan.out_crs), crs=plan.out_crs,
     )
-    if plan.out_crs is not None and plan.crs is not None and not plan.out_crs.equals(plan.crs) and len(gdf):
-        gdf = gdf.to_crs(plan.out_crs)
-        bad = ~gdf.geometry.is_valid.to_numpy()
-        if bad.any():
-            fixed = shapely.make_valid(gdf.geometry.values[bad], method="structure", keep_collapsed=False)
-            gdf.loc[bad, "geometry"] = fixed
-    return gdf
 
 
-def empty(plan: Plan) -> gpd.GeoDataFrame:
+def empty_frame(plan: Plan) -> gpd.GeoDataFrame:
+    """An empty GeoDataFrame with the columns and CRS of :func:`to_geodataframe`."""
+    import geopandas as gpd
+
     return gpd.GeoDataFrame(
         {"class_id": np.zeros(0, np.int32), "class_name": np.zeros(0, object),
          "area_m2": np.zeros(0), "perim_m": np.zeros(0)},
         geometry=gpd.GeoSeries([], crs=plan.out_crs), crs=plan.out_crs,
     )
-
-
-def concat(batches: Sequence[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
-    import pandas as pd
-
-    return pd.concat(batches, ignore_index=True)  # type: ignore[return-value]
-

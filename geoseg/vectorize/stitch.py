@@ -152,21 +152,19 @@ def _orient(xy: np.ndarray, cidx: np.ndarray, rs: np.ndarray, exterior: np.ndarr
     del cross
     flip = (area2 > 0) != exterior
     area2[flip] *= -1
-    if flip.any():
-        perm = np.arange(n)
-        sel = flip[cidx]
-        perm[sel] = (rs[cidx[sel]] + rs[cidx[sel] + 1] - 1) - perm[sel]
-        xy = xy[perm]
+    if flip.any():  # GDAL's rings all turn the other way: whole-array gathers beat masked ones
+        ar = np.arange(n)
+        end = rs[:-1] + rs[1:] - 1  # a ring's first plus last vertex: j -> end - j reverses it
+        xy = xy[np.where(flip[cidx], end[cidx] - ar, ar)]
     return xy, area2
 
 
 def _seam_edges(xy: np.ndarray, last: np.ndarray, block: int, width: int, height: int) -> np.ndarray:
     """Per vertex: whether the edge starting there lies on an internal block seam."""
-    a, b = xy[:-1], xy[1:]
-    horiz = a[:, 1] == b[:, 1]
-    on = np.where(horiz, (a[:, 1] % block == 0) & (a[:, 1] > 0) & (a[:, 1] < height),
-                  (a[:, 0] % block == 0) & (a[:, 0] > 0) & (a[:, 0] < width))
-    on &= (a != b).any(axis=1)
+    ax, ay, bx, by = xy[:-1, 0], xy[:-1, 1], xy[1:, 0], xy[1:, 1]  # columns: ~4x faster than rows here
+    horiz = ay == by
+    on = np.where(horiz, (ay % block == 0) & (ay > 0) & (ay < height) & (ax != bx),
+                  (ax % block == 0) & (ax > 0) & (ax < width))  # not horizontal: vertical, and a != b
     out = np.zeros(len(xy), dtype=bool)
     out[:-1] = on
     out[last] = False
@@ -198,7 +196,8 @@ def _cut_at_seams(xy: np.ndarray, cidx: np.ndarray, rs: np.ndarray, block: int, 
         rl = np.flatnonzero(rot)
         perm[last[rl]] = perm[rs[rl]]
         xy = xy[perm]
-        on_seam = _seam_edges(xy, last, block, width, height)
+        on_seam = on_seam[perm]  # an edge keeps its ends (a ring's last vertex repeats its first)
+        on_seam[last] = False
     return xy, on_seam, cut
 
 
@@ -216,7 +215,7 @@ def _chains(xy: np.ndarray, cidx: np.ndarray, rs: np.ndarray, ring_group: np.nda
     chain_e = in_cut & ~on_seam  # edges of cut rings off the seams
     ci = np.flatnonzero(in_cut)
     vkey = (ring_group[cidx[ci]] * kx + xy[ci, 0]) * ky + xy[ci, 1]
-    o = np.argsort(vkey, kind="stable")
+    o = np.argsort(vkey)  # only equal keys matter, not their order
     sk = vkey[o]
     same = sk[1:] == sk[:-1]
     meet = np.zeros(n, dtype=bool)
@@ -327,7 +326,7 @@ def _new_rings(xy: np.ndarray, items: _Items, order: np.ndarray, starts: np.ndar
     dv = np.sign(xy[src[nxt]] - xy[src])
     prv = np.arange(-1, tot - 1)
     prv[vstart[:-1]] = vstart[1:] - 1
-    keep = (dv != dv[prv]).any(axis=1)
+    keep = (dv[:, 0] != dv[prv, 0]) | (dv[:, 1] != dv[prv, 1])
     src, vring = src[keep], vring[keep]
     del dv, nxt, prv, keep, lens
     new_len = np.bincount(vring, minlength=nnew)

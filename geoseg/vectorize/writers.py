@@ -1,4 +1,5 @@
-"""Write polygons: GeoDataFrame batches as Arrow record batches, streamed into an OGR file or GeoParquet.
+"""Write polygons: :class:`~geoseg.vectorize.features.Features` as Arrow record batches, streamed into an OGR
+file or GeoParquet.
 
 :func:`write_arrow_ogr` and :func:`write_geoparquet` take any Arrow record batches with a WKB ``geometry``
 column; :mod:`geoseg.mosaic` writes its merged layer with them too.
@@ -14,35 +15,33 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
 import numpy as np
 import shapely
 
 from geoseg.errors import InputError
 from geoseg.raster import gdal_env
 from geoseg.vectorize import formats
-from geoseg.vectorize.features import concat
+from geoseg.vectorize.features import Features
 from geoseg.vectorize.formats import VectorFormat
 from geoseg.vectorize.plan import Plan
 
 
-def rebatch(batches: Iterator[gpd.GeoDataFrame], count: Callable[[gpd.GeoDataFrame], None]
-            ) -> Iterator[gpd.GeoDataFrame]:
+def rebatch(batches: Iterator[Features], count: Callable[[Features], None]) -> Iterator[Features]:
     """Coalesce small batches into about :data:`~geoseg.vectorize.formats.BATCH_FEATURES` features, each
     passed to ``count`` before it is yielded."""
-    pending: list[gpd.GeoDataFrame] = []
+    pending: list[Features] = []
     size = 0
     for b in batches:
         pending.append(b)
         size += len(b)
         if size >= formats.BATCH_FEATURES:  # read at call time, so that tests can lower it
-            out = concat(pending)
+            out = Features.concat(pending)
             pending, size = [], 0
             count(out)
             yield out
             del out
     if pending:
-        out = concat(pending)
+        out = Features.concat(pending)
         count(out)
         yield out
 
@@ -57,15 +56,15 @@ def arrow_schema() -> Any:
                       ("perim_m", pa.float64()), geom])
 
 
-def record_batch(gdf: gpd.GeoDataFrame, schema: Any) -> Any:
+def record_batch(plan: Plan, features: Features, schema: Any) -> Any:
     import pyarrow as pa
 
     return pa.record_batch([
-        pa.array(gdf["class_id"].to_numpy(np.int32)),
-        pa.array([n if isinstance(n, str) else None for n in gdf["class_name"]], type=pa.string()),
-        pa.array(gdf["area_m2"].to_numpy(np.float64)),
-        pa.array(gdf["perim_m"].to_numpy(np.float64)),
-        pa.array(shapely.to_wkb(gdf.geometry.values), type=pa.binary()),
+        pa.array(features.class_id.astype(np.int32, copy=False)),
+        pa.array(features.names(plan), type=pa.string()),
+        pa.array(features.area_m2.astype(np.float64, copy=False)),
+        pa.array(features.perim_m.astype(np.float64, copy=False)),
+        pa.array(features.wkb, type=pa.binary()),
     ], schema=schema)
 
 
@@ -73,13 +72,14 @@ def _geometry_type(plan: Plan) -> str:
     return "MultiPolygon" if plan.connectivity == 8 else "Polygon"
 
 
-def _shp_bytes(gdf: gpd.GeoDataFrame) -> int:
+def _shp_bytes(features: Features) -> int:
     """Bytes a batch adds to the larger of .shp (headers, part indexes, 16 bytes a point) and .dbf."""
-    geoms = gdf.geometry.values
+    geoms = shapely.from_wkb(features.wkb)
     points = int(shapely.get_num_coordinates(geoms).sum())
-    rings = shapely.get_num_interior_rings(shapely.get_parts(geoms)).sum() + len(shapely.get_parts(geoms))
-    shp = 52 * len(gdf) + 4 * int(rings) + 16 * points
-    dbf = len(gdf) * (1 + 11 + 80 + 24 + 24)
+    parts = shapely.get_parts(geoms)
+    rings = shapely.get_num_interior_rings(parts).sum() + len(parts)
+    shp = 52 * len(features) + 4 * int(rings) + 16 * points
+    dbf = len(features) * (1 + 11 + 80 + 24 + 24)
     return max(shp, dbf)
 
 
@@ -188,7 +188,7 @@ def write_geoparquet(path: Path, schema: Any, batches: Iterable[Any], *, geometr
 # --------------------------------------------------------------------------------- vectorize's files
 
 
-def write_ogr(tmp: Path, batches: Iterator[gpd.GeoDataFrame], plan: Plan, fmt: VectorFormat) -> None:
+def write_ogr(tmp: Path, batches: Iterator[Features], plan: Plan, fmt: VectorFormat) -> None:
     """Write ``batches`` into the OGR file ``tmp`` (layer ``tmp.stem``), stopping before a shapefile's limit.
 
     Raises:
@@ -198,21 +198,21 @@ def write_ogr(tmp: Path, batches: Iterator[gpd.GeoDataFrame], plan: Plan, fmt: V
 
     def record_batches() -> Iterator[Any]:
         written = 0
-        for gdf in batches:
+        for features in batches:
             if fmt.size_limit is not None:
-                written += _shp_bytes(gdf)
+                written += _shp_bytes(features)
                 if written > fmt.size_limit:
                     raise InputError(f"{tmp.name}: a shapefile past the format's 2 GB limit would be "
                                      "written; write GeoPackage instead (.gpkg, --vector-format gpkg)")
-            yield record_batch(gdf, schema)
+            yield record_batch(plan, features, schema)
 
     with gdal_env():
         write_arrow_ogr(tmp, schema, record_batches(), fmt, layer=tmp.stem,
                         geometry_type=_geometry_type(plan), crs=plan.out_crs)
 
 
-def write_parquet(tmp: Path, batches: Iterator[gpd.GeoDataFrame], plan: Plan) -> None:
+def write_parquet(tmp: Path, batches: Iterator[Features], plan: Plan) -> None:
     """Write ``batches`` as the GeoParquet file ``tmp``."""
     schema = arrow_schema()
-    write_geoparquet(tmp, schema, (record_batch(gdf, schema) for gdf in batches),
+    write_geoparquet(tmp, schema, (record_batch(plan, f, schema) for f in batches),
                      geometry_types=[_geometry_type(plan)], crs=plan.out_crs)
