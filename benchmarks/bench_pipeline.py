@@ -10,6 +10,7 @@ One synthetic 3-band uint8 scene (default 4096 x 4096), one U-Net resnet18 with 
 - ``predict (defaults)``: :func:`geoseg.predict.predict_scene` in-process, ``--no-vector``: reading,
   normalising, model, blending, strips, VRT and COG. Efficiency = its wall time / the bare forward's.
 - ``predict fp32 batch 8``: the defaults before issue 8 (``--precision fp32 --batch-size 8``).
+- ``predict onnxruntime``: the defaults with ``--backend onnxruntime``.
 - ``CLI with polygons``: the whole command a user types, start-up and GeoPackage included.
 - start-up: a new interpreter importing what ``geoseg predict`` imports (torch, smp, rasterio).
 
@@ -158,7 +159,9 @@ def main() -> None:
         plan = [("bare forward", "child_bare", (str(scene), str(bundle), {"device": "cpu"})),
                 ("predict (defaults)", "child_predict", (str(scene), str(bundle), str(tmp / "out"), {"device": "cpu"})),
                 ("predict fp32 batch 8", "child_predict",
-                 (str(scene), str(bundle), str(tmp / "out8"), {"device": "cpu", "precision": "fp32", "batch_size": 8}))]
+                 (str(scene), str(bundle), str(tmp / "out8"), {"device": "cpu", "precision": "fp32", "batch_size": 8})),
+                ("predict onnxruntime", "child_predict",
+                 (str(scene), str(bundle), str(tmp / "outo"), {"device": "cpu", "backend": "onnxruntime"}))]
         for rep in range(args.repeats):
             for name, fn, a in plan:
                 r = _child(fn, *a)
@@ -189,6 +192,8 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> N
     print(f"\npipeline efficiency (predict / bare forward, same chips, settings, threads): {default / bare:.3f}")
     print(f"speed-up of the defaults over fp32 batch 8: {before / default:.2f}x; "
           f"memory {mem['predict fp32 batch 8'] / mem['predict (defaults)']:.2f}x less")
+    print(f"--backend onnxruntime against the defaults: {default / med['predict onnxruntime']:.2f}x; "
+          f"memory {mem['predict onnxruntime'] / mem['predict (defaults)']:.2f}x")
     print(f"stage busy seconds (defaults, summed over threads): {first['stages']}")
     sized = [(args.size, mem["predict (defaults)"])] + [(n, mem[f"predict {n} x {n}"]) for n in args.memory_sizes]
     if len(sized) > 1:

@@ -66,7 +66,7 @@ class Runtime:
             options = dataclasses.replace(options, precision=settings.precision, batch_size=settings.batch_size)
         assert isinstance(options.batch_size, int)
         self.contract = model.contract
-        self.predictor = Predictor(model, options.device, options.precision, options.tta)
+        self.predictor = Predictor(model, options.device, options.precision, options.tta, options.backend)
         self.server = ModelServer(self.predictor, options.batch_size)
         self.readers = ThreadPoolExecutor(options.resolved_workers(), thread_name_prefix="geoseg-read")
         self.slots = threading.Semaphore(max(6, 3 * options.batch_size))  # chips read, not yet blended
@@ -111,7 +111,7 @@ def worker_runtime(model: ModelRef, options: PredictOptions) -> Runtime:
     Raises:
         BundleError: the bundle at that path is missing or is not the job's model.
     """
-    key = (model.digest, options.device, options.precision, options.batch_size, options.tta,
+    key = (model.digest, options.device, options.precision, options.batch_size, options.tta, options.backend,
            options.resolved_workers())
     with _RUNTIMES_LOCK:
         rt = _RUNTIMES.get(key)

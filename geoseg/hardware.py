@@ -174,7 +174,9 @@ def resolve_settings(options: Any, tile: int, bands: int, load: Any = None) -> D
     from geoseg.inference import resolve_device
 
     dev = resolve_device(options.device)
-    precision = resolve_precision(options.precision, dev)
+    # backends other than eager run float32 (geoseg.backends)
+    precision = resolve_precision("fp32" if options.precision == AUTO and options.backend != "eager"
+                                  else options.precision, dev)
     batch = options.batch_size
     if batch == AUTO:
         if dev.type == "cuda":

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoseg.backends import BACKENDS, prepare
 from geoseg.bundle import LoadedModel
-from geoseg.errors import GeoSegError, InputError
+from geoseg.errors import GeoSegError, InputError, unknown_name
 from geoseg.hardware import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,12 @@ class Predictor:
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see :func:`geoseg.hardware.resolve_precision`):
             autocast of the network; the softmax always runs in float32.
         tta: average the probabilities over flips and 90-degree rotations (6x the model work).
+        backend: what runs the network (:mod:`geoseg.backends`): ``eager`` PyTorch, or ``onnxruntime`` on
+            the CPU, converted from the first batch and checked against eager on it.
     """
 
-    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False):
+    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False,
+                 backend: str = "eager"):
         self.contract = model.contract
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -93,18 +97,24 @@ class Predictor:
             torch.backends.cudnn.benchmark = True
         self.net = net
         self.sigmoid = self.contract.model.activation == "sigmoid"
+        self.backend = backend
+        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if backend == "eager":
+            self._run = prepare(net, "eager", self.device, None, self.amp_dtype)
+        elif backend not in BACKENDS:
+            raise unknown_name("backend", backend, BACKENDS)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        if self._run is None:  # converted from the first batch the job runs (real chips, for the agreement check)
+            self._run = prepare(self.net, self.backend, self.device, x, self.amp_dtype)
+        return self._run(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits -> probabilities for one device batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` float32."""
         transforms = _TTA if self.tta else _TTA[:1]
         probs: torch.Tensor | None = None
         for fwd, inv in transforms:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = self.net(fwd(x))
-            if isinstance(logits, (tuple, list)):  # smp models with aux heads return (mask, label)
-                logits = logits[0]
-            logits = inv(logits.float())
+            logits = inv(self._network(fwd(x)))  # float32 logits; aux heads dropped
             if self.sigmoid:
                 p1 = torch.sigmoid(logits[:, :1])
                 p = torch.cat([1 - p1, p1], dim=1)

@@ -125,6 +125,10 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
         raise InputError(f"--unit-rows {opts.unit_rows}: must be a positive multiple of {BLOCK}; try "
                          f"{max(BLOCK, round(opts.unit_rows / BLOCK) * BLOCK)}")
     get_profile(opts.blend)
+    from geoseg.backends import BACKENDS
+
+    if opts.backend not in BACKENDS:
+        raise InputError(f"--backend {opts.backend}: valid values are {', '.join(BACKENDS)}")
     if opts.connectivity not in (4, 8):
         raise InputError(f"--connectivity {opts.connectivity}: must be 4 or 8")
     if opts.vector_format is not None:

@@ -49,6 +49,7 @@ class PredictOptions:
     batch_size: int | str = "auto"  # chips per model call; auto: chosen per device (geoseg.hardware)
     device: str = "auto"
     precision: str = "auto"
+    backend: str = "eager"  # what runs the network: eager PyTorch or onnxruntime (CPU); geoseg.backends
     workers: int | None = None
     bands: list[int] | None = None
     blend: Any = "cosine"
