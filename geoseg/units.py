@@ -32,7 +32,7 @@ SETTINGS_FILE = "settings.json"  # in a scene's staging folder: the fingerprint 
 
 
 def default_workers() -> int:
-    """The one default for ``--workers`` (reader threads, local units, vectorisation threads): min(4, cores)."""
+    """The one default for ``--workers`` (reader threads, local units, vectorisation processes): min(4, cores)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
