@@ -89,6 +89,8 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
         if "probabilities" in cogs:
             result.outputs["probabilities"] = out.publish(cogs["probabilities"], names["probabilities"])
         result.outputs["style"] = out.write_text(names["style"], qml_style(contract.classes))
+        if options.overwrite:  # the outputs of one stem come from one run: drop what this run does not write
+            _remove_stale(out, plan.stem, set(result.files) | {names[k] for k in result.outputs})
         result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
         result.files += [names[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
     finally:
@@ -96,6 +98,20 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
         if stage.remote:
             shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _remove_stale(out: Store, stem: str, written: set[str]) -> None:
+    """Remove the outputs of ``stem`` an earlier run wrote and this one does not (probabilities, polygons of
+    any format with their sidecars)."""
+    from geoseg.vectorize import FORMATS
+
+    stale = [f"{stem}.probs.tif"]
+    for fmt in FORMATS.values():
+        stale += [f"{stem}{ext}" for ext in (fmt.extensions[0], *fmt.sidecars)]
+    for name in stale:
+        if name not in written and out.exists(name):
+            log.info("%s: removed, an output of an earlier run that this one does not write", out.url(name))
+            out.remove(name)
 
 
 def _cog(plan: ScenePlan, units: list[Unit], kind: str, spec: OutputSpec, stage: Store, work: Path,

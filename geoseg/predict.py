@@ -100,6 +100,9 @@ def _expand_scenes(scenes: Sequence[str | os.PathLike[str]]) -> list[str]:
 def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
     from geoseg.models import input_divisor
 
+    if opts.tile_size is not None and opts.tile_size < 1:
+        raise InputError(f"--tile-size {opts.tile_size}: must be a positive number of pixels; leave it out to "
+                         f"use the bundle's chip size ({contract.chip_size})")
     tile = opts.tile_size or contract.chip_size
     div = input_divisor(contract.model)
     if tile < 16 or tile % div:
@@ -185,6 +188,8 @@ def predict_scenes(
     if unknown:
         raise TypeError(f"predict got unexpected option(s) {', '.join(unknown)}")
     opts = dataclasses.replace(options or PredictOptions(), **kwargs)  # never mutate the caller's options
+    if opts.workers is not None and opts.workers < 1:
+        raise InputError(f"--workers {opts.workers}: must be at least 1; leave it out for min(4, CPU cores)")
     opts.workers = opts.resolved_workers()
     started = time.perf_counter()
     bundle = model.bundle if isinstance(model, LoadedModel) else model if isinstance(model, Bundle) else read_bundle(model)

@@ -226,8 +226,15 @@ class SceneReader:
         """
         ds = self._handle()
         uniq = self.unique_indexes
-        raw = ds.read(uniq, window=window)
-        bvalid = band_validity(raw, ds, uniq, window, self._local.kind)
+        try:
+            raw = ds.read(uniq, window=window)
+            bvalid = band_validity(raw, ds, uniq, window, self._local.kind)
+        except RasterioIOError as exc:
+            r0, c0 = int(window.row_off), int(window.col_off)
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{self.path}: cannot read rows {r0}-{r0 + int(window.height)}, columns "
+                             f"{c0}-{c0 + int(window.width)} ({detail}); the file is damaged or truncated: "
+                             "download or export it again") from None
         pos = [uniq.index(i) for i in self.indexes]
         raw, bvalid = raw[pos], bvalid[pos]
         data = raw.astype(np.float32, copy=False)

@@ -73,6 +73,25 @@ def _unique_suffix() -> str:
     return uuid.uuid4().hex[:8]
 
 
+
+def _umask(default: int = 0o022) -> int:
+    """This process's umask, read without changing it (``os.umask`` would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return default
+
+
+def _umask_mode(path: Path) -> None:
+    """Give a file written by a library that creates it owner-only (safetensors: 0600) the usual mode
+    (0666 less the umask), so bundles on a shared disk can be read by the other users and worker accounts."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_umask())
+
 class Store:
     """A folder that is a local path or an object-storage URL. Keys are '/'-separated relative names.
 
@@ -430,6 +449,7 @@ class Store:
                     f"{self.url(key)}: cannot write (nothing was written to the staged file "
                     f"{path}); write the file inside the 'with' block"
                 )
+            _umask_mode(path)
             self.publish(path, key)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -455,6 +475,9 @@ class Store:
             if self.remote:
                 self._upload_tree(folder, key)
             else:
+                for f in folder.rglob("*"):
+                    if f.is_file():
+                        _umask_mode(f)
                 self._replace_dir(folder, self._local(key))
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""Bad input ends in one line naming the file and the fix, a non-zero exit code and nothing half-written."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from rasterio.transform import from_origin
+
+from geoseg.cli import main
+from tests.conftest import make_bundle
+
+
+def _tiled_scene(path, size=1024):
+    rng = np.random.default_rng(0)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5100000, 1, 1), tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate") as ds:
+        ds.write(rng.integers(0, 255, (3, size, size), dtype=np.uint8))
+    return path
+
+
+def test_a_truncated_geotiff_fails_in_one_line_naming_the_file_and_window(tmp_path):
+    scene = _tiled_scene(tmp_path / "cut.tif")
+    data = scene.read_bytes()
+    scene.write_bytes(data[: len(data) * 2 // 3])  # header and first tiles intact, the rest gone
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=256, overlap=32)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["predict", str(scene), "-m", str(model), "-o", str(out), "--device", "cpu"])
+    assert r.exit_code != 0
+    line = r.output.strip().splitlines()[-1]
+    assert "cut.tif" in line and "cannot read rows" in line and "damaged or truncated" in line, r.output
+    assert "Traceback" not in r.output
+    leftovers = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not [p for p in leftovers if p.name.startswith("cut.")], leftovers  # nothing under a final name
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tile-size", "0"], "--tile-size 0: must be a positive number"),
+    (["--tile-size", "-64"], "--tile-size -64: must be a positive number"),
+    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--overlap", "-1"], "--overlap -1"),
+    (["--overlap", "33"], "--overlap 33: must be between 0 and half the tile size"),
+    (["--batch-size", "-2"], "positive whole number of chips, or auto"),
+])
+def test_out_of_range_options_are_refused(tmp_path, args, words):
+    scene = _tiled_scene(tmp_path / "s.tif", size=256)
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    r = CliRunner().invoke(main, ["predict", str(scene), "-m", str(model), "-o", str(tmp_path / "o"), *args])
+    assert r.exit_code != 0 and words in r.output, r.output
+    assert not os.path.exists(tmp_path / "o" / "s.classes.tif")
+
+
+def test_an_overwrite_leaves_no_output_of_the_earlier_run_beside_the_new_one(tmp_path):
+    scene = _tiled_scene(tmp_path / "s.tif", size=256)
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    out = tmp_path / "o"
+    base = ["predict", str(scene), "-m", str(model), "-o", str(out), "--device", "cpu"]
+    r = CliRunner().invoke(main, [*base, "--probabilities", "--vector-format", "shp"])
+    assert r.exit_code == 0, r.output
+    assert (out / "s.probs.tif").exists() and (out / "s.shp").exists() and (out / "s.dbf").exists()
+    r = CliRunner().invoke(main, [*base, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("s."))
+    assert names == ["s.classes.qml", "s.classes.tif", "s.gpkg"], names
+
+
+@pytest.mark.parametrize("name", ["bundle", "bundle.safetensors"])
+def test_bundles_are_readable_by_other_users_as_the_umask_allows(tmp_path, name):
+    old = os.umask(0o022)
+    try:
+        path = make_bundle(tmp_path / name, n_bands=3)
+    finally:
+        os.umask(old)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), [oct(p.stat().st_mode) for p in files]
+    if path.is_dir():
+        assert path.stat().st_mode & 0o777 == 0o755
