@@ -421,6 +421,23 @@ class Preflight:
     warnings: list[str]
 
 
+def _bands_by_name(contract: Contract, scene: SceneInfo) -> list[int] | None:
+    """Scene band numbers whose descriptions are the model's band names (any case), or None."""
+    where = {(d or "").strip().casefold(): i + 1 for i, d in enumerate(scene.descriptions) if d}
+    idx = [where.get(name.strip().casefold()) for name in contract.input.bands]
+    return [i for i in idx if i is not None] if all(idx) else None
+
+
+def _ambiguous_bands(contract: Contract, scene: SceneInfo) -> list[int]:
+    need = contract.in_channels
+    first = ",".join(str(i) for i in range(1, need + 1))
+    raise BundleError(
+        f"{scene.path}: has {scene.count} bands but model {contract.name!r} takes {need} "
+        f"({', '.join(contract.input.bands)}) and the scene's band names do not say which; choose them with "
+        f"--bands (e.g. --bands {first}), or name the scene's bands like the model's"
+    )
+
+
 def check_scene(contract: Contract, scene: SceneInfo, bands: list[int] | None = None) -> Preflight:
     """Check that a scene fits the contract before any model work.
 
@@ -444,6 +461,9 @@ def check_scene(contract: Contract, scene: SceneInfo, bands: list[int] | None = 
         idx = list(bands)
     else:
         idx = contract.input.default_indexes
+        data_bands = scene.count - (1 if scene.alpha_band else 0)
+        if contract.input.band_indexes is None and data_bands > need:
+            idx = _bands_by_name(contract, scene) or _ambiguous_bands(contract, scene)
     bad = [i for i in idx if not 1 <= i <= scene.count]
     if bad:
         hint = ",".join(["1"] * need) if scene.count == 1 else ",".join(str(min(i, scene.count)) for i in idx)

@@ -79,3 +79,34 @@ def test_bundles_are_readable_by_other_users_as_the_umask_allows(tmp_path, name)
     assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), [oct(p.stat().st_mode) for p in files]
     if path.is_dir():
         assert path.stat().st_mode & 0o777 == 0o755
+
+
+def _multiband(path, count, names=None, alpha=False):
+    rng = np.random.default_rng(1)
+    with rasterio.open(path, "w", driver="GTiff", width=96, height=80, count=count, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5100000, 1, 1),
+                       photometric="RGB" if alpha else None, alpha="YES" if alpha else None) as ds:
+        ds.write(rng.integers(1, 255, (count, 80, 96), dtype=np.uint8))
+        for i, n in enumerate(names or []):
+            ds.set_band_description(i + 1, n)
+    return path
+
+
+def test_more_scene_bands_than_the_model_takes_needs_an_unambiguous_mapping(tmp_path):
+    from geoseg.bundle import check_scene, read_bundle
+    from geoseg.errors import BundleError
+    from geoseg.raster import inspect_scene
+
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    contract = read_bundle(model).contract  # bands b1, b2, b3
+    five = inspect_scene(_multiband(tmp_path / "five.tif", 5))
+    with pytest.raises(BundleError, match=r"five.tif: has 5 bands but model .* takes 3 .*--bands"):
+        check_scene(contract, five)
+    assert check_scene(contract, five, [5, 4, 3]).band_indexes == [5, 4, 3]
+    named = inspect_scene(_multiband(tmp_path / "named.tif", 5, ["nir", "B3", "x", "b1", "b2"]))
+    assert check_scene(contract, named).band_indexes == [4, 5, 2]  # by name, any case
+    rgba = inspect_scene(_multiband(tmp_path / "rgba.tif", 4, alpha=True))
+    assert check_scene(contract, rgba).band_indexes == [1, 2, 3]  # the alpha band is a mask, not data
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "five.tif"), "-m", str(model), "-o",
+                                  str(tmp_path / "o"), "--device", "cpu"])
+    assert r.exit_code != 0 and "--bands" in r.output.strip().splitlines()[-1] and "Traceback" not in r.output

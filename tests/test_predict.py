@@ -262,13 +262,13 @@ def test_tta_keeps_a_symmetric_model_exact(tmp_path, identity3):
 
 
 def test_every_real_raster(tmp_path, real_data, identity3):
-    """Every raster in the real data folder predicts onto its own grid (1-band ones via --bands)."""
+    """Every raster in the real data folder predicts onto its own grid (1-band and 4-band ones via --bands)."""
     scenes = sorted(p for p in real_data.rglob("*.tif"))
     assert len(scenes) >= 8
     for i, p in enumerate(scenes):
         with rasterio.open(p) as ds:
             count = ds.count
-        bands = [1, 1, 1] if count < 3 else None
+        bands = [1, 1, 1] if count < 3 else [1, 2, 3] if count > 3 else None
         r = predict_scene(p, identity3, tmp_path / f"o{i}", bands=bands, tile_size=256, overlap=32)
         with rasterio.open(p) as a, rasterio.open(r.classes_path) as b:
             assert (b.crs, b.transform, b.width, b.height) == (a.crs, a.transform, a.width, a.height)

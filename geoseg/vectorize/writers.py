@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,23 @@ def _ogr_current_date(stamp: datetime.datetime | None) -> Iterator[None]:
         return
     import pyogrio
 
-    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": stamp.strftime("%Y-%m-%dT%H:%M:%S.000Z")})
+    # the option is process-wide: writes in several threads (scenes finishing together) share it, and the
+    # last one out clears it, never one still writing
+    global _date_users
+    with _date_lock:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": stamp.strftime("%Y-%m-%dT%H:%M:%S.000Z")})
+        _date_users += 1
     try:
         yield
     finally:
-        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
+        with _date_lock:
+            _date_users -= 1
+            if _date_users == 0:
+                pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
+
+
+_date_lock = threading.Lock()
+_date_users = 0
 
 
 def write_geoparquet(path: Path, schema: Any, batches: Iterable[Any], *, geometry_types: list[str],
