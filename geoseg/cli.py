@@ -425,6 +425,11 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
     bars = _EpochBars(ctx.obj["quiet"])
     try:
         result = train_tool(cfg, output_dir, resume=resume, overwrite=overwrite, progress=bars)
+    except KeyboardInterrupt:
+        bars.close()
+        click.echo(f"interrupted: `geoseg train {config} --output-dir {output_dir} --resume` continues from the "
+                   "last finished epoch's checkpoint", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
     finally:
         bars.close()
     m = result.metrics

@@ -232,6 +232,52 @@ def _add_dropout(net: nn.Module, p: float) -> None:
     head.register_forward_pre_hook(hook)
 
 
+def check_network(cfg: TrainConfig) -> None:
+    """Build the config's network (random weights) and run one chip through it, before any run folder is
+    made: an unknown encoder, arguments the architecture refuses, or logits of the wrong size (``fpn`` at
+    ``encoder_depth: 3``) become one-line config errors naming the keys.
+
+    Raises:
+        ConfigError: naming ``model.encoder``, ``model.params`` or ``data.chip_size``.
+    """
+    spec = arch_spec(cfg)
+    if spec.architecture.lower() == "conv1x1":
+        return
+    import difflib
+
+    import segmentation_models_pytorch as smp
+
+    names = smp.encoders.get_encoder_names()
+    encoder = spec.encoder or "resnet34"
+    if encoder not in names:
+        close = difflib.get_close_matches(encoder, names, n=4, cutoff=0.6)
+        raise ConfigError(f"model.encoder {encoder!r} is not an encoder of segmentation-models-pytorch"
+                          + (f"; did you mean {', '.join(close)}?" if close else "; see smp's encoder list"))
+    in_ch = len(cfg.data.bands) if cfg.data.bands else None
+    out_ch = 1 if cfg.model.activation == "sigmoid" else len(cfg.classes)
+    chip = cfg.data.chip_size
+    try:
+        net = create_network(spec, in_ch or 3, out_ch, None).eval()
+        with torch.no_grad():
+            shape = tuple(_first_output(net(torch.zeros(1, in_ch or 3, chip, chip))).shape)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"model.architecture {spec.architecture} with model.encoder {encoder!r} and "
+                          f"model.params {dict(spec.params)} cannot be built or run on {chip} px chips "
+                          f"({first}); fix model.params (decoder_channels must have encoder_depth entries) "
+                          "or data.chip_size") from None
+    if shape[-2:] != (chip, chip) or shape[1] != out_ch:
+        raise ConfigError(f"model.architecture {spec.architecture} with model.params {dict(spec.params)} gives "
+                          f"{shape[1]} x {shape[2]} x {shape[3]} logits for {chip} px chips, not {out_ch} x {chip} "
+                          f"x {chip}; change model.params (e.g. encoder_depth: 5) or the architecture")
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def build_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
     """The network of a config, with pretrained encoder weights when ``model.encoder_weights`` is set.
 
@@ -377,6 +423,11 @@ def train(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], output_
     """
     cfg = _as_config(config)
     out = Path(output_dir)
+    div = input_divisor(arch_spec(cfg))
+    if cfg.data.chip_size % div:
+        raise ConfigError(f"data.chip_size {cfg.data.chip_size} must be a multiple of {div} for "
+                          f"{cfg.model.architecture} with this encoder depth")
+    check_network(cfg)
     _prepare_output(out, resume, overwrite)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)

@@ -110,3 +110,38 @@ def test_more_scene_bands_than_the_model_takes_needs_an_unambiguous_mapping(tmp_
     r = CliRunner().invoke(main, ["predict", str(tmp_path / "five.tif"), "-m", str(model), "-o",
                                   str(tmp_path / "o"), "--device", "cpu"])
     assert r.exit_code != 0 and "--bands" in r.output.strip().splitlines()[-1] and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("model, words", [
+    ({"architecture": "fpn", "encoder": "resnet18", "params": {"encoder_depth": 3}},
+     "gives 3 x 128 x 128 logits for 32 px chips, not 3 x 32 x 32"),
+    ({"architecture": "manet", "encoder": "resnet18", "params": {"encoder_depth": 3}}, "decoder_channels"),
+    ({"architecture": "unet", "encoder": "resnet19", "params": {}}, "model.encoder 'resnet19'"),
+])
+def test_a_network_the_config_cannot_build_or_run_is_refused_before_the_run_folder(tmp_path, model, words):
+    from geoseg.errors import ConfigError
+    from geoseg.train import train
+    from tests._training import tiny_config, write_scene
+
+    image, labels = write_scene(tmp_path)
+    cfg = tiny_config(image, labels)
+    cfg["model"] = model
+    with pytest.raises(ConfigError, match=r"model\.") as info:
+        train(cfg, tmp_path / "run")
+    assert words in str(info.value) and "\n" not in str(info.value)
+    if model["encoder"] == "resnet19":
+        assert "resnet18" in str(info.value)  # the closest names
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
+    import geoseg.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geoseg.train, "train", interrupted)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("classes: [{id: 1, name: a}, {id: 2, name: b}]\ndata: {scenes: [{image: x.tif, labels: y.tif}]}\n")
+    r = CliRunner().invoke(main, ["train", str(cfg), "--output-dir", str(tmp_path / "run")])
+    assert r.exit_code == 130 and "--resume" in r.output and "Aborted" not in r.output, r.output
