@@ -48,9 +48,14 @@ class ClassInfo(BaseModel):
     @field_validator("color")
     @classmethod
     def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(not 0 <= c <= 255 for c in v):
-            raise ValueError(f"colour components must be 0..255, got {v}")
-        return v
+        return check_rgb(v)
+
+
+def check_rgb(v: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The one colour rule of classes, in bundles and training configs alike."""
+    if any(not 0 <= c <= 255 for c in v):
+        raise ValueError(f"colour components must be 0..255, got {v}")
+    return v
 
 
 class InputSpec(BaseModel):

@@ -35,6 +35,13 @@ class ClassConfig(_Strict):
     name: str
     color: tuple[int, int, int] | None = None
 
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        from geoseg.bundle import check_rgb
+
+        return None if v is None else check_rgb(v)
+
 
 class SceneConfig(_Strict):
     """One training scene: an image and its labels.

@@ -145,3 +145,14 @@ def test_an_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
     cfg.write_text("classes: [{id: 1, name: a}, {id: 2, name: b}]\ndata: {scenes: [{image: x.tif, labels: y.tif}]}\n")
     r = CliRunner().invoke(main, ["train", str(cfg), "--output-dir", str(tmp_path / "run")])
     assert r.exit_code == 130 and "--resume" in r.output and "Aborted" not in r.output, r.output
+
+
+def test_a_class_colour_out_of_range_is_refused_when_the_config_loads(tmp_path):
+    from geoseg.config import load_config
+    from geoseg.errors import ConfigError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("classes: [{id: 1, name: a, color: [300, 0, 0]}, {id: 2, name: b}]\n"
+                   "data: {scenes: [{image: x.tif, labels: y.tif}]}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*classes.0.color.*0..255"):
+        load_config(cfg)
