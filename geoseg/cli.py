@@ -29,7 +29,17 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except GeoSegError as exc:
+            if ctx.params.get("debug"):
+                raise
             raise click.ClickException(str(exc)) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
+            if ctx.params.get("debug"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise click.ClickException(f"internal error: {type(exc).__name__}: {first} (run again with "
+                                       "geoseg --debug for the traceback, and please report it)") from None
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -118,10 +128,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 @click.version_option(__version__, prog_name="geoseg")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (and debug log output).")
 @click.pass_context
-def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     """geoseg: land-cover segmentation of large GeoTIFFs."""
-    _setup_logging(verbose, quiet)
+    _setup_logging(2 if debug else verbose, quiet)
     _quiet_library_warnings()
     ctx.obj = {"quiet": quiet}
 

@@ -247,8 +247,13 @@ def check_network(cfg: TrainConfig) -> None:
 
     import segmentation_models_pytorch as smp
 
-    names = smp.encoders.get_encoder_names()
     encoder = spec.encoder or "resnet34"
+    if encoder.startswith("tu-"):  # any timm model, through smp's timm universal encoder
+        import timm
+
+        names = ["tu-" + n for n in timm.list_models()]
+    else:
+        names = smp.encoders.get_encoder_names()
     if encoder not in names:
         close = difflib.get_close_matches(encoder, names, n=4, cutoff=0.6)
         raise ConfigError(f"model.encoder {encoder!r} is not an encoder of segmentation-models-pytorch"

@@ -156,3 +156,19 @@ def test_a_class_colour_out_of_range_is_refused_when_the_config_loads(tmp_path):
                    "data: {scenes: [{image: x.tif, labels: y.tif}]}\n")
     with pytest.raises(ConfigError, match=r"c.yaml.*classes.0.color.*0..255"):
         load_config(cfg)
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
+    import geoseg.predict
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(geoseg.predict, "predict_scenes", bug)
+    scene = _tiled_scene(tmp_path / "s.tif", size=256)
+    args = ["predict", str(scene), "-m", str(tmp_path / "m"), "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "internal error: ZeroDivisionError: division by zero" in r.output
+    assert "--debug" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["--debug", *args])
+    assert isinstance(r.exception, ZeroDivisionError)
