@@ -210,6 +210,11 @@ def _finished(plan: ScenePlan, fin: FinishResult, scene: SceneResult, stages: di
     for k, v in fin.seconds.items():
         stages[k] += v
     scene.status = "done"
+    if scene.chips_computed and scene.chips_skipped == scene.chips_computed and not scene.rows_resumed:
+        msg = (f"{plan.scene}: every pixel is nodata (or masked) in the model's bands; its outputs are all "
+               "nodata: check --bands and the scene's nodata value")
+        log.warning(msg)
+        scene.warnings.append(msg)
     scene.classes_path = as_location(fin.outputs.get("classes"))
     scene.probabilities_path = as_location(fin.outputs.get("probabilities"))
     scene.vector_path = as_location(fin.outputs.get("vector"))

@@ -34,7 +34,7 @@ from geoseg.job import (
     scene_result,
 )
 from geoseg.manifest import MANIFEST, Manifest, staging_matches
-from geoseg.raster import BLOCK, COMPRESSIONS, check_writable, inspect_scene
+from geoseg.raster import BLOCK, check_compress, check_writable, inspect_scene
 from geoseg.store import Store
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, fingerprint, scene_stem
 
@@ -117,8 +117,7 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
     if opts.batch_size != "auto" and (not isinstance(opts.batch_size, int) or isinstance(opts.batch_size, bool)
                                       or opts.batch_size < 1):
         raise InputError(f"--batch-size {opts.batch_size}: must be a positive whole number or auto")
-    if opts.compress not in COMPRESSIONS:
-        raise InputError(f"--compress {opts.compress}: valid values are {', '.join(COMPRESSIONS)}")
+    check_compress(opts.compress)
     if opts.probabilities_dtype not in PROBABILITY_DTYPES:
         raise InputError(f"--probabilities-dtype {opts.probabilities_dtype}: valid values are "
                          f"{', '.join(PROBABILITY_DTYPES)}")
@@ -132,8 +131,9 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
 
     if opts.backend not in BACKENDS:
         raise InputError(f"--backend {opts.backend}: valid values are {', '.join(BACKENDS)}")
-    if opts.connectivity not in (4, 8):
-        raise InputError(f"--connectivity {opts.connectivity}: must be 4 or 8")
+    from geoseg.vectorize.plan import check_connectivity
+
+    check_connectivity(opts.connectivity)
     if opts.vector_format is not None:
         from geoseg.vectorize import get_format, parse_min_area, parse_simplify
 

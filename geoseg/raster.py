@@ -328,10 +328,16 @@ def qml_style(classes: Sequence[Any]) -> str:
     )
 
 
+def check_compress(compress: str) -> str:
+    """The one check of ``--compress``."""
+    if compress not in COMPRESSIONS:
+        raise InputError(f"--compress {compress}: valid values are {', '.join(COMPRESSIONS)}")
+    return compress
+
+
 def cog_options(spec: OutputSpec, compress: str) -> dict[str, Any]:
     """Creation options of GDAL's COG driver for an output of ``spec`` (``rasterio.shutil.copy`` keywords)."""
-    if compress not in COMPRESSIONS:
-        raise InputError(f"unknown compression {compress!r}; valid: {', '.join(COMPRESSIONS)}")
+    check_compress(compress)
     opts: dict[str, Any] = dict(
         driver="COG", COMPRESS=compress.upper(), BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
         OVERVIEW_RESAMPLING=spec.resampling, NUM_THREADS="ALL_CPUS",

@@ -172,3 +172,17 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
     assert "--debug" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["--debug", *args])
     assert isinstance(r.exception, ZeroDivisionError)
+
+
+def test_a_scene_entirely_nodata_gives_nodata_outputs_and_a_warning(tmp_path, caplog):
+    from geoseg.predict import predict_scene
+    from tests.conftest import write_raster
+
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    scene = write_raster(tmp_path / "nd.tif", np.zeros((3, 90, 70), np.float32), nodata=0)
+    with caplog.at_level("WARNING"):
+        r = predict_scene(scene, model, tmp_path / "o")
+    assert r.status == "done" and any("every pixel is nodata" in w for w in r.warnings)
+    assert "every pixel is nodata" in caplog.text
+    with rasterio.open(r.classes_path) as ds:
+        assert (ds.read(1) == ds.nodata).all()

@@ -430,7 +430,7 @@ def test_min_area_pixels_and_metres_agree(make_raster: Callable[..., Path]) -> N
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"connectivity": 6}, "connectivity must be 4 or 8"),
+    ({"connectivity": 6}, "must be 4 or 8"),
     ({"block_size": 2}, "block_size"),
     ({"workers": 0}, "workers"),
     ({"to_crs": "EPSG:999999"}, "not a CRS"),

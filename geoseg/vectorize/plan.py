@@ -75,12 +75,19 @@ def _class_names_from_tags(tags: Mapping[str, str]) -> dict[int, str]:
     return names
 
 
+def check_connectivity(connectivity: int) -> int:
+    """The one check of ``--connectivity``."""
+    if connectivity not in (4, 8):
+        raise InputError(f"--connectivity {connectivity!r}: must be 4 or 8 (pixels joined by sides, or sides and "
+                         "corners)")
+    return connectivity
+
+
 def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, simplify: Any,
               skip_classes: Iterable[int], class_names: Mapping[int, str] | None, to_crs: Any,
               block_size: int, force_4326: bool = False) -> Plan:
     path = os.fspath(src)
-    if connectivity not in (4, 8):
-        raise InputError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    check_connectivity(connectivity)
     if not isinstance(block_size, int) or block_size < 4:
         raise InputError(f"block_size must be an integer of at least 4 pixels, got {block_size!r}")
     info = inspect_scene(path)
