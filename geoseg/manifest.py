@@ -15,11 +15,17 @@ staging made under other settings. Outputs that exist without a record are refus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from geoseg.errors import OutputExistsError
 from geoseg.store import Store
 from geoseg.units import SETTINGS_FILE, STAGING, ScenePlan, parse_strip
 
@@ -84,3 +90,47 @@ def drop_staging(plan: ScenePlan) -> None:
     root.remove(f"{STAGING}/{plan.stem}")
     if not root.list(STAGING):
         root.remove(STAGING)
+
+
+LOCK = ".geoseg.lock"  # in a local output folder while a job writes into it
+
+
+@contextlib.contextmanager
+def folder_lock(out: Store) -> Iterator[None]:
+    """Refuse a second job writing into the same local output folder at the same time.
+
+    An advisory ``flock`` on ``<folder>/.geoseg.lock``: the operating system releases it when the process
+    ends, however it ends (SIGKILL included), so a killed run never blocks the next one. Object storage
+    has no such lock; there, one driver per output prefix is the user's rule (README, Known limits).
+
+    Raises:
+        OutputExistsError: another live process holds the folder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system
+        yield
+        return
+    if out.remote:
+        yield
+        return
+    path = Path(out.url(LOCK))
+    f = open(path, "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise OutputExistsError(f"{out.location}: another geoseg run ({who}) is writing into this folder; wait "
+                                "for it to end, or choose another --output-dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        f.close()

@@ -33,7 +33,7 @@ from geoseg.job import (
     run_plans,
     scene_result,
 )
-from geoseg.manifest import MANIFEST, Manifest, staging_matches
+from geoseg.manifest import MANIFEST, Manifest, folder_lock, staging_matches
 from geoseg.raster import BLOCK, check_compress, check_writable, inspect_scene
 from geoseg.store import Store
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, fingerprint, scene_stem
@@ -257,13 +257,14 @@ def _job(paths: list[str], bundle: Bundle, loader: _Loader, ref: ModelRef, opts:
     if failed and len(failed) == len(paths):
         raise failed[0].exception or GeoSegError(failed[0].error or "every scene failed")
     out.prepare()
-    outcome, sched_name, workers = _run(todo, loader, ref, opts, dask_sched, manifest, progress)
-    results.update(outcome.results)
-    ordered = [results[scene_stem(p)] for p in paths]
-    if todo and all(r.status == "failed" for r in ordered):
-        first = next(r for r in ordered if r.status == "failed")
-        raise first.exception or GeoSegError(first.error or "every scene failed")
-    files = _job_files(ordered, out, name, manifest, opts.vector_format if merge_vectors else None)
+    with folder_lock(out):
+        outcome, sched_name, workers = _run(todo, loader, ref, opts, dask_sched, manifest, progress)
+        results.update(outcome.results)
+        ordered = [results[scene_stem(p)] for p in paths]
+        if todo and all(r.status == "failed" for r in ordered):
+            first = next(r for r in ordered if r.status == "failed")
+            raise first.exception or GeoSegError(first.error or "every scene failed")
+        files = _job_files(ordered, out, name, manifest, opts.vector_format if merge_vectors else None)
     return RunResult(ordered, time.perf_counter() - started, outcome.stage_seconds, contract, str(bundle.path),
                      opts, outcome.device or settings.device, outcome.amp, sched_name, workers, out_dir, files,
                      machine=settings.machine)

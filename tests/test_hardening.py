@@ -186,3 +186,31 @@ def test_a_scene_entirely_nodata_gives_nodata_outputs_and_a_warning(tmp_path, ca
     assert "every pixel is nodata" in caplog.text
     with rasterio.open(r.classes_path) as ds:
         assert (ds.read(1) == ds.nodata).all()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp_path):
+    import subprocess
+    import sys
+
+    from geoseg.errors import OutputExistsError
+    from geoseg.predict import predict_scene
+
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    scene = _tiled_scene(tmp_path / "s.tif", size=256)
+    out = tmp_path / "o"
+    out.mkdir()
+    # another process holds the folder (as a running job does), then is killed: the lock goes with it
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from geoseg.store import Store; from geoseg.manifest import "
+                               "folder_lock\nwith folder_lock(Store(sys.argv[1])):\n print('held', flush=True)\n "
+                               "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputExistsError, match=r"another geoseg run \(pid \d+ on .*\) is writing into this"):
+            predict_scene(scene, model, out, vector_format=None)
+        assert not (out / "s.classes.tif").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    r = predict_scene(scene, model, out, vector_format=None)  # SIGKILL released it
+    assert r.status == "done" and not (out / ".geoseg.lock").exists()
