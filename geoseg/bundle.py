@@ -117,6 +117,14 @@ class Contract(BaseModel):
     weights: str = WEIGHTS_FILE
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("weights")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        # a file name inside the bundle's folder: a bundle never reads (or, when saved, writes) elsewhere
+        if not v or "/" in v or "\\" in v or v in (".", "..") or ":" in v:
+            raise ValueError(f"weights must be a file name inside the bundle folder, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> Contract:
         ids = [c.id for c in self.classes]

@@ -214,3 +214,58 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp
         holder.wait()
     r = predict_scene(scene, model, out, vector_format=None)  # SIGKILL released it
     assert r.status == "done" and not (out / ".geoseg.lock").exists()
+
+
+class _Planted:
+    """Unpickling this creates a marker file: the proof that code from a model file ran."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name, how", [
+    ("weights.pt", "pickle"), ("weights.pth", "pickle"), ("weights.ckpt", "pickle"),
+    ("weights.pt", "torch.save"), ("weights.ckpt", "torch.save-state_dict"), ("weights.safetensors", "pickle"),
+])
+def test_a_model_file_never_runs_code_on_load(tmp_path, name, how):
+    import json
+    import pickle
+
+    import torch
+
+    from geoseg.bundle import load_model
+    from geoseg.errors import BundleError
+
+    p = make_bundle(tmp_path / "m", n_bands=3)
+    data = json.loads((p / "model.json").read_text())
+    data["weights"] = name
+    (p / "model.json").write_text(json.dumps(data))
+    evil = _Planted()
+    evil.marker = str(tmp_path / "code-ran")
+    target = p / name
+    if how == "pickle":
+        target.write_bytes(pickle.dumps({"weight": evil}))
+    elif how == "torch.save":
+        torch.save({"weight": evil}, target)
+    else:
+        torch.save({"state_dict": {"weight": evil}}, target)
+    with pytest.raises(BundleError, match=name):
+        load_model(p)
+    assert not (tmp_path / "code-ran").exists()
+
+
+@pytest.mark.parametrize("weights", ["../outside.safetensors", "/etc/passwd", "sub/w.safetensors", ".."])
+def test_a_bundle_reads_its_weights_only_from_its_own_folder(tmp_path, weights):
+    import json
+
+    from geoseg.bundle import load_model
+    from geoseg.errors import BundleError
+
+    p = make_bundle(tmp_path / "m", n_bands=3)
+    data = json.loads((p / "model.json").read_text())
+    data["weights"] = weights
+    (p / "model.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="weights must be a file name inside the bundle folder"):
+        load_model(p)
