@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -497,7 +498,7 @@ def train(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], output_
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
+            sched = _resumed_scheduler(cfg, opt, sched, state["scheduler"], steps_per_epoch * cfg.epochs)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
@@ -590,6 +591,31 @@ def _optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
     return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def _resumed_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, sched: Any, saved: dict[str, Any],
+                       total_steps: int) -> Any:
+    """The learning-rate schedule of a resumed run. With the same number of epochs it is the saved one; when
+    ``epochs`` was raised, the schedule is the new, longer one, continued from the steps already taken (the
+    saved one would end early: a onecycle schedule refuses to step past its last step)."""
+    sched.load_state_dict(saved)
+    old_total = saved.get("total_steps", saved.get("T_max"))
+    if old_total is None or old_total == max(total_steps, 1 if cfg.optimizer.schedule == "cosine" else 2):
+        return sched
+    done = int(saved.get("last_epoch", 0))
+    for group in opt.param_groups:  # the new schedule starts from the configured learning rate
+        group.pop("initial_lr", None)
+        group["lr"] = cfg.optimizer.lr
+    fresh = _scheduler(cfg, opt, total_steps)
+    if done >= total_steps:
+        raise ConfigError(f"epochs {cfg.epochs}: the run already took {done} optimiser steps of {total_steps}; "
+                          "raise epochs to continue it")
+    with warnings.catch_warnings():  # "scheduler stepped before the optimiser": on purpose here
+        warnings.simplefilter("ignore")
+        for _ in range(done):  # replay the steps taken, so the rate is where the longer schedule has it
+            fresh.step()
+    log.info("resumed with a %d-step schedule (was %d steps), at step %d", total_steps, old_total, done)
+    return fresh
 
 
 def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -> Any:

@@ -269,3 +269,16 @@ def test_a_bundle_reads_its_weights_only_from_its_own_folder(tmp_path, weights):
     (p / "model.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="weights must be a file name inside the bundle folder"):
         load_model(p)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_a_finished_run_resumes_with_more_epochs(tmp_path, schedule):
+    from geoseg.train import train
+    from tests._training import tiny_config, write_scene
+
+    image, labels = write_scene(tmp_path)
+    cfg = tiny_config(image, labels, optimizer={"schedule": schedule})
+    first = train(cfg, tmp_path / "run")
+    cfg["epochs"] = first.epochs_run + 2
+    again = train(cfg, tmp_path / "run", resume=True)
+    assert again.epochs_run == first.epochs_run + 2 and len(again.history) == first.epochs_run + 2
