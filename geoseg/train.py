@@ -21,6 +21,7 @@ config gives the same weights on the CPU, and a resumed run continues exactly wh
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -434,7 +435,26 @@ def train(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], output_
         raise ConfigError(f"data.chip_size {cfg.data.chip_size} must be a multiple of {div} for "
                           f"{cfg.model.architecture} with this encoder depth")
     check_network(cfg)
+    existed = out.exists()
     _prepare_output(out, resume, overwrite)
+    try:
+        return _run(cfg, out, resume, progress)
+    except BaseException:
+        # a run that stopped before its first checkpoint leaves nothing behind (so the same command can run
+        # again without --overwrite); one with a checkpoint keeps it for --resume
+        if not (out / "checkpoints" / "last.ckpt").exists():
+            for name in OUTPUTS:
+                p = out / name
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
+
+
+def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback | None) -> TrainResult:
+    """The body of :func:`train` once its output folder is ready."""
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     last_path, best_path = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"

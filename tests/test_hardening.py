@@ -282,3 +282,22 @@ def test_a_finished_run_resumes_with_more_epochs(tmp_path, schedule):
     cfg["epochs"] = first.epochs_run + 2
     again = train(cfg, tmp_path / "run", resume=True)
     assert again.epochs_run == first.epochs_run + 2 and len(again.history) == first.epochs_run + 2
+
+
+def test_a_training_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path):
+    from geoseg.errors import InputError
+    from geoseg.train import train
+    from tests._training import tiny_config, write_scene
+
+    image, labels = write_scene(tmp_path)
+    cfg = tiny_config(image, tmp_path / "no-such-labels.tif")
+    for _ in range(2):  # the same command again: the same error, not "already holds a training run"
+        with pytest.raises(InputError, match="no-such-labels.tif"):
+            train(cfg, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("the user's")
+    with pytest.raises(InputError):
+        train(cfg, keep)
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
