@@ -486,6 +486,10 @@ def check_scene(contract: Contract, scene: SceneInfo, bands: list[int] | None = 
             f"with --bands, e.g. --bands {hint}"
         )
     warnings: list[str] = []
+    unused = [i for i in range(1, scene.count + 1) if i not in idx and i != scene.alpha_band]
+    if unused:
+        warnings.append(f"{scene.path}: model {contract.name!r} reads band(s) {','.join(map(str, idx))}; "
+                        f"band(s) {','.join(map(str, unused))} are not used")
     want = contract.input.pixel_size
     have = scene.pixel_size_m
     if want and have and not 0.5 <= have / want <= 2.0:

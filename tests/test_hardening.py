@@ -104,7 +104,9 @@ def test_more_scene_bands_than_the_model_takes_needs_an_unambiguous_mapping(tmp_
         check_scene(contract, five)
     assert check_scene(contract, five, [5, 4, 3]).band_indexes == [5, 4, 3]
     named = inspect_scene(_multiband(tmp_path / "named.tif", 5, ["nir", "B3", "x", "b1", "b2"]))
-    assert check_scene(contract, named).band_indexes == [4, 5, 2]  # by name, any case
+    pre = check_scene(contract, named)
+    assert pre.band_indexes == [4, 5, 2]  # by name, any case
+    assert any("band(s) 1,3 are not used" in w for w in pre.warnings)
     rgba = inspect_scene(_multiband(tmp_path / "rgba.tif", 4, alpha=True))
     assert check_scene(contract, rgba).band_indexes == [1, 2, 3]  # the alpha band is a mask, not data
     r = CliRunner().invoke(main, ["predict", str(tmp_path / "five.tif"), "-m", str(model), "-o",
