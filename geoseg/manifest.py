@@ -92,6 +92,15 @@ def drop_staging(plan: ScenePlan) -> None:
         root.remove(STAGING)
 
 
+def stale_staging(out: Store, stems: set[str]) -> list[str]:
+    """Staging folders in ``out`` of scenes other than ``stems``: unfinished scenes of earlier, killed runs.
+
+    They are kept (running their command again resumes them); the job reports them so they are not
+    forgotten. Returns their locations.
+    """
+    return [out.url(f"{STAGING}/{name}") for name in out.list(STAGING) if name not in stems]
+
+
 LOCK = ".geoseg.lock"  # in a local output folder while a job writes into it
 
 

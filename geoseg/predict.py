@@ -33,7 +33,7 @@ from geoseg.job import (
     run_plans,
     scene_result,
 )
-from geoseg.manifest import MANIFEST, Manifest, folder_lock, staging_matches
+from geoseg.manifest import MANIFEST, Manifest, folder_lock, staging_matches, stale_staging
 from geoseg.raster import BLOCK, check_compress, check_writable, inspect_scene
 from geoseg.store import Store
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, fingerprint, scene_stem
@@ -265,6 +265,9 @@ def _job(paths: list[str], bundle: Bundle, loader: _Loader, ref: ModelRef, opts:
             first = next(r for r in ordered if r.status == "failed")
             raise first.exception or GeoSegError(first.error or "every scene failed")
         files = _job_files(ordered, out, name, manifest, opts.vector_format if merge_vectors else None)
+        for left in stale_staging(out, {scene_stem(p) for p in paths}):
+            log.warning("%s: strips of a scene an earlier run did not finish; run that command again to resume "
+                        "it, or delete the folder", left)
     return RunResult(ordered, time.perf_counter() - started, outcome.stage_seconds, contract, str(bundle.path),
                      opts, outcome.device or settings.device, outcome.amp, sched_name, workers, out_dir, files,
                      machine=settings.machine)

@@ -303,3 +303,17 @@ def test_a_training_run_that_fails_before_its_first_checkpoint_leaves_nothing(tm
     with pytest.raises(InputError):
         train(cfg, keep)
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+
+
+def test_staging_left_by_a_killed_run_of_another_scene_is_reported(tmp_path, caplog):
+    from geoseg.predict import predict_scene
+
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    scene = _tiled_scene(tmp_path / "s.tif", size=256)
+    left = tmp_path / "o" / ".geoseg-staging" / "other"
+    left.mkdir(parents=True)
+    (left / "settings.json").write_text("{}")
+    with caplog.at_level("WARNING"):
+        predict_scene(scene, model, tmp_path / "o", vector_format=None)
+    assert "other: strips of a scene an earlier run did not finish" in caplog.text
+    assert left.exists()  # kept: running its command again resumes it
