@@ -136,6 +136,8 @@ def open_scene(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     from geoseg.remote import gdal_path
 
     p = os.fspath(path)
+    if "://" not in p and os.path.isdir(p) and not p.lower().endswith((".zarr", ".gdb")):
+        raise InputError(f"{p}: is a folder; give raster files, or a quoted glob such as '{p.rstrip('/')}/*.tif'")
     set_remote_options()
     try:
         # GDAL's own /vsis3/, /vsicurl/... paths: credentials and endpoint come from the GDAL/AWS environment
@@ -153,6 +155,10 @@ def inspect_scene(path: str | os.PathLike[str]) -> SceneInfo:
         InputError: the file cannot be opened as a raster.
     """
     with gdal_env(), open_scene(path) as ds:
+        if ds.transform.is_identity and ds.gcps[0]:
+            raise InputError(f"{os.fspath(path)}: is georeferenced by ground control points only, so no output "
+                             "grid can match it; warp it onto a grid first (gdalwarp -r bilinear SRC DST) and "
+                             "use that")
         mask, alpha = _mask_kind(ds)
         return SceneInfo(
             path=os.fspath(path), width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0],

@@ -317,3 +317,24 @@ def test_staging_left_by_a_killed_run_of_another_scene_is_reported(tmp_path, cap
         predict_scene(scene, model, tmp_path / "o", vector_format=None)
     assert "other: strips of a scene an earlier run did not finish" in caplog.text
     assert left.exists()  # kept: running its command again resumes it
+
+
+def test_unreadable_inputs_are_refused_in_one_line(tmp_path):
+    from rasterio.control import GroundControlPoint
+
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    (tmp_path / "empty.tif").write_bytes(b"")
+    (tmp_path / "text.tif").write_text("not a raster")
+    gcps = [GroundControlPoint(0, 0, 500000, 5100000), GroundControlPoint(0, 90, 500090, 5100000),
+            GroundControlPoint(90, 0, 500000, 5099910)]
+    with rasterio.open(tmp_path / "gcp.tif", "w", driver="GTiff", width=90, height=90, count=3, dtype="uint8",
+                       gcps=gcps, crs="EPSG:32633") as ds:
+        ds.write(np.ones((3, 90, 90), np.uint8))
+    (tmp_path / "folder").mkdir()
+    cases = {"empty.tif": "cannot be read as a raster", "text.tif": "cannot be read as a raster",
+             "missing.tif": "no such file", "gcp.tif": "ground control points only", "folder": "is a folder"}
+    for name, words in cases.items():
+        r = CliRunner().invoke(main, ["predict", str(tmp_path / name), "-m", str(model), "-o", str(tmp_path / "o")])
+        last = r.output.strip().splitlines()[-1]
+        assert r.exit_code == 1 and name in last and words in last and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
