@@ -338,3 +338,23 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path):
         last = r.output.strip().splitlines()[-1]
         assert r.exit_code == 1 and name in last and words in last and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_rotated_and_crs_less_scenes_keep_their_grid(tmp_path, caplog):
+    from affine import Affine
+
+    from geoseg.predict import predict_scene
+
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    rng = np.random.default_rng(2)
+    for name, crs, t in (("rot.tif", "EPSG:32633", Affine(1.0, 0.2, 500000.0, 0.1, -1.0, 5100000.0)),
+                         ("nocrs.tif", None, Affine(2.0, 0.0, 10.0, 0.0, -2.0, 500.0))):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=130, height=110, count=3, dtype="uint8",
+                           crs=crs, transform=t) as ds:
+            ds.write(rng.integers(1, 255, (3, 110, 130), dtype=np.uint8))
+        with caplog.at_level("WARNING"):
+            r = predict_scene(tmp_path / name, model, tmp_path / name.split(".")[0], vector_format=None)
+        with rasterio.open(r.classes_path) as out:
+            assert (out.transform, out.crs, out.shape) == (t, crs and rasterio.crs.CRS.from_user_input(crs),
+                                                         (110, 130))
+    assert "nocrs.tif: has no CRS" in caplog.text
