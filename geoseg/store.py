@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # names this module leaves beside outputs while it works; listings hide them
-_STAGING_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9a-z_]+$|^\.geoseg-work-")
+_STAGING_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9A-Za-z_-]+$|^\.geoseg-work-")
 
 
 def _clean_key(key: str) -> str:
@@ -69,8 +70,33 @@ def _local_only(path: str | os.PathLike[str], what: str) -> Path:
     return Path(local_path(os.fspath(path)))
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+
+
 def _unique_suffix() -> str:
-    return uuid.uuid4().hex[:8]
+    """``host-pid-random``: a temporary name says which process made it, so leftovers of dead processes on
+    this host can be swept (:func:`_sweep_dead`)."""
+    return f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _sweep_dead(folder: Path, prefix: str) -> None:
+    """Remove ``prefix<host>-<pid>-*`` temporaries in ``folder`` left by processes of this host that no longer
+    run (a SIGKILL between staging and publishing); other hosts' and live processes' are left alone."""
+    pattern = re.compile(re.escape(prefix) + re.escape(_HOST) + r"-(\d+)-[0-9a-f]{8}$")
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            m = pattern.match(entry.name)
+            if not m or int(m.group(1)) == os.getpid():
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue  # alive, another user's
+            log.info("%s: removed, left by a process that was killed", entry)
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 
@@ -415,6 +441,7 @@ class Store:
         final = self._local(clean)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
+            _sweep_dead(final.parent, f".{name}.tmp-")
             while True:
                 # not mkdtemp: its 0700 mode would stay on a published folder; mkdir honours the umask
                 folder = final.parent / f".{name}.tmp-{_unique_suffix()}"

@@ -358,3 +358,39 @@ def test_rotated_and_crs_less_scenes_keep_their_grid(tmp_path, caplog):
             assert (out.transform, out.crs, out.shape) == (t, crs and rasterio.crs.CRS.from_user_input(crs),
                                                          (110, 130))
     assert "nocrs.tif: has no CRS" in caplog.text
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
+def test_a_killed_vectorize_leaves_no_partial_file_and_runs_again(tmp_path, delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    size = 2048
+    field = ndimage.zoom(rng.normal(size=(size // 16, size // 16)), 16, order=1)
+    classes = np.digitize(field, [-0.5, 0.0, 0.5]).astype(np.uint8) + 1
+    src = tmp_path / "classes.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=size, height=size, count=1, dtype="uint8", nodata=0,
+                       crs="EPSG:32633", transform=from_origin(500000, 5100000, 1, 1), tiled=True,
+                       blockxsize=256, blockysize=256) as ds:
+        ds.write(classes, 1)
+    dst = tmp_path / "polys.gpkg"
+    cmd = [sys.executable, "-m", "geoseg.cli", "-q", "vectorize", str(src), str(dst)]
+    p = subprocess.Popen(cmd, start_new_session=True)
+    time.sleep(delay)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)  # the command and its worker processes
+    p.wait()
+    import pyogrio
+
+    # killed or not, what carries the final name is whole: the output is published only once written
+    left = pyogrio.read_info(dst)["features"] if dst.exists() else None
+    r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not [f.name for f in tmp_path.iterdir() if f.name.startswith(".polys")]  # the killed run's temporaries
+    whole = pyogrio.read_info(dst)["features"]
+    assert whole > 0 and left in (None, whole)
