@@ -39,7 +39,8 @@ BACKENDS = ("eager", "onnxruntime")
 MIN_AGREEMENT = 0.995
 
 
-def _first(logits: Any) -> torch.Tensor:
+def first_output(logits: Any) -> torch.Tensor:
+    """The logits of a network that may return ``(mask, label)`` (smp models with an auxiliary head)."""
     return logits[0] if isinstance(logits, (tuple, list)) else logits
 
 
@@ -51,7 +52,7 @@ def _eager(net: torch.nn.Module, device: torch.device, example: torch.Tensor,
            amp_dtype: torch.dtype | None) -> Forward:
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), _autocast(device, amp_dtype):
-            return _first(net(x)).float()
+            return first_output(net(x)).float()
 
     return forward
 
@@ -152,4 +153,4 @@ def prepare(net: torch.nn.Module, backend: str = "eager", device: torch.device |
     return forward
 
 
-__all__ = ["BACKENDS", "MIN_AGREEMENT", "Forward", "agreement", "prepare"]
+__all__ = ["BACKENDS", "MIN_AGREEMENT", "Forward", "agreement", "first_output", "prepare"]

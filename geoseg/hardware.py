@@ -73,16 +73,9 @@ def cpu_features() -> CpuFeatures:
     cpu = getattr(torch, "cpu", None)
     amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
     avx512_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
-    return CpuFeatures(name, _cores(), amx, avx512_bf16)
+    from geoseg.units import cpu_cores
 
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return CpuFeatures(name, cpu_cores(), amx, avx512_bf16)
 
 
 def resolve_precision(precision: str, device: Any) -> str:

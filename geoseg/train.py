@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoseg import augment as augment_mod
+from geoseg.backends import first_output
 from geoseg.bundle import ArchSpec, ClassInfo, Contract, InputSpec, save_bundle, staged_file
 from geoseg.config import LOSS_NAMES, TrainConfig, config_from_dict, dump_config, load_config
 from geoseg.data import (
@@ -243,6 +244,10 @@ def check_network(cfg: TrainConfig) -> None:
         ConfigError: naming ``model.encoder``, ``model.params`` or ``data.chip_size``.
     """
     spec = arch_spec(cfg)
+    div = input_divisor(spec)
+    if cfg.data.chip_size % div:
+        raise ConfigError(f"data.chip_size {cfg.data.chip_size} must be a multiple of {div} for "
+                          f"{spec.architecture} with this encoder depth")
     if spec.architecture.lower() == "conv1x1":
         return
     import difflib
@@ -266,7 +271,7 @@ def check_network(cfg: TrainConfig) -> None:
     try:
         net = create_network(spec, in_ch or 3, out_ch, None).eval()
         with torch.no_grad():
-            shape = tuple(_first_output(net(torch.zeros(1, in_ch or 3, chip, chip))).shape)
+            shape = tuple(first_output(net(torch.zeros(1, in_ch or 3, chip, chip))).shape)
     except ConfigError:
         raise
     except Exception as exc:
@@ -281,21 +286,13 @@ def check_network(cfg: TrainConfig) -> None:
                           f"x {chip}; change model.params (e.g. encoder_depth: 5) or the architecture")
 
 
-def _first_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def build_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
     """The network of a config, with pretrained encoder weights when ``model.encoder_weights`` is set.
 
     Raises:
         ConfigError: the chip size does not fit the network, or the encoder cannot be built.
     """
-    spec = arch_spec(cfg)
-    div = input_divisor(spec)
-    if cfg.data.chip_size % div:
-        raise ConfigError(f"data.chip_size {cfg.data.chip_size} must be a multiple of {div} for "
-                          f"{spec.architecture} with this encoder depth")
+    spec = arch_spec(cfg)  # checked by check_network before the run started
     out_ch = 1 if cfg.model.activation == "sigmoid" else len(cfg.classes)
     net = create_network(spec, in_channels, out_ch, cfg.model.encoder_weights)
     if cfg.model.dropout > 0:
@@ -430,10 +427,6 @@ def train(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], output_
     """
     cfg = _as_config(config)
     out = Path(output_dir)
-    div = input_divisor(arch_spec(cfg))
-    if cfg.data.chip_size % div:
-        raise ConfigError(f"data.chip_size {cfg.data.chip_size} must be a multiple of {div} for "
-                          f"{cfg.model.architecture} with this encoder depth")
     check_network(cfg)
     existed = out.exists()
     _prepare_output(out, resume, overwrite)

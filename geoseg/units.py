@@ -31,13 +31,17 @@ STAGING = ".geoseg-staging"  # hidden folder in the output folder, one sub-folde
 SETTINGS_FILE = "settings.json"  # in a scene's staging folder: the fingerprint its strips were made with
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """The one default for ``--workers`` (reader threads, local units, vectorisation processes): min(4, cores)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, cpu_cores()))
 
 
 @dataclass
