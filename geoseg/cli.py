@@ -22,8 +22,27 @@ from geoseg.errors import GeoSegError
 F = Callable[..., Any]
 
 
+def _disk_full(ctx: click.Context, exc: Exception) -> GeoSegError | None:
+    """A full disk under the output folder the command was given (train, vectorize, export...)."""
+    from geoseg.store import disk_full
+
+    params = ctx.meta.get("geoseg.params", {})
+    folder = next((params[k] for k in ("output_dir", "output") if params.get(k)), None)
+    return disk_full(exc, str(folder) if folder is not None else None)
+
+
+class _Command(click.Command):
+    """Leaves its parsed options where the group's error handler can see them."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta["geoseg.params"] = ctx.params
+        return super().invoke(ctx)
+
+
 class _Group(click.Group):
     """Turns geoseg's domain errors into one-line messages and a non-zero exit code."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -37,6 +56,9 @@ class _Group(click.Group):
         except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
             if ctx.params.get("debug"):
                 raise
+            full = _disk_full(ctx, exc)
+            if full is not None:
+                raise click.ClickException(str(full)) from None
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise click.ClickException(f"internal error: {type(exc).__name__}: {first} (run again with "
                                        "geoseg --debug for the traceback, and please report it)") from None

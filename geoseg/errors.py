@@ -30,6 +30,10 @@ class StorageError(GeoSegError, OSError):
     """A local folder or object-storage location that cannot be read, listed or written."""
 
 
+class DiskFullError(StorageError):
+    """A write that failed because the disk, a quota or the file-size limit is full."""
+
+
 class UnknownNameError(GeoSegError, KeyError):
     """A name that is not in a registry; the message lists the valid ones."""
 

@@ -29,7 +29,7 @@ from geoseg.raster import (
     probabilities_spec,
     qml_style,
 )
-from geoseg.store import Store, local_workdir
+from geoseg.store import Store, disk_full, local_workdir
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, Unit, parse_strip, strip_key
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,11 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
             _remove_stale(out, plan.stem, set(result.files) | {names[k] for k in result.outputs})
         result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
         result.files += [names[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
+    except Exception as exc:
+        full = disk_full(exc, plan.output_dir, scratch)  # measured before the partial files go
+        if full is not None:
+            raise full from exc
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if stage.remote:

@@ -87,6 +87,7 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.tta = tta
+        self.overflowed = 0  # batches whose logits held inf or NaN
         net = model.module.to(self.device).eval()
         self.channels_last = self.device.type in ("cpu", "cuda")
         if self.channels_last:
@@ -109,12 +110,28 @@ class Predictor:
             self._run = prepare(self.net, self.backend, self.device, x, self.amp_dtype)
         return self._run(x)
 
+    def _finite(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits that overflowed (the bf16/fp16 range under autocast, or extreme inputs) kept ordered.
+
+        +-inf become the largest finite float32 values and NaN the smallest, so the softmax stays a
+        probability distribution (sums to 1) and the arg max a class; said once per predictor.
+        """
+        if bool(torch.isfinite(logits).all()):
+            return logits
+        if not self.overflowed:
+            log.warning("the network's outputs overflowed (inf or NaN) under %s; those pixels take the largest "
+                        "finite logit. If the class map looks wrong, run with --precision fp32 and check the "
+                        "scene's values against the model's normalisation", self.precision)
+        self.overflowed += 1
+        big = torch.finfo(torch.float32).max
+        return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits -> probabilities for one device batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` float32."""
         transforms = _TTA if self.tta else _TTA[:1]
         probs: torch.Tensor | None = None
         for fwd, inv in transforms:
-            logits = inv(self._network(fwd(x)))  # float32 logits; aux heads dropped
+            logits = self._finite(inv(self._network(fwd(x))))  # float32 logits; aux heads dropped
             if self.sigmoid:
                 p1 = torch.sigmoid(logits[:, :1])
                 p = torch.cat([1 - p1, p1], dim=1)

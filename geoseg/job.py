@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from geoseg.engine import STAGES, Cancelled, UnitResult
 from geoseg.finish import FinishResult
 from geoseg.manifest import Manifest, drop_staging, prepare_staging
-from geoseg.store import Store, is_remote
+from geoseg.store import Store, disk_full, is_remote
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, Unit, plan_units
 
 if TYPE_CHECKING:
@@ -134,10 +134,12 @@ def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, 
             pending[scheduler.submit_unit(u)] = ("unit", p.stem, u)
 
     def fail(stem: str, exc: BaseException) -> None:
+        full = disk_full(exc, by_stem[stem].output_dir)
         res = partial[stem]
         res.status, res.error, res.exception = "failed", _reason(exc), exc
         outcome.results[stem] = res
-        log.error("%s: failed: %s", by_stem[stem].scene, res.error)
+        if full is None:
+            log.error("%s: failed: %s", by_stem[stem].scene, res.error)
         mine = [f for f, (_, s, _) in pending.items() if s == stem]
         scheduler.cancel(mine)
         for f in mine:  # what already runs is waited for (as an orphan), so no strip lands after the cleanup
@@ -146,6 +148,8 @@ def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, 
             else:
                 pending[f] = ("orphan", stem, None)
         settle(stem)
+        if full is not None:  # every scene would fail the same way: stop the job, say it once
+            raise full
 
     def settle(stem: str) -> None:
         """A failed scene's staging goes once none of its tasks can still write into it."""

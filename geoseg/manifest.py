@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.errors import OutputExistsError
+from geoseg.remote import storage_error
 from geoseg.store import Store
 from geoseg.units import SETTINGS_FILE, STAGING, ScenePlan, parse_strip
 
@@ -124,7 +125,10 @@ def folder_lock(out: Store) -> Iterator[None]:
         yield
         return
     path = Path(out.url(LOCK))
-    f = open(path, "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        f = open(path, "a+")  # noqa: SIM115 (held for the whole block)
+    except OSError as exc:  # the first write into the folder: a read-only or foreign folder ends here
+        raise storage_error(out.location, "write", exc, remote=False) from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

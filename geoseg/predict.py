@@ -21,7 +21,7 @@ from typing import Any
 
 from geoseg.blend import get_profile
 from geoseg.bundle import Bundle, Contract, LoadedModel, bundle_digest, check_scene, read_bundle
-from geoseg.errors import GeoSegError, InputError
+from geoseg.errors import DiskFullError, GeoSegError, InputError
 from geoseg.finish import output_names
 from geoseg.hardware import DeviceSettings
 from geoseg.job import (
@@ -33,7 +33,7 @@ from geoseg.job import (
     run_plans,
     scene_result,
 )
-from geoseg.manifest import MANIFEST, Manifest, folder_lock, staging_matches, stale_staging
+from geoseg.manifest import MANIFEST, Manifest, drop_staging, folder_lock, staging_matches, stale_staging
 from geoseg.raster import BLOCK, check_compress, check_writable, inspect_scene
 from geoseg.store import Store
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, fingerprint, scene_stem
@@ -258,7 +258,12 @@ def _job(paths: list[str], bundle: Bundle, loader: _Loader, ref: ModelRef, opts:
         raise failed[0].exception or GeoSegError(failed[0].error or "every scene failed")
     out.prepare()
     with folder_lock(out):
-        outcome, sched_name, workers = _run(todo, loader, ref, opts, dask_sched, manifest, progress)
+        try:
+            outcome, sched_name, workers = _run(todo, loader, ref, opts, dask_sched, manifest, progress)
+        except DiskFullError:
+            for plan in todo:  # the strips staged so far hold the space the user must free
+                drop_staging(plan)
+            raise
         results.update(outcome.results)
         ordered = [results[scene_stem(p)] for p in paths]
         if todo and all(r.status == "failed" for r in ordered):

@@ -21,7 +21,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterBlockError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, OutputExistsError
@@ -105,6 +105,17 @@ class SceneInfo:
         }
 
 
+def _check_geographic_bounds(path: str, ds: rasterio.DatasetReader) -> None:
+    """Refuse a geographic CRS whose coordinates are not degrees (a projected grid labelled EPSG:4326)."""
+    if ds.crs is None or not ds.crs.is_geographic:
+        return
+    left, bottom, right, top = ds.bounds
+    if min(bottom, top) < -90.001 or max(bottom, top) > 90.001 or min(left, right) < -540 or max(left, right) > 540:
+        raise InputError(f"{path}: its bounds ({left:g}, {bottom:g}, {right:g}, {top:g}) are not degrees of its "
+                         f"geographic CRS {ds.crs.to_string()}; fix the georeferencing (gdal_edit.py -a_srs with "
+                         "the CRS its coordinates are in)")
+
+
 def _pixel_size_m(ds: rasterio.DatasetReader) -> float | None:
     if ds.crs is None:
         return None
@@ -159,6 +170,7 @@ def inspect_scene(path: str | os.PathLike[str]) -> SceneInfo:
             raise InputError(f"{os.fspath(path)}: is georeferenced by ground control points only, so no output "
                              "grid can match it; warp it onto a grid first (gdalwarp -r bilinear SRC DST) and "
                              "use that")
+        _check_geographic_bounds(os.fspath(path), ds)
         mask, alpha = _mask_kind(ds)
         return SceneInfo(
             path=os.fspath(path), width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0],
@@ -190,13 +202,66 @@ def band_validity(data: np.ndarray, ds: rasterio.DatasetReader, indexes: Sequenc
     return valid
 
 
+def _overlap(a: Window, b: Window) -> int:
+    """Pixels two windows share."""
+    rows = min(a.row_off + a.height, b.row_off + b.height) - max(a.row_off, b.row_off)
+    cols = min(a.col_off + a.width, b.col_off + b.width) - max(a.col_off, b.col_off)
+    return int(max(0, rows) * max(0, cols))
+
+
+class _Blocks:
+    """The internal blocks of one band of a GeoTIFF, for two questions a chip read asks.
+
+    ``absent``: which blocks a sparse GeoTIFF leaves out (GDAL's ``SPARSE_OK``: a block never written holds
+    no data). They read as nodata: no pixel of them is read or sent to the model, so a scene declared
+    100k x 100k with a few written blocks costs what its blocks cost. ``damaged``: after a failed read, the
+    first block of the window GDAL cannot decode, so the error names it.
+    """
+
+    def __init__(self, ds: rasterio.DatasetReader, band: int):
+        self.ds, self.band = ds, band
+        self.rows, self.cols = ds.block_shapes[band - 1]
+        # strips of a few rows would mean hundreds of lookups per chip; only tiled (or tall-strip) TIFFs
+        self.on = ds.driver in ("GTiff", "COG") and self.rows >= 16
+
+    def _grid(self, window: Window) -> list[tuple[int, int, Window]]:
+        r0, c0 = int(window.row_off), int(window.col_off)
+        r1, c1 = r0 + int(window.height), c0 + int(window.width)
+        out = []
+        for i in range(r0 // self.rows, (max(r1, r0 + 1) - 1) // self.rows + 1):
+            for j in range(c0 // self.cols, (max(c1, c0 + 1) - 1) // self.cols + 1):
+                out.append((i, j, Window(j * self.cols, i * self.rows, self.cols, self.rows)))
+        return out
+
+    def absent(self, window: Window) -> list[Window]:
+        """The blocks of ``window`` the file does not hold (empty unless the GeoTIFF is sparse)."""
+        if not self.on:
+            return []
+        out = []
+        for i, j, w in self._grid(window):
+            try:
+                self.ds.block_size(self.band, i, j)
+            except RasterBlockError:
+                out.append(w)
+        return out
+
+    def damaged(self, window: Window) -> Window | None:
+        for _, _, w in self._grid(window):
+            w = w.intersection(Window(0, 0, self.ds.width, self.ds.height))
+            try:
+                self.ds.read(self.band, window=w)
+            except RasterioIOError:
+                return w
+        return None
+
+
 class SceneReader:
     """Thread-safe chip reader: one GDAL handle per thread (GDAL handles are not thread-safe).
 
     ``read(window)`` returns the bands the model takes as float32, normalised with ``mean`` and ``std``,
     with invalid values set to 0 (the band mean), plus the 2-D validity mask. A pixel is valid when at
     least one of its bands is valid (GDAL's dataset-mask rule), so a legitimate 0 in one band of a scene
-    with nodata 0 is not a hole.
+    with nodata 0 is not a hole. Blocks a sparse GeoTIFF leaves out are nodata (see :class:`_Blocks`).
     """
 
     def __init__(self, path: str, indexes: Sequence[int], mean: Sequence[float], std: Sequence[float]):
@@ -216,6 +281,7 @@ class SceneReader:
             ds = open_scene(self.path)
             self._local.ds = ds
             self._local.kind = _mask_kind(ds)[0]
+            self._local.blocks = [_Blocks(ds, i) for i in self.unique_indexes]
             with self._lock:
                 self._handles.append(ds)
         return ds
@@ -224,23 +290,40 @@ class SceneReader:
     def unique_indexes(self) -> list[int]:
         return sorted(set(self.indexes))
 
+    def _read_raw(self, ds: rasterio.DatasetReader, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """The bands of ``window`` with their validity, blocks left out of a sparse file masked."""
+        uniq = self.unique_indexes
+        r0, c0 = int(window.row_off), int(window.col_off)
+        holes = [b.absent(window) for b in self._local.blocks]
+        area = int(window.height) * int(window.width)
+        if area and all(sum(_overlap(w, window) for w in h) == area for h in holes):
+            # absent blocks cover the whole window in every band: nothing to read
+            shape = (len(uniq), int(window.height), int(window.width))
+            return np.zeros(shape, dtype=ds.dtypes[uniq[0] - 1]), np.zeros(shape, dtype=bool)
+        try:
+            raw = ds.read(uniq, window=window)
+        except RasterioIOError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            bad = next((w for b in self._local.blocks if (w := b.damaged(window)) is not None), window)
+            br, bc = int(bad.row_off), int(bad.col_off)
+            raise InputError(f"{self.path}: cannot read the block at rows {br}-{br + int(bad.height)}, columns "
+                             f"{bc}-{bc + int(bad.width)} ({detail}); the file is damaged or truncated: "
+                             "download or export it again") from None
+        bvalid = band_validity(raw, ds, uniq, window, self._local.kind)
+        for k, h in enumerate(holes):
+            for w in h:
+                y0, x0 = max(0, int(w.row_off) - r0), max(0, int(w.col_off) - c0)
+                bvalid[k, y0:max(0, int(w.row_off + w.height) - r0), x0:max(0, int(w.col_off + w.width) - c0)] = False
+        return raw, bvalid
+
     def read(self, window: Window, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Read ``window`` (clipped to the scene), padded by reflection to ``size`` (rows, cols).
 
         Returns:
             ``(data, valid)``: float32 ``(bands, rows, cols)`` normalised input and bool ``(rows, cols)``.
         """
-        ds = self._handle()
+        raw, bvalid = self._read_raw(self._handle(), window)
         uniq = self.unique_indexes
-        try:
-            raw = ds.read(uniq, window=window)
-            bvalid = band_validity(raw, ds, uniq, window, self._local.kind)
-        except RasterioIOError as exc:
-            r0, c0 = int(window.row_off), int(window.col_off)
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"{self.path}: cannot read rows {r0}-{r0 + int(window.height)}, columns "
-                             f"{c0}-{c0 + int(window.width)} ({detail}); the file is damaged or truncated: "
-                             "download or export it again") from None
         pos = [uniq.index(i) for i in self.indexes]
         raw, bvalid = raw[pos], bvalid[pos]
         data = raw.astype(np.float32, copy=False)

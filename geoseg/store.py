@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from geoseg.errors import InputError, StorageError
+from geoseg.errors import DiskFullError, InputError, StorageError
 from geoseg.remote import (
     bucket_missing,
     gdal_path,
@@ -117,6 +117,47 @@ def _umask_mode(path: Path) -> None:
     (0666 less the umask), so bundles on a shared disk can be read by the other users and worker accounts."""
     with contextlib.suppress(OSError):
         os.chmod(path, 0o666 & ~_umask())
+
+FULL_BELOW = 64 * 2**20  # bytes free under which a failed write is taken for a full disk
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _at_size_limit(folder: Path | None) -> bool:
+    """A file in ``folder`` that reached the process's file-size limit (``ulimit -f``)."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if folder is None or limit == resource.RLIM_INFINITY or not folder.is_dir():
+        return False
+    return any(f.is_file() and f.stat().st_size >= limit * 0.9 for f in folder.rglob("*"))
+
+
+def disk_full(exc: BaseException, folder: str | os.PathLike[str] | None,
+              measure: Path | None = None) -> DiskFullError | None:
+    """The one-line error for a write that failed because the disk (or quota, or file size limit) is full.
+
+    An ``OSError`` says so by its errno; GDAL's write errors do not (libtiff reports ``No space left on
+    device`` on stderr only), so a failed write into a local ``folder`` (or the local folder ``measure``
+    that stages it) with less than 64 MB free counts too. ``None`` when ``exc`` is something else.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any(isinstance(c, OSError) and c.errno in _FULL_ERRNOS for c in chain)
+    where = measure or (None if folder is None or "://" in os.fspath(folder) else Path(folder))
+    while where is not None and not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free if where is not None else None
+    # inside a write (``measure`` given) any failure counts; elsewhere only one that speaks of writing
+    writing = measure is not None or any(re.search(r"writ|space|disk|full", str(c), re.IGNORECASE) for c in chain)
+    if not full and not (writing and free is not None and free < FULL_BELOW) and not _at_size_limit(measure):
+        return None
+    return DiskFullError(f"{folder}: the disk is full (or its quota or file-size limit reached); nothing was "
+                        "written under a final name and the run's temporary files are removed: free some space or "
+                        "choose another output folder, then run the same command again")
+
 
 class Store:
     """A folder that is a local path or an object-storage URL. Keys are '/'-separated relative names.
@@ -478,6 +519,11 @@ class Store:
                 )
             _umask_mode(path)
             self.publish(path, key)
+        except Exception as exc:
+            full = disk_full(exc, self.location, folder)  # measured before the partial file goes
+            if full is not None:
+                raise full from exc
+            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -506,6 +552,11 @@ class Store:
                     if f.is_file():
                         _umask_mode(f)
                 self._replace_dir(folder, self._local(key))
+        except Exception as exc:
+            full = disk_full(exc, self.location, folder)
+            if full is not None:
+                raise full from exc
+            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -60,6 +60,7 @@ from geoseg.errors import ConfigError, InputError, OutputExistsError, unknown_na
 from geoseg.inference import resolve_device
 from geoseg.metrics import ConfusionMatrix, scores
 from geoseg.models import create_network, input_divisor
+from geoseg.remote import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,10 @@ def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
         for name in existing:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(str(out), "write", exc, remote=False) from None
 
 
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:

@@ -113,3 +113,27 @@ def test_preflight_checks_bands_and_warns_on_scale(tmp_path):
     pre = check_scene(c, info, [1, 1])
     assert pre.band_indexes == [1, 1]
     assert any("pixel size 2 m is far from the 0.5 m" in w for w in pre.warnings)
+
+
+@pytest.mark.parametrize("change, where, what", [
+    (lambda d: d.update(extra_key=1), "'extra_key'", "Extra inputs are not permitted"),
+    (lambda d: d.pop("classes"), "'classes'", "Field required"),
+    (lambda d: d.update(chip_size="big"), "'chip_size'", "valid integer"),
+    (lambda d: d["input"].update(mean="x"), "'input.mean'", "valid list"),
+    (lambda d: d["classes"][0].update(color=[300, 0, 0]), "'classes.0.color", "255"),
+    (lambda d: d.update(weights="../../elsewhere.safetensors"), "'weights'", "file name"),
+], ids=["extra", "missing", "mistyped", "mistyped-nested", "colour-range", "weights-path"])
+def test_a_contract_with_extra_missing_or_mistyped_keys_is_refused_in_one_line(tmp_path, change, where, what):
+    from click.testing import CliRunner
+
+    from geoseg.cli import main
+
+    p = make_bundle(tmp_path / "m")
+    data = json.loads((p / "model.json").read_text())
+    change(data)
+    (p / "model.json").write_text(json.dumps(data))
+    scene = write_raster(tmp_path / "s.tif", np.ones((3, 40, 40), dtype=np.uint8))
+    r = CliRunner().invoke(main, ["predict", str(scene), "-m", str(p), "-o", str(tmp_path / "out")])
+    line = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 1 and "model.json" in line and where in line and what in line, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()

@@ -32,7 +32,11 @@ def test_a_truncated_geotiff_fails_in_one_line_naming_the_file_and_window(tmp_pa
     r = CliRunner().invoke(main, ["predict", str(scene), "-m", str(model), "-o", str(out), "--device", "cpu"])
     assert r.exit_code != 0
     line = r.output.strip().splitlines()[-1]
-    assert "cut.tif" in line and "cannot read rows" in line and "damaged or truncated" in line, r.output
+    assert "cut.tif" in line and "cannot read the block at rows" in line and "damaged or truncated" in line, r.output
+    import re
+
+    r0, r1, c0, c1 = map(int, re.search(r"rows (\d+)-(\d+), columns (\d+)-(\d+)", line).groups())
+    assert r0 % 256 == 0 and c0 % 256 == 0 and (r1 - r0, c1 - c0) == (256, 256), line  # the scene's own block
     assert "Traceback" not in r.output
     leftovers = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
     assert not [p for p in leftovers if p.name.startswith("cut.")], leftovers  # nothing under a final name
@@ -394,3 +398,72 @@ def test_a_killed_vectorize_leaves_no_partial_file_and_runs_again(tmp_path, dela
     assert not [f.name for f in tmp_path.iterdir() if f.name.startswith(".polys")]  # the killed run's temporaries
     whole = pyogrio.read_info(dst)["features"]
     assert whole > 0 and left in (None, whole)
+
+
+def test_blocks_a_sparse_geotiff_leaves_out_are_nodata_and_never_predicted(tmp_path):
+    """GDAL's SPARSE_OK: blocks never written hold no data (here no nodata value is even declared)."""
+    from geoseg.predict import predict_scene
+
+    size, block = 2048, 256
+    path = tmp_path / "sparse.tif"
+    written = [(0, 0), (3, 5), (7, 7)]  # (block row, block column)
+    rng = np.random.default_rng(4)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500000, 5100000, 1, 1), tiled=True, blockxsize=block,
+                       blockysize=block, sparse_ok=True, compress="deflate") as ds:
+        for i, j in written:
+            ds.write(rng.integers(1, 255, (3, block, block), dtype=np.uint8),
+                     window=rasterio.windows.Window(j * block, i * block, block, block))
+    assert path.stat().st_size < 1_000_000  # declares 12 MB of pixels
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=256, overlap=32)
+    r = predict_scene(path, model, tmp_path / "out", vector_format=None)
+    expected = np.zeros((size, size), dtype=bool)
+    for i, j in written:
+        expected[i * block:(i + 1) * block, j * block:(j + 1) * block] = True
+    with rasterio.open(r.classes_path) as out:
+        assert ((out.read(1) != out.nodata) == expected).all()
+    assert r.chips_skipped >= r.chips_computed - 4 * len(written)  # only chips touching a written block ran
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody can write into: a read-only tmpfs as root (root ignores file modes), else mode 555."""
+    import subprocess
+
+    where = tmp_path / "ro"
+    where.mkdir()
+    if os.geteuid() != 0:
+        where.chmod(0o555)
+        yield where
+        where.chmod(0o755)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs: {r.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_an_output_folder_that_is_not_writable_is_refused_in_one_line(tmp_path, read_only_folder):
+    import yaml
+
+    from tests._training import tiny_config, write_scene
+
+    scene = _tiled_scene(tmp_path / "s.tif", size=256)
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=256, overlap=32)
+    image, labels = write_scene(tmp_path, size=64)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(image, labels)))
+    classes = tmp_path / "c.tif"
+    with rasterio.open(classes, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(0, 8, 1, 1)) as ds:
+        ds.write(np.ones((1, 8, 8), dtype=np.uint8))
+    for args, named in ((["predict", str(scene), "-m", str(model), "-o", str(read_only_folder)], read_only_folder),
+                        (["predict", str(scene), "-m", str(model), "-o", str(read_only_folder / "sub")],
+                         read_only_folder / "sub"),
+                        (["vectorize", str(classes), str(read_only_folder / "c.gpkg")], read_only_folder / "c.gpkg"),
+                        (["train", str(cfg), "-o", str(read_only_folder / "run")], read_only_folder / "run")):
+        r = CliRunner().invoke(main, args)
+        line = r.output.strip().splitlines()[-1] if r.output.strip() else ""
+        assert r.exit_code == 1 and str(named) in line and "cannot write" in line, (args[0], r.output)
+        assert "internal error" not in r.output and "Traceback" not in r.output
