@@ -465,6 +465,10 @@ def check_scene(contract: Contract, scene: SceneInfo, bands: list[int] | None = 
     """
     need = contract.in_channels
     names = ", ".join(contract.input.bands)
+    if scene.dtype.startswith("complex"):
+        raise BundleError(f"{scene.path}: has complex values ({scene.dtype}), which no model takes; convert it to "
+                          "real bands first (the amplitude of SAR data: gdal_translate with a VRT pixel function "
+                          "'mod', or gdal_translate -ot Float32 for the real part)")
     if bands is not None:
         if len(bands) != need:
             raise BundleError(

@@ -335,10 +335,18 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path):
                        gcps=gcps, crs="EPSG:32633") as ds:
         ds.write(np.ones((3, 90, 90), np.uint8))
     (tmp_path / "folder").mkdir()
+    with rasterio.open(tmp_path / "complex.tif", "w", driver="GTiff", width=40, height=40, count=3, dtype="complex64",
+                       crs="EPSG:32633", transform=from_origin(0, 40, 1, 1)) as ds:
+        ds.write(np.ones((3, 40, 40), np.complex64))
+    (tmp_path / "zero.vrt").write_text('<VRTDataset rasterXSize="0" rasterYSize="10">'
+                                       '<VRTRasterBand dataType="Byte" band="1"/></VRTDataset>')
     cases = {"empty.tif": "cannot be read as a raster", "text.tif": "cannot be read as a raster",
-             "missing.tif": "no such file", "gcp.tif": "ground control points only", "folder": "is a folder"}
+             "missing.tif": "no such file", "gcp.tif": "ground control points only", "folder": "is a folder",
+             "complex.tif": "complex values", "zero.vrt": "Invalid dataset dimensions",
+             "nomatch*.tif": "the pattern matches no file", "http://127.0.0.1:9/scene.tif": "cannot be read"}
     for name, words in cases.items():
-        r = CliRunner().invoke(main, ["predict", str(tmp_path / name), "-m", str(model), "-o", str(tmp_path / "o")])
+        where = name if "://" in name else str(tmp_path / name)
+        r = CliRunner().invoke(main, ["predict", where, "-m", str(model), "-o", str(tmp_path / "o")])
         last = r.output.strip().splitlines()[-1]
         assert r.exit_code == 1 and name in last and words in last and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
