@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import warnings
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from geoseg.config import TrainConfig
-from geoseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -27,35 +26,69 @@ def optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=o.lr)
 
 
-def resumed_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, sched: Any, saved: dict[str, Any],
-                       total_steps: int) -> Any:
-    """The learning-rate schedule of a resumed run. With the same number of epochs it is the saved one; when
-    ``epochs`` was raised, the schedule is the new, longer one, continued from the steps already taken (the
-    saved one would end early: a onecycle schedule refuses to step past its last step)."""
-    sched.load_state_dict(saved)
-    old_total = saved.get("total_steps", saved.get("T_max"))
-    if old_total is None or old_total == max(total_steps, 1 if cfg.optimizer.schedule == "cosine" else 2):
-        return sched
-    done = int(saved.get("last_epoch", 0))
-    for group in opt.param_groups:  # the new schedule starts from the configured learning rate
-        group.pop("initial_lr", None)
-        group["lr"] = cfg.optimizer.lr
-    fresh = scheduler(cfg, opt, total_steps)
-    if done >= total_steps:
-        raise ConfigError(f"epochs {cfg.epochs}: the run already took {done} optimiser steps of {total_steps}; "
-                          "raise epochs to continue it")
-    with warnings.catch_warnings():  # "scheduler stepped before the optimiser": on purpose here
-        warnings.simplefilter("ignore")
-        for _ in range(done):  # replay the steps taken, so the rate is where the longer schedule has it
-            fresh.step()
-    log.info("resumed with a %d-step schedule (was %d steps), at step %d", total_steps, old_total, done)
-    return fresh
+class Schedule:
+    """The learning rate as a function of the run's progress ``p`` in [0, 1], which is the larger of the
+    share of optimiser steps taken (``epochs`` x steps per epoch) and the share of the time budget spent.
 
+    So the schedule completes whichever limit binds: with ``max_seconds`` the rate warms up and anneals
+    within the budget (a step-based schedule is cut mid-way when time runs out). Without a budget the
+    progress depends on steps only, and a seeded run stays repeatable.
 
-def scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -> Any:
-    s = cfg.optimizer.schedule
-    if s == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1), eta_min=cfg.optimizer.lr * 0.01)
-    if s == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.optimizer.lr, total_steps=max(total_steps, 2))
-    return None
+    ``reserve`` is time kept back from the budget for what follows the last step (validation, bundle).
+    Kinds: ``none`` (constant), ``cosine`` (to 1 % of the rate), ``onecycle`` (30 % cosine warm-up from
+    1/25 of the rate, then cosine annealing to 1/10,000, torch's OneCycleLR defaults).
+    """
+
+    def __init__(self, cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
+        self.kind = cfg.optimizer.schedule
+        self.lr = cfg.optimizer.lr
+        self.opt = opt
+        self.total_steps = max(total_steps, 1)
+        self.max_seconds = cfg.max_seconds
+        self.steps, self.seconds, self.reserve = 0, 0.0, 0.0
+        self._apply()
+
+    @property
+    def progress(self) -> float:
+        p = self.steps / self.total_steps
+        if self.max_seconds:
+            p = max(p, self.seconds / max(self.max_seconds - self.reserve, 1e-9))
+        return min(p, 1.0)
+
+    @property
+    def done(self) -> bool:
+        return self.progress >= 1.0
+
+    def rate(self, p: float) -> float:
+        if self.kind == "cosine":
+            low = self.lr * 0.01
+            return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * p))
+        if self.kind == "onecycle":
+            warm = 0.3
+            if p < warm:
+                start = self.lr / 25
+                return start + (self.lr - start) * 0.5 * (1 - math.cos(math.pi * p / warm))
+            end = self.lr / 25 / 1e4
+            return end + (self.lr - end) * 0.5 * (1 + math.cos(math.pi * (p - warm) / (1 - warm)))
+        return self.lr
+
+    def step(self, seconds: float) -> None:
+        """One optimiser step taken; ``seconds`` is the run's time so far (all sessions of a resumed run)."""
+        self.steps += 1
+        self.seconds = seconds
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.rate(self.progress)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "seconds": self.seconds, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a run: its steps and time so far, on this (possibly longer) schedule."""
+        self.steps, self.seconds = int(state.get("steps", 0)), float(state.get("seconds", 0.0))
+        old = int(state.get("total_steps", self.total_steps))
+        if old != self.total_steps:
+            log.info("resumed on a %d-step schedule (was %d steps), at step %d", self.total_steps, old, self.steps)
+        self._apply()

@@ -57,7 +57,7 @@ from geoseg.inference import resolve_device
 from geoseg.losses import LOSSES, build_loss, class_weights
 from geoseg.metrics import ConfusionMatrix, scores
 from geoseg.models import build_model, check_network
-from geoseg.optim import optimizer, resumed_scheduler, scheduler
+from geoseg.optim import Schedule, optimizer
 from geoseg.remote import storage_error
 from geoseg.train_outputs import TensorBoard, make_contract, plots, predict_indexes, write_bundle, write_csv
 
@@ -97,6 +97,9 @@ class TrainResult:
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, Any]]
+    chips_seen: int = 0
+    seconds: float = 0.0
+    stopped_by: str = "epochs"  # epochs, max_seconds or early_stopping
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -207,18 +210,37 @@ def train(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], output_
         raise
 
 
-def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback | None) -> TrainResult:
-    """The body of :func:`train` once its output folder is ready."""
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    last_path, best_path = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
-    dump_config(cfg, out / "config.yaml")
+@dataclass
+class _Samples:
+    """Where the chips of a run come from."""
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    _seed_all(cfg.seed)
+    data: PreparedData
+    train: RandomChipSampler | GridChipSampler
+    val: list[ChipLocation]
+    batch_size: int
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.batch_size)
+
+
+@dataclass
+class _Progress:
+    """What the run has done so far (checkpointed, so a resumed run continues it)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_scores: dict[str, Any] = field(default_factory=dict)
+    chips: int = 0  # training chips seen
+    seconds: float = 0.0  # wall time of the run's epochs (every session of a resumed run)
+    stopped_by: str = "epochs"  # epochs, max_seconds or early_stopping
+
+
+def _samples(cfg: TrainConfig, out: Path, progress: ProgressCallback | None) -> _Samples:
+    """Scan the scenes, write the split and make the training and validation chip samplers."""
     def scan_progress(stage: str, k: int, n: int) -> None:
         if progress:
             progress(TrainProgress(stage, 0, cfg.epochs, k, n))
@@ -249,68 +271,127 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
         log.warning("no validation chip fits the val blocks; the last epoch's weights become the model "
                     "(raise data.val_fraction or data.split_block, or lower chip_size)")
     log.info("%d training chips per epoch, %d validation chips", len(train_sampler), len(val_locs))
+    return _Samples(data, train_sampler, val_locs, cfg.batch_size)
 
-    net = build_model(cfg, len(data.mean)).to(device)
-    criterion = build_loss(cfg, class_weights(cfg, data.class_counts)).to(device)
-    opt = optimizer(cfg, net)
-    steps_per_epoch = math.ceil(len(train_sampler) / cfg.batch_size)
-    sched = scheduler(cfg, opt, steps_per_epoch * cfg.epochs)
-    use_amp, amp_dtype = _amp_settings(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-    augment = augment_mod.from_config(cfg.augment, IGNORE_INDEX)
+
+@dataclass
+class _Trainer:
+    """The network, loss, optimiser, schedule and precision of a run on its device."""
+
+    cfg: TrainConfig
+    device: torch.device
+    net: nn.Module
+    criterion: nn.Module
+    opt: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    amp_dtype: torch.dtype
+    augment: Any
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, device: torch.device, samples: _Samples) -> _Trainer:
+        net = build_model(cfg, len(samples.data.mean)).to(device)
+        criterion = build_loss(cfg, class_weights(cfg, samples.data.class_counts)).to(device)
+        opt = optimizer(cfg, net)
+        use_amp, amp_dtype = _amp_settings(cfg, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+        return cls(cfg, device, net, criterion, opt, Schedule(cfg, opt, samples.steps_per_epoch * cfg.epochs),
+                   scaler, use_amp, amp_dtype, augment_mod.from_config(cfg.augment, IGNORE_INDEX))
+
+    def checkpoint(self, done: _Progress, cfg_hash: str) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "progress": {k: v for k, v in done.__dict__.items()}, "rng": _get_rng(), "config_hash": cfg_hash}
+
+    def restore(self, state: dict[str, Any]) -> _Progress:
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state.get("schedule") or {})
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng(state["rng"])
+        return _Progress(**state["progress"])
+
+
+def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback | None) -> TrainResult:
+    """The body of :func:`train` once its output folder is ready."""
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    last_path, best_path = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    dump_config(cfg, out / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    _seed_all(cfg.seed)
+    samples = _samples(cfg, out, progress)
+    trainer = _Trainer.build(cfg, device, samples)
     cfg_hash = _config_hash(cfg)
-
-    history: list[dict[str, Any]] = []
-    start_epoch, best_score, best_epoch, bad_epochs = 1, None, 0, 0
-    best_scores: dict[str, Any] = {}
+    done = _Progress()
     if resume and last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("config_hash") != cfg_hash:
+        if state.get("config_hash") != cfg_hash or "progress" not in state:
             raise ConfigError(f"{out / 'config.yaml'}: the config differs from the interrupted run's (other than "
-                              "epochs, device or early stopping); resume with the same config or start a new run")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler") is not None:
-            sched = resumed_scheduler(cfg, opt, sched, state["scheduler"], steps_per_epoch * cfg.epochs)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        best_score, best_epoch, bad_epochs = state["best_score"], int(state["best_epoch"]), int(state["bad_epochs"])
-        best_scores = dict(state.get("best_scores") or {})
-        _set_rng(state["rng"])
-        log.info("resuming %s at epoch %d", out, start_epoch)
-    elif resume:
-        log.warning("%s: no checkpoint to resume from; starting a new run", last_path)
+                              "epochs, max_seconds, device or early stopping); resume with the same config or "
+                              "start a new run")
+        done = trainer.restore(state)
+        ended = done.epoch >= cfg.epochs or trainer.schedule.done or (
+            cfg.early_stopping.patience is not None and done.bad_epochs >= cfg.early_stopping.patience)
+        if ended:  # (killed before its bundle was written): the bundle from the best checkpoint
+            log.warning("%s: the run already ended (%d epochs, %.0f s, stopped by %s); writing its bundle. Raise "
+                        "epochs or max_seconds to train on", out, done.epoch, done.seconds, done.stopped_by)
+        else:
+            log.info("resuming %s at epoch %d", out, done.epoch + 1)
+            done.stopped_by = "epochs"
+            _fit(cfg, samples, trainer, done, out, cfg_hash, progress)
+    else:
+        if resume:
+            log.warning("%s: no checkpoint to resume from; starting a new run", last_path)
+        _fit(cfg, samples, trainer, done, out, cfg_hash, progress)
+    if not best_path.exists():
+        raise InputError(f"{out}: no epoch was trained; raise epochs")
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    trainer.net.load_state_dict(best["model"])
+    done.best_scores = dict(best.get("scores") or {})
+    _say_what_the_budget_bought(cfg, done)
+    bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history, _summary(done), out)
+    if cfg.plots:
+        plots(cfg, samples.data, samples.val, trainer.net, device, done.history, done.best_scores, out / "plots")
+    return TrainResult(bundle_path, out, done.best_scores, int(best["epoch"]), len(done.history),
+                       done.stopped_by != "epochs", done.history, chips_seen=done.chips, seconds=done.seconds,
+                       stopped_by=done.stopped_by)
 
+
+def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress, out: Path, cfg_hash: str,
+         progress: ProgressCallback | None) -> None:
+    """Epochs until ``epochs``, the time budget (the schedule's end) or early stopping; a checkpoint each."""
     tb = TensorBoard(out / "tensorboard", cfg.tensorboard)
     mode = MONITOR_MODE[cfg.monitor]
-    stopped_early = False
-    run_start = time.perf_counter()
+    session_start, carried = time.perf_counter(), done.seconds
+    clock = lambda: carried + time.perf_counter() - session_start  # noqa: E731
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if cfg.early_stopping.patience and bad_epochs >= cfg.early_stopping.patience:
-                log.info("early stopping: no improvement of %s for %d epochs", cfg.monitor, bad_epochs)
-                stopped_early = True
+        while done.epoch < cfg.epochs:
+            if cfg.early_stopping.patience and done.bad_epochs >= cfg.early_stopping.patience:
+                log.info("early stopping: no improvement of %s for %d epochs", cfg.monitor, done.bad_epochs)
+                done.stopped_by = "early_stopping"
                 break
-            if cfg.max_seconds and history and epoch > start_epoch:
-                elapsed = time.perf_counter() - run_start
-                if elapsed + float(history[-1]["seconds"]) > cfg.max_seconds:
-                    log.info("time budget of %.0f s reached after %d epoch(s)", cfg.max_seconds, epoch - 1)
-                    stopped_early = True
-                    break
+            epoch = done.epoch + 1
             t0 = time.perf_counter()
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-            locs = train_sampler.locations(epoch)
-            if isinstance(train_sampler, GridChipSampler):
+            locs = samples.train.locations(epoch)
+            if isinstance(samples.train, GridChipSampler):
                 order = np.random.default_rng([cfg.seed, epoch, 3]).permutation(len(locs))
                 locs = [locs[i] for i in order]
-            train_loss = _train_epoch(cfg, data, locs, augment, epoch, net, criterion, opt, sched, scaler,
-                                      device, use_amp, amp_dtype, progress)
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"]}
+            train_loss, chips = _train_epoch(cfg, samples.data, locs, epoch, trainer, clock, progress)
+            done.chips += chips
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": trainer.opt.param_groups[0]["lr"],
+                                   "chips": done.chips}
             val_scores: dict[str, Any] = {}
-            if val_locs:
-                val_loss, cm = _validate(cfg, data, val_locs, net, criterion, device, use_amp, amp_dtype, epoch, progress)
+            if samples.val:
+                tv = time.perf_counter()
+                val_loss, cm = _validate(cfg, samples.data, samples.val, trainer, epoch, progress)
+                trainer.schedule.reserve = 1.5 * (time.perf_counter() - tv) + 2.0  # the last validation's time
                 val_scores = scores(cm.matrix, [c.name for c in cfg.classes])
                 val_scores["val_loss"] = val_loss
                 row.update(val_loss=val_loss, val_miou=val_scores["miou"], val_accuracy=val_scores["accuracy"],
@@ -318,40 +399,47 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
                 for c in val_scores["classes"]:
                     row[f"val_iou_{c['name']}"] = c["iou"]
             row["seconds"] = round(time.perf_counter() - t0, 3)
-            history.append(row)
-            value = _monitor_value(row, cfg.monitor) if val_locs else None
-            is_best = not val_locs or (value is not None and _improved(value, best_score, mode,
-                                                                       cfg.early_stopping.min_delta))
-            if is_best:
-                best_score = value if value is not None else best_score
-                best_epoch, bad_epochs = epoch, 0
-                best_scores = {**val_scores, "epoch": epoch}
-                _atomic_save({"model": net.state_dict(), "epoch": epoch, "scores": best_scores}, best_path)
-            else:
-                bad_epochs += 1
-            _atomic_save({
-                "model": net.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": None if sched is None else sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "best_scores": best_scores, "history": history, "rng": _get_rng(), "config_hash": cfg_hash,
-            }, last_path)
-            write_csv(out / "metrics.csv", history)
+            done.history.append(row)
+            done.epoch, done.seconds = epoch, clock()
+            _keep_best(cfg, trainer, done, row, val_scores, mode, out / "checkpoints" / "best.ckpt")
+            if trainer.schedule.done and done.epoch < cfg.epochs:
+                done.stopped_by = "max_seconds"
+            _atomic_save(trainer.checkpoint(done, cfg_hash), out / "checkpoints" / "last.ckpt")
+            write_csv(out / "metrics.csv", done.history)
             tb.log(row, epoch)
             log.info("epoch %d/%d: %s", epoch, cfg.epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+            if done.stopped_by == "max_seconds":
+                break
     finally:
         tb.close()
 
-    if not best_path.exists():
-        raise InputError(f"{out}: no epoch was trained; raise epochs")
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
-    net.load_state_dict(best["model"])
-    best_scores = dict(best.get("scores") or {})
-    bundle_path = write_bundle(cfg, data, net, best_scores, history, stopped_early, out)
-    if cfg.plots:
-        plots(cfg, data, val_locs, net, device, history, best_scores, out / "plots")
-    return TrainResult(bundle_path, out, best_scores, int(best["epoch"]), len(history), stopped_early, history)
+
+def _keep_best(cfg: TrainConfig, trainer: _Trainer, done: _Progress, row: dict[str, Any],
+               val_scores: dict[str, Any], mode: str, best_path: Path) -> None:
+    value = _monitor_value(row, cfg.monitor) if val_scores else None
+    is_best = not val_scores or (value is not None and _improved(value, done.best_score, mode,
+                                                                 cfg.early_stopping.min_delta))
+    if is_best:
+        done.best_score = value if value is not None else done.best_score
+        done.best_epoch, done.bad_epochs = row["epoch"], 0
+        done.best_scores = {**val_scores, "epoch": row["epoch"]}
+        _atomic_save({"model": trainer.net.state_dict(), "epoch": row["epoch"], "scores": done.best_scores},
+                     best_path)
+    else:
+        done.bad_epochs += 1
+
+
+def _summary(done: _Progress) -> dict[str, Any]:
+    return {"epochs_run": done.epoch, "chips_seen": done.chips, "seconds": round(done.seconds, 1),
+            "best_epoch": done.best_epoch, "stopped_by": done.stopped_by}
+
+
+def _say_what_the_budget_bought(cfg: TrainConfig, done: _Progress) -> None:
+    best = done.best_scores.get("miou")
+    log.info("trained %d epoch(s), %d chips in %.0f s (stopped by %s); best epoch %d%s", done.epoch, done.chips,
+                done.seconds, done.stopped_by.replace("_", " "), done.best_epoch,
+                f", validation mean IoU {best:.3f}" if isinstance(best, float) else "")
 
 
 def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
@@ -377,48 +465,48 @@ def _loader(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], augm
                                        pin_memory=device.type == "cuda", drop_last=False)
 
 
-def _train_epoch(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], augment: Any, epoch: int,
-                 net: nn.Module, criterion: nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                 scaler: torch.amp.GradScaler, device: torch.device, use_amp: bool, amp_dtype: torch.dtype,
-                 progress: ProgressCallback | None) -> float:
-    net.train()
-    loader = _loader(cfg, data, locs, augment, epoch, device)
+def _train_epoch(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], epoch: int, t: _Trainer,
+                 clock: Callable[[], float], progress: ProgressCallback | None) -> tuple[float, int]:
+    """One epoch of optimiser steps; it ends early when the schedule does (the time budget). Returns the mean
+    loss and the number of chips seen."""
+    t.net.train()
+    loader = _loader(cfg, data, locs, t.augment, epoch, t.device)
     total, n = 0.0, 0
     for step, (image, target) in enumerate(loader, start=1):
-        image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = net(image)
-        loss = criterion(logits, target)
-        scaler.scale(loss).backward()
+        image = image.to(t.device, non_blocking=True)
+        target = target.to(t.device, non_blocking=True)
+        t.opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
+            logits = t.net(image)
+        loss = t.criterion(logits, target)
+        t.scaler.scale(loss).backward()
         if cfg.optimizer.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optimizer.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        if sched is not None:
-            sched.step()
+            t.scaler.unscale_(t.opt)
+            torch.nn.utils.clip_grad_norm_(t.net.parameters(), cfg.optimizer.grad_clip)
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        t.schedule.step(clock())
         total += float(loss.detach()) * image.shape[0]
         n += image.shape[0]
         if progress:
             progress(TrainProgress("train", epoch, cfg.epochs, step, len(loader), {"loss": total / n}))
-    return total / max(n, 1)
+        if t.schedule.done:
+            break
+    return total / max(n, 1), n
 
 
 @torch.no_grad()
-def _validate(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], net: nn.Module,
-              criterion: nn.Module, device: torch.device, use_amp: bool, amp_dtype: torch.dtype, epoch: int,
+def _validate(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], t: _Trainer, epoch: int,
               progress: ProgressCallback | None) -> tuple[float, ConfusionMatrix]:
-    net.eval()
-    loader = _loader(cfg, data, locs, None, epoch, device)
+    t.net.eval()
+    loader = _loader(cfg, data, locs, None, epoch, t.device)
     cm = ConfusionMatrix(len(cfg.classes))
     total, n = 0.0, 0
     for step, (image, target) in enumerate(loader, start=1):
-        image, target = image.to(device), target.to(device)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = net(image)
-        total += float(criterion(logits, target)) * image.shape[0]
+        image, target = image.to(t.device), target.to(t.device)
+        with torch.autocast(device_type=t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
+            logits = t.net(image)
+        total += float(t.criterion(logits, target)) * image.shape[0]
         n += image.shape[0]
         cm.update(target, predict_indexes(logits.float(), cfg.model.activation))
         if progress:

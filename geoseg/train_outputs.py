@@ -84,16 +84,17 @@ def make_contract(cfg: TrainConfig, data: PreparedData, metadata: dict[str, Any]
 
 
 def write_bundle(cfg: TrainConfig, data: PreparedData, net: nn.Module, best_scores: dict[str, Any],
-                  history: list[dict[str, Any]], stopped_early: bool, out: Path) -> Path:
+                  history: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> Path:
+    """The bundle of the best weights; its metadata says what the run did (``summary``: epochs run, chips
+    seen, seconds, best epoch, what stopped it) and its validation scores."""
     from geoseg.metrics import markdown_table
 
     split = data.split_summary()
     meta = {
         "training": {
             "config": cfg.model_dump(mode="json"),
-            "best_epoch": best_scores.get("epoch"),
-            "epochs_run": len(history),
-            "stopped_early": stopped_early,
+            **summary,
+            "stopped_early": summary.get("stopped_by", "epochs") != "epochs",
             "class_counts": data.class_counts.tolist(),
             "split": {"block": split["block"],
                       "scenes": [{"image": s["image"], "pixels": s["pixels"]} for s in split["scenes"]]},

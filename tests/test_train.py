@@ -81,7 +81,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, scene):
     with pytest.raises(KeyboardInterrupt):
         train(part, part_run, progress=interrupt)
     ckpt = torch.load(part_run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["epoch"] == 1
+    assert ckpt["progress"]["epoch"] == 1
     resumed = train(part, part_run, resume=True)
     assert resumed.epochs_run == 3
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
@@ -184,3 +184,56 @@ def test_cli_train(tmp_path, scene):
     res = CliRunner().invoke(main, ["train", str(path), "-o", str(tmp_path / "run"), "--resume"])
     assert res.exit_code == 0, res.output
     np.testing.assert_equal(len((tmp_path / "run" / "metrics.csv").read_text().splitlines()), 2)
+
+
+def _schedule(kind, total_steps=100, max_seconds=None, lr=1e-3):
+    from geoseg.optim import Schedule
+
+    cfg = config_from_dict({**tiny_config("a.tif", "b.tif"), "max_seconds": max_seconds,
+                            "optimizer": {"schedule": kind, "lr": lr}})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    return Schedule(cfg, opt, total_steps), opt
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cosine", "none"])
+def test_the_schedule_completes_within_the_steps_or_the_time_budget_whichever_binds(kind):
+    by_steps, opt = _schedule(kind)
+    rates = []
+    for k in range(100):
+        by_steps.step(seconds=float(k))  # no budget: time does not count
+        rates.append(opt.param_groups[0]["lr"])
+    assert by_steps.done and by_steps.progress == 1.0
+    by_time, opt2 = _schedule(kind, total_steps=10_000, max_seconds=50.0)
+    timed = []
+    for k in range(1, 1000):
+        by_time.step(seconds=k * 0.5)  # 2 steps per second: the budget ends after 100 of 10,000 steps
+        timed.append(opt2.param_groups[0]["lr"])
+        if by_time.done:
+            break
+    assert by_time.steps == 100 and timed == pytest.approx(rates)  # the same curve, driven by time
+    if kind == "onecycle":
+        assert max(rates) == pytest.approx(1e-3, rel=1e-3) and 25 <= rates.index(max(rates)) <= 31
+        assert rates[-1] == pytest.approx(1e-3 / 25 / 1e4)
+    elif kind == "cosine":
+        assert rates[-1] == pytest.approx(1e-5) and rates == sorted(rates, reverse=True)
+    else:
+        assert set(rates) == {1e-3}
+
+
+def test_time_kept_for_the_last_validation_ends_the_schedule_earlier():
+    s, _ = _schedule("cosine", total_steps=10_000, max_seconds=100.0)
+    s.reserve = 20.0
+    s.step(seconds=40.0)
+    assert s.progress == pytest.approx(0.5)
+
+
+def test_a_time_budget_ends_the_run_with_its_schedule_complete_and_says_what_it_bought(tmp_path, scene):
+    cfg = tiny_config(*scene, epochs=500, steps_per_epoch=2, max_seconds=4.0, optimizer={"schedule": "onecycle"})
+    res = train(cfg, tmp_path / "run")
+    assert res.stopped_by == "max_seconds" and 1 <= res.epochs_run < 500
+    assert res.chips_seen == res.history[-1]["chips"] > 0
+    assert res.history[-1]["lr"] < 1e-3 / 100  # annealed: the schedule ran to its end within the budget
+    training = json.loads((res.bundle_path / "model.json").read_text())["metadata"]["training"]
+    assert training["stopped_by"] == "max_seconds" and training["chips_seen"] == res.chips_seen
+    assert training["epochs_run"] == res.epochs_run and training["best_epoch"] == res.best_epoch
+    assert 0 < training["seconds"] <= 4.0 + 3.0  # the budget, and the last validation it kept time for
