@@ -478,6 +478,11 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
 @click.option("--labels", "-l", required=True, help="Label raster (class ids) or vector file (polygons).")
 @click.option("--label-column", default=None, help="Vector labels: column with class ids or names.")
 @click.option("--label-value", type=int, default=None, help="Vector labels: class id of every polygon.")
+@click.option("--background-outside", "background_outside", is_flag=False, flag_value="model", default=None,
+              metavar="[CLASS]",
+              help="Vector labels: pixels outside every polygon are this class (id or name; alone: the model's "
+                   "background class, else its first class), for polygons of one class. Default: the model's "
+                   "background class if it has one, else outside pixels are not scored.")
 @click.option("--within", default=None, help="Vector file limiting the scored area (e.g. split/*_val.geojson).")
 @opt_output_dir
 @opt_bands
@@ -492,7 +497,7 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
 @opt_overwrite
 @click.pass_context
 def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_column: str | None,
-             label_value: int | None, within: str | None, output_dir: str, bands: list[int] | None,
+             label_value: int | None, background_outside: str | None, within: str | None, output_dir: str, bands: list[int] | None,
              tile_size: int | None, overlap: int | None, batch_size: int | str, device: str, precision: str,
              workers: int | None, tta: bool, keep_prediction: bool, overwrite: bool) -> None:
     """Predict a scene with a model and score it against labels (IoU, F1, precision, recall)."""
@@ -501,7 +506,7 @@ def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_colu
     bar = _ChipBar(ctx.obj["quiet"], desc="evaluate")
     try:
         result = evaluate_tool(model, image, labels, label_column=label_column, label_value=label_value,
-                               within=within, output_dir=output_dir, bands=bands, tile_size=tile_size,
+                               background_outside=background_outside, within=within, output_dir=output_dir, bands=bands, tile_size=tile_size,
                                overlap=overlap, batch_size=batch_size, device=device, precision=precision,
                                workers=workers, tta=tta, keep_prediction=keep_prediction, overwrite=overwrite, progress=bar)
     finally:

@@ -26,7 +26,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from geoseg.bundle import Bundle, LoadedModel, load_model
-from geoseg.data import ClassMap, open_labels
+from geoseg.data import ClassMap, is_vector, open_labels
 from geoseg.errors import InputError
 from geoseg.metrics import ConfusionMatrix, markdown_table, plot_confusion, scores
 from geoseg.raster import SceneInfo, check_writable, gdal_env, inspect_scene, open_scene
@@ -94,6 +94,7 @@ def evaluate(
     label_column: str | None = None,
     label_value: int | None = None,
     background_class: int | None | Literal["model"] = "model",
+    background_outside: str | int | None = None,
     label_nodata: int | None = None,
     within: Any = None,
     output_dir: str | os.PathLike[str] = ".",
@@ -119,6 +120,9 @@ def evaluate(
         label_value: vector labels without a column: the class id of every polygon.
         background_class: class id of pixels outside every polygon; ``"model"`` takes the bundle's
             ``background_class``; None leaves them out of the scores.
+        background_outside: vector labels: pixels outside every polygon are this class, given by id or
+            name, or ``"model"`` for the bundle's background class (else its first class); overrides
+            ``background_class`` (the CLI's ``--background-outside``).
         label_nodata: label raster value meaning "unlabelled" (default: the raster's nodata).
         within: a vector file or shapely geometry (scene CRS) limiting the scored area.
         output_dir: folder for the JSON, Markdown and PNG reports (and the class map when kept).
@@ -148,8 +152,17 @@ def evaluate(
                                     out / f"{stem}.confusion.png")
     for p in (json_path, md_path, png_path):
         check_writable(p, overwrite)
-    background = contract.background_class if background_class == "model" else background_class
     names = {c.name: c.id for c in contract.classes}
+    if background_outside is not None:
+        background: int | None = _background_class(contract, background_outside, labels)
+    else:
+        background = contract.background_class if background_class == "model" else background_class
+    if is_vector(os.fspath(labels)):
+        if background is None:
+            log.warning("%s: pixels outside the polygons are not scored (the model names no background class); "
+                        "--background-outside CLASS scores them as that class", labels)
+        else:
+            log.info("%s: pixels outside the polygons are scored as class %d", labels, background)
     label_src = open_labels(os.fspath(labels), info, column=label_column, value=label_value,
                             background=background, names=names, nodata=label_nodata)
     area = _within_mask(within, info)
@@ -179,6 +192,24 @@ def evaluate(
     log.info("mean IoU %.4f, accuracy %.4f over %d pixels", metrics["miou"] or 0, metrics["accuracy"] or 0,
              metrics["pixels"])
     return EvaluationResult(metrics, json_path, md_path, png_path if plotted else None, prediction)
+
+
+def _background_class(contract: Any, value: str | int, labels: Any) -> int:
+    """The class id ``--background-outside`` names (``model``: the bundle's background, else its first class)."""
+    if value == "model":
+        return int(contract.background_class if contract.background_class is not None else contract.classes[0].id)
+    by_name = {c.name: c.id for c in contract.classes}
+    ids = [c.id for c in contract.classes]
+    if str(value) in by_name:
+        return int(by_name[str(value)])
+    try:
+        cid = int(value)
+    except ValueError:
+        cid = None
+    if cid is None or cid not in ids:
+        raise InputError(f"{labels}: --background-outside {value}: not a class of the model; give one of "
+                         f"{', '.join(f'{c.id} ({c.name})' for c in contract.classes)}")
+    return int(cid)
 
 
 def _compare(classes_path: Path, labels: Any, class_map: ClassMap, info: SceneInfo,

@@ -55,8 +55,10 @@ def stats_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 def scores(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Per-class IoU, F1, precision, recall and support; overall accuracy, mean IoU and mean F1.
 
-    Classes that never occur in the labels nor the predictions have undefined scores (``None``) and are
-    left out of the means.
+    Classes that never occur in the labels nor the predictions have undefined scores (``None``). The means
+    (``miou``, ``mf1``) are over the classes with reference pixels only: a class the labels never show
+    (building polygons scored by a land-cover model) has IoU 0 wherever it is predicted, which says nothing
+    of the model's skill on it; such classes are listed in ``left_out`` and still shown per class.
     """
     import torch
     from segmentation_models_pytorch import metrics as smpm
@@ -81,7 +83,7 @@ def scores(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str
         classes.append(row)
 
     def mean_of(key: str) -> float | None:
-        vals = [c[key] for c in classes if c[key] is not None]
+        vals = [c[key] for c in classes if c[key] is not None and c["support"] > 0]
         return float(np.mean(vals)) if vals else None
 
     total = int(cm.sum())
@@ -91,6 +93,7 @@ def scores(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str
         "miou": mean_of("iou"),
         "mf1": mean_of("f1"),
         "classes": classes,
+        "left_out": [c["name"] for c in classes if c["support"] == 0],
         "confusion_matrix": cm.tolist(),
     }
 
@@ -108,6 +111,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"mean IoU {f(result['miou'])}, mean F1 {f(result['mf1'])}, overall accuracy "
                  f"{f(result['accuracy'])}, {result['pixels']} labelled pixels")
+    if result.get("left_out"):
+        lines.append("")
+        lines.append(f"Left out of the means (no reference pixels): {', '.join(result['left_out'])}.")
     return "\n".join(lines) + "\n"
 
 

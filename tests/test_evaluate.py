@@ -79,3 +79,36 @@ def test_cli_evaluate(tmp_path):
                                     str(labels), "-o", str(tmp_path / "ev"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "mean IoU 1.0000" in res.output and "scene.evaluation.json" in res.output
+
+
+def test_classes_without_reference_pixels_are_left_out_of_the_means_and_outside_can_be_background(tmp_path):
+    """Building polygons scored by a 3-class model: one class never labelled must not drag the mean."""
+    import geopandas as gpd
+    from click.testing import CliRunner
+    from shapely.geometry import box
+
+    from geoseg.cli import main
+
+    lab = np.ones((64, 64), dtype=np.uint8)
+    lab[16:48, 16:48] = 2
+    lab[0:8, 40:64] = 3  # class 3 is predicted here, and no polygon says what it is
+    image = _scene(tmp_path, lab)
+    model = make_bundle(tmp_path / "m", n_classes=3)  # no background class in the bundle
+    square = box(500_032, 5_100_000 - 96, 500_096, 5_100_000 - 32)
+    gpd.GeoDataFrame({"v": [2]}, geometry=[square], crs="EPSG:32633").to_file(tmp_path / "b.gpkg")
+    inside = evaluate(model, image, tmp_path / "b.gpkg", label_value=2, output_dir=tmp_path / "e1", device="cpu")
+    assert inside.metrics["pixels"] == 32 * 32 and inside.metrics["miou"] == 1.0  # only the polygon scored
+    r = CliRunner().invoke(main, ["evaluate", "-m", str(model), "-i", str(image), "-l", str(tmp_path / "b.gpkg"),
+                                  "--label-value", "2", "--background-outside", "class 1", "-o",
+                                  str(tmp_path / "e2"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "e2" / "scene.evaluation.json").read_text())
+    by = {c["name"]: c for c in m["classes"]}
+    assert by["class 3"]["support"] == 0 and by["class 3"]["iou"] == 0.0  # predicted, never labelled
+    assert m["left_out"] == ["class 3"] and "Left out of the means" in r.output
+    assert m["miou"] == pytest.approx((by["class 1"]["iou"] + by["class 2"]["iou"]) / 2)
+    assert m["pixels"] == 64 * 64 - 100  # outside the polygon is class 1 now (nodata corner never scored)
+    r = CliRunner().invoke(main, ["evaluate", "-m", str(model), "-i", str(image), "-l", str(tmp_path / "b.gpkg"),
+                                  "--label-value", "2", "--background-outside", "water", "-o",
+                                  str(tmp_path / "e3"), "--device", "cpu"])
+    assert r.exit_code == 1 and "not a class of the model" in r.output
