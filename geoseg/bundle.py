@@ -100,6 +100,10 @@ class ArchSpec(BaseModel):
     encoder: str | None = "resnet34"
     params: dict[str, Any] = Field(default_factory=dict)
     activation: Literal["softmax", "sigmoid"] = "softmax"
+    unused: list[str] = Field(
+        default_factory=list,
+        description="modules of the built network its forward never calls (encoder stages past encoder_depth); "
+                    "dropped, so the weights hold only what the network uses")
 
 
 class Contract(BaseModel):

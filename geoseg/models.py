@@ -77,8 +77,66 @@ def create_network(spec: ArchSpec, in_channels: int, out_channels: int,
 
 
 def build_network(contract: Contract) -> nn.Module:
-    """Build the (untrained) network a contract describes."""
-    return create_network(contract.model, contract.in_channels, contract.out_channels, None)
+    """Build the (untrained) network a contract describes, without the modules it never calls."""
+    net = create_network(contract.model, contract.in_channels, contract.out_channels, None)
+    drop_modules(net, contract.model.unused)
+    return net
+
+
+def drop_modules(net: nn.Module, names: list[str]) -> None:
+    """Replace the named submodules by ``nn.Identity`` (their parameters leave the state dict)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        if not hasattr(parent, child):
+            raise BundleError(f"the network has no module {name!r} to drop; the contract's model.unused does not "
+                              "fit its architecture")
+        setattr(parent, child, nn.Identity())
+
+
+def unused_modules(net: nn.Module, in_channels: int, size: int) -> list[str]:
+    """The outermost submodules holding weights that one forward pass of a ``size`` px chip never calls.
+
+    smp builds every encoder stage whatever ``encoder_depth`` is: at depth 3 a resnet34 U-Net uses 1.4 M of
+    its 21.4 M parameters. The list is checked: without those modules the network must give the same
+    output, else nothing is dropped.
+    """
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
+             for name, m in net.named_modules() if name]
+    was_training = net.training
+    net.eval()
+    x = torch.randn(1, in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            ref = first_output(net(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    # a container (ModuleList, ModuleDict) is never called itself: a module is in use when it or any module
+    # inside it was called
+    used = {name.rsplit(".", k)[0] for name in called for k in range(name.count(".") + 1)}
+    names: list[str] = []
+    for name, m in net.named_modules():
+        if not name or name in used or any(name.startswith(n + ".") for n in names):
+            continue
+        if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+            names.append(name)
+    if names:
+        import copy
+
+        trial = copy.deepcopy(net)
+        drop_modules(trial, names)
+        with torch.no_grad():
+            try:
+                same = torch.equal(first_output(trial(x)), ref)
+            except Exception:  # a module used other than by calling it: keep everything
+                same = False
+        if not same:
+            log.info("could not drop the network's unused modules (%s); keeping them", ", ".join(names[:3]))
+            names = []
+    net.train(was_training)
+    return names
 
 
 def input_divisor(spec: ArchSpec) -> int:
@@ -165,6 +223,10 @@ def build_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
     spec = arch_spec(cfg)  # checked by check_network before the run started
     out_ch = 1 if cfg.model.activation == "sigmoid" else len(cfg.classes)
     net = create_network(spec, in_channels, out_ch, cfg.model.encoder_weights)
+    if spec.architecture.lower() != "conv1x1":
+        unused = unused_modules(net, in_channels, cfg.data.chip_size)
+        drop_modules(net, unused)
+        net.geoseg_unused = unused  # type: ignore[assignment]  # recorded in the contract (make_contract)
     if cfg.model.dropout > 0:
         _add_dropout(net, cfg.model.dropout)
     return net
@@ -175,4 +237,4 @@ def arch_spec(cfg: TrainConfig) -> ArchSpec:
                     params=dict(cfg.model.params), activation=cfg.model.activation)
 
 
-__all__ = ["check_network", "build_model", "arch_spec", "ARCHITECTURES", "architecture_names", "create_network", "build_network", "input_divisor"]
+__all__ = ["check_network", "build_model", "arch_spec", "unused_modules", "drop_modules", "ARCHITECTURES", "architecture_names", "create_network", "build_network", "input_divisor"]

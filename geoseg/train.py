@@ -306,13 +306,19 @@ class _Trainer:
                 "progress": {k: v for k, v in done.__dict__.items()}, "rng": _get_rng(), "config_hash": cfg_hash}
 
     def restore(self, state: dict[str, Any]) -> _Progress:
-        self.net.load_state_dict(state["model"])
+        self.net.load_state_dict(_used_weights(self.net, state["model"]))
         self.opt.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state.get("schedule") or {})
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         _set_rng(state["rng"])
         return _Progress(**state["progress"])
+
+
+def _used_weights(net: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's weights without those of modules the network dropped (a run begun before they were)."""
+    dropped = tuple(n + "." for n in getattr(net, "geoseg_unused", []))
+    return {k: v for k, v in state.items() if not k.startswith(dropped)} if dropped else state
 
 
 def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback | None) -> TrainResult:
@@ -352,7 +358,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     if not best_path.exists():
         raise InputError(f"{out}: no epoch was trained; raise epochs")
     best = torch.load(best_path, map_location="cpu", weights_only=True)
-    trainer.net.load_state_dict(best["model"])
+    trainer.net.load_state_dict(_used_weights(trainer.net, best["model"]))
     done.best_scores = dict(best.get("scores") or {})
     _say_what_the_budget_bought(cfg, done)
     bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history, _summary(done), out)

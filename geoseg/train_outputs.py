@@ -67,12 +67,14 @@ class TensorBoard:
             self.writer.close()
 
 
-def make_contract(cfg: TrainConfig, data: PreparedData, metadata: dict[str, Any] | None = None) -> Contract:
-    """The bundle contract of a trained config: architecture, bands, normalisation, classes, chip, overlap."""
+def make_contract(cfg: TrainConfig, data: PreparedData, metadata: dict[str, Any] | None = None,
+                  unused: list[str] | None = None) -> Contract:
+    """The bundle contract of a trained config: architecture (and the modules it never calls), bands,
+    normalisation, classes, chip, overlap."""
     colors = cfg.class_colors()
     return Contract(
         name=cfg.name,
-        model=arch_spec(cfg),
+        model=arch_spec(cfg).model_copy(update={"unused": list(unused or [])}),
         input=InputSpec(bands=data.band_names, band_indexes=data.scenes[0].bands, mean=data.mean, std=data.std,
                         dtype=data.dtype, pixel_size=data.pixel_size),
         classes=[ClassInfo(id=c.id, name=c.name, color=colors[i]) for i, c in enumerate(cfg.classes)],
@@ -101,7 +103,7 @@ def write_bundle(cfg: TrainConfig, data: PreparedData, net: nn.Module, best_scor
         },
         "validation": best_scores,
     }
-    contract = make_contract(cfg, data, meta)
+    contract = make_contract(cfg, data, meta, getattr(net, "geoseg_unused", None))
     path = out / "model"
     save_bundle(path, contract, net, overwrite=True)
     dump_config(cfg, path / "config.yaml")

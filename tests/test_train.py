@@ -237,3 +237,26 @@ def test_a_time_budget_ends_the_run_with_its_schedule_complete_and_says_what_it_
     assert training["stopped_by"] == "max_seconds" and training["chips_seen"] == res.chips_seen
     assert training["epochs_run"] == res.epochs_run and training["best_epoch"] == res.best_epoch
     assert 0 < training["seconds"] <= 4.0 + 3.0  # the budget, and the last validation it kept time for
+
+
+def test_a_bundle_holds_only_the_weights_its_network_uses(tmp_path, scene):
+    from geoseg.bundle import load_model
+
+    res = train(tiny_config(*scene, epochs=1), tmp_path / "run")  # U-Net resnet18 at encoder_depth 3
+    contract = json.loads((res.bundle_path / "model.json").read_text())
+    assert contract["model"]["unused"] == ["encoder.layer3", "encoder.layer4"]
+    loaded = load_model(res.bundle_path)
+    names = set(loaded.module.state_dict())
+    assert not any(n.startswith(("encoder.layer3.", "encoder.layer4.")) for n in names)
+    assert (res.bundle_path / "weights.safetensors").stat().st_size < 3_000_000  # was 45 MB at resnet34 depth 3
+    # the bundle's network gives what the trained one gives
+    import torch
+
+    from geoseg.config import config_from_dict
+    from geoseg.models import build_model
+
+    full = build_model(config_from_dict(tiny_config(*scene)), 3)
+    full.load_state_dict(loaded.module.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(full.eval()(x), loaded.module(x))
