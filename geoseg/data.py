@@ -529,7 +529,6 @@ class RandomChipSampler:
     def __init__(self, coverages: Sequence[SceneCoverage], rules: ChipRules, split: str, samples: int, seed: int):
         self.samples = samples
         self.seed = seed
-        self.epoch = 0
         self._origins: list[np.ndarray] = []
         self._cells: list[int] = []
         for cov in coverages:
@@ -537,9 +536,6 @@ class RandomChipSampler:
             self._cells.append(cov.cell)
         self.chip = rules.chip
         self.total = sum(len(o) for o in self._origins)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.samples if self.total else 0
@@ -558,9 +554,6 @@ class RandomChipSampler:
             out.append(ChipLocation(si, Window(int(c) * cell, int(r) * cell, self.chip, self.chip)))
         return out
 
-    def __iter__(self) -> Iterator[ChipLocation]:
-        return iter(self.locations(self.epoch))
-
 
 class GridChipSampler:
     """The chips of each scene's global chip grid (:class:`geoseg.tiling.ChipGrid`) that the split may use."""
@@ -572,9 +565,6 @@ class GridChipSampler:
             grid = ChipGrid(s.info.width, s.info.height, rules.chip, overlap)
             self._locations.extend(ChipLocation(s.index, ch.window) for ch in grid
                                    if rules.window_ok(cov, ch.window, split))
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
 
     def locations(self, epoch: int = 0) -> list[ChipLocation]:
         return list(self._locations)
@@ -627,7 +617,6 @@ class ChipDataset:
         data, valid = self._reader(loc.scene).read(loc.window, size=(self.chip, self.chip))
         labels = self.scenes[loc.scene].labels.read(loc.window)
         target = self.class_map.to_index(labels)
-        target = _fit(target, self.chip, IGNORE_INDEX)
         target[~valid] = IGNORE_INDEX
         return data, target
 
@@ -641,14 +630,6 @@ class ChipDataset:
             g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
             image, mask = self.augment(image, mask, g)
         return image, mask
-
-
-def _fit(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
-    if arr.shape == (size, size):
-        return arr
-    out = np.full((size, size), fill, dtype=arr.dtype)
-    out[: arr.shape[0], : arr.shape[1]] = arr[:size, :size]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- the whole dataset

@@ -29,25 +29,9 @@ class _MaskedBCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logit = logits[:, 0]
-        keep = target != self.ignore_index
-        if not keep.any():
-            return logit.sum() * 0.0
+        keep = target != self.ignore_index  # WeightedLoss answers a batch without labelled pixels
         pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logit.device)
         return F.binary_cross_entropy_with_logits(logit[keep], target[keep].float(), pos_weight=pw)
-
-
-class _SafeCE(nn.Module):
-    """Cross-entropy that returns 0 (not NaN) for a batch without any labelled pixel."""
-
-    def __init__(self, weight: torch.Tensor | None, ignore_index: int, **params: Any):
-        super().__init__()
-        self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index, **params)
-        self.ignore_index = ignore_index
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not (target != self.ignore_index).any():
-            return logits.sum() * 0.0
-        return self.ce(logits, target)  # type: ignore[no-any-return]
 
 
 def _cross_entropy(mode: str, ignore: int, class_weights: list[float] | None, **params: Any) -> nn.Module:
@@ -55,7 +39,7 @@ def _cross_entropy(mode: str, ignore: int, class_weights: list[float] | None, **
         pw = None if class_weights is None else class_weights[1] / max(class_weights[0], 1e-12)
         return _MaskedBCE(ignore, params.pop("pos_weight", pw))
     w = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-    return _SafeCE(w, ignore, **params)
+    return nn.CrossEntropyLoss(weight=w, ignore_index=ignore, **params)
 
 
 def _smp_loss(cls_name: str) -> Callable[..., nn.Module]:

@@ -6,6 +6,7 @@ tiled prediction that can be checked exactly against the whole-image one, so tes
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -40,16 +41,27 @@ def _conv1x1(spec: ArchSpec, in_channels: int, out_channels: int, weights: str |
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, **spec.params)
 
 
-_SMP_ARCHS = (
-    "unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "pan",
-    "upernet", "segformer", "dpt",
-)
-ARCHITECTURES: dict[str, Builder] = {name: _smp_builder(name) for name in _SMP_ARCHS}
-ARCHITECTURES["conv1x1"] = _conv1x1
+@functools.lru_cache(maxsize=1)
+def _smp_architectures() -> tuple[str, ...]:
+    """smp's own registry of architectures (``dpt`` and any later one included where the installed smp has it)."""
+    import segmentation_models_pytorch as smp
+
+    mapping = getattr(smp, "MODEL_ARCHITECTURES_MAPPING", None)
+    if mapping:
+        return tuple(mapping)
+    base = smp.base.SegmentationModel  # older smp: its model classes
+    return tuple(sorted(n.lower() for n, c in vars(smp).items() if isinstance(c, type) and issubclass(c, base)
+                        and c is not base))
+
+
+def _architectures() -> dict[str, Builder]:
+    archs: dict[str, Builder] = {name: _smp_builder(name) for name in _smp_architectures()}
+    archs["conv1x1"] = _conv1x1
+    return archs
 
 
 def architecture_names() -> list[str]:
-    return sorted(ARCHITECTURES)
+    return sorted(_architectures())
 
 
 def create_network(spec: ArchSpec, in_channels: int, out_channels: int,
@@ -68,10 +80,11 @@ def create_network(spec: ArchSpec, in_channels: int, out_channels: int,
         BundleError: the architecture rejects the arguments (for example an unknown encoder).
     """
     key = spec.architecture.lower().replace("-", "").replace("_", "")
-    if key not in ARCHITECTURES:
+    archs = _architectures()
+    if key not in archs:
         raise unknown_name("architecture", spec.architecture, architecture_names())
     try:
-        return ARCHITECTURES[key](spec, in_channels, out_channels, encoder_weights)
+        return archs[key](spec, in_channels, out_channels, encoder_weights)
     except (KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"cannot build {spec.architecture} with encoder {spec.encoder!r}: {exc}") from None
 
@@ -237,4 +250,4 @@ def arch_spec(cfg: TrainConfig) -> ArchSpec:
                     params=dict(cfg.model.params), activation=cfg.model.activation)
 
 
-__all__ = ["check_network", "build_model", "arch_spec", "unused_modules", "drop_modules", "ARCHITECTURES", "architecture_names", "create_network", "build_network", "input_divisor"]
+__all__ = ["check_network", "build_model", "arch_spec", "unused_modules", "drop_modules", "architecture_names", "create_network", "build_network", "input_divisor"]
