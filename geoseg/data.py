@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import rasterio
-from rasterio.windows import Window
+from rasterio.windows import Window, subdivide
 from rasterio.windows import transform as window_transform
 
 from geoseg.errors import InputError
@@ -364,8 +364,7 @@ def split_cell(chip: int, block: int) -> int:
 
 
 def _block_windows(info: SceneInfo, block: int) -> list[Window]:
-    return [Window(c, r, min(block, info.width - c), min(block, info.height - r))
-            for r in range(0, info.height, block) for c in range(0, info.width, block)]
+    return subdivide(Window(0, 0, info.width, info.height), block, block)  # row by row
 
 
 def assign_splits(scenes: Sequence[TrainScene], block: int, val_fraction: float, test_fraction: float,
@@ -425,8 +424,7 @@ def scan_scene(scene: TrainScene, class_map: ClassMap, blocks: list[tuple[Window
     valid_frac = np.zeros((rows, cols), dtype=np.float32)
     lab_frac = np.zeros((rows, cols), dtype=np.float32)
     step = (_SCAN // cell) * cell or cell
-    wins = [Window(c, r, min(step, info.width - c), min(step, info.height - r))
-            for r in range(0, info.height, step) for c in range(0, info.width, step)]
+    wins = subdivide(Window(0, 0, info.width, info.height), step, step)
     uniq = sorted(set(scene.bands))
     pos = [uniq.index(b) for b in scene.bands]
     with gdal_env(), open_scene(info.path) as ds:

@@ -16,10 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import rasterio
-from rasterio.windows import Window
-
 from geoseg.errors import OutputExistsError
 from geoseg.predict import ProgressCallback, predict_scene
 from geoseg.synthetic import CLASSES, make_scene
@@ -57,20 +53,16 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def compare_class_maps(pred: Path, truth: Path, class_ids: list[int], block: int = 1024) -> dict[str, Any]:
-    """Per-class scores of a class map against a truth raster on the same grid, read in windows.
+def compare_class_maps(pred: Path, truth: Path, class_ids: list[int]) -> dict[str, Any]:
+    """Per-class scores of a class map against a truth raster on the same grid (``geoseg evaluate``'s
+    windowed comparison); pixels that are nodata in the truth or in the prediction are left out."""
+    from geoseg.data import ClassMap, open_labels
+    from geoseg.evaluate import compare
+    from geoseg.metrics import scores
+    from geoseg.raster import inspect_scene
 
-    Pixels that are nodata in the truth or in the prediction are left out.
-    """
-    from geoseg.metrics import ConfusionMatrix, scores
-
-    lut = np.full(65536, -1, np.int64)
-    lut[np.asarray(class_ids)] = np.arange(len(class_ids))
-    cm = ConfusionMatrix(len(class_ids))
-    with rasterio.open(pred) as p, rasterio.open(truth) as t:
-        for r0 in range(0, t.height, block):
-            win = Window(0, r0, t.width, min(block, t.height - r0))
-            cm.update(lut[t.read(1, window=win).astype(np.int64)], lut[p.read(1, window=win).astype(np.int64)])
+    info = inspect_scene(truth)
+    cm = compare(pred, open_labels(str(truth), info), ClassMap(class_ids), info)
     return scores(cm.matrix, [c.name for c in CLASSES if c.id in class_ids])
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from rasterio.windows import Window
+from rasterio.windows import Window, subdivide
 
 from geoseg.bundle import Bundle, LoadedModel, load_model
 from geoseg.data import ClassMap, is_vector, open_labels
@@ -174,7 +174,7 @@ def evaluate(
                                batch_size=batch_size, device=device, precision=precision, workers=workers, bands=bands,
                                tta=tta,
                                overwrite=overwrite, progress=progress, vector_format=None)
-        cm = _compare(Path(str(result.classes_path)), label_src, ClassMap(contract.class_ids), info, area)
+        cm = compare(Path(str(result.classes_path)), label_src, ClassMap(contract.class_ids), info, area)
         prediction = Path(str(result.classes_path)) if keep_prediction else None
 
     if cm.total == 0:
@@ -212,25 +212,26 @@ def _background_class(contract: Any, value: str | int, labels: Any) -> int:
     return int(cid)
 
 
-def _compare(classes_path: Path, labels: Any, class_map: ClassMap, info: SceneInfo,
-             area: Callable[[Window], np.ndarray] | None) -> ConfusionMatrix:
+def compare(classes_path: str | os.PathLike[str], labels: Any, class_map: ClassMap, info: SceneInfo,
+            area: Callable[[Window], np.ndarray] | None = None) -> ConfusionMatrix:
+    """The confusion matrix of a class map against labels on its grid, read window by window (bounded
+    memory). ``labels`` has ``read(window)`` (:func:`geoseg.data.open_labels`); nodata in either, and pixels
+    outside ``area``, are left out."""
     cm = ConfusionMatrix(len(class_map))
     with gdal_env(), open_scene(classes_path) as ds:
         if (ds.width, ds.height) != (info.width, info.height):
             raise InputError(f"{classes_path}: class map is {ds.width}x{ds.height}, the scene {info.width}x{info.height}")
         nodata = ds.nodata
-        for r in range(0, info.height, _WINDOW):
-            for c in range(0, info.width, _WINDOW):
-                win = Window(c, r, min(_WINDOW, info.width - c), min(_WINDOW, info.height - r))
-                pred_ids = ds.read(1, window=win).astype(np.int64)
-                pred = class_map.to_index(pred_ids)
-                if nodata is not None:
-                    pred[pred_ids == int(nodata)] = -1
-                true = class_map.to_index(labels.read(win))
-                if area is not None:
-                    true[~area(win)] = -1
-                cm.update(true, pred)
+        for win in subdivide(Window(0, 0, info.width, info.height), _WINDOW, _WINDOW):
+            pred_ids = ds.read(1, window=win).astype(np.int64)
+            pred = class_map.to_index(pred_ids)
+            if nodata is not None:
+                pred[pred_ids == int(nodata)] = -1
+            true = class_map.to_index(labels.read(win))
+            if area is not None:
+                true[~area(win)] = -1
+            cm.update(true, pred)
     return cm
 
 
-__all__ = ["evaluate", "EvaluationResult"]
+__all__ = ["evaluate", "compare", "EvaluationResult"]
