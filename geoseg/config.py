@@ -99,7 +99,9 @@ class ModelConfig(_Strict):
 
     architecture: str = "unet"
     encoder: str | None = "resnet34"
-    encoder_weights: str | None = Field(default=None, description="for example 'imagenet' (downloads weights)")
+    encoder_weights: str | None = Field(
+        default=None, description="pretrained encoder: 'imagenet' (downloads), or a local .safetensors/.pth file "
+                                  "(encoder keys, or a whole network's encoder.* keys)")
     params: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the architecture")
     activation: Literal["softmax", "sigmoid"] = "softmax"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="channel dropout before the segmentation head")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,12 +30,80 @@ def _smp_builder(arch: str) -> Builder:
     def build(spec: ArchSpec, in_channels: int, out_channels: int, weights: str | None) -> nn.Module:
         import segmentation_models_pytorch as smp
 
-        return smp.create_model(
-            arch, encoder_name=spec.encoder or "resnet34", encoder_weights=weights,
+        local = weights is not None and _is_local_file(weights)
+        net = smp.create_model(
+            arch, encoder_name=spec.encoder or "resnet34", encoder_weights=None if local else weights,
             in_channels=in_channels, classes=out_channels, **spec.params,
         )
+        if local:
+            assert weights is not None
+            load_encoder_weights(net, weights, in_channels)
+        return net
 
     return build
+
+
+def _is_local_file(weights: str) -> bool:
+    return weights.endswith((".pth", ".pt", ".safetensors", ".ckpt")) or os.sep in weights or os.path.isfile(weights)
+
+
+def load_encoder_weights(net: nn.Module, path: str, in_channels: int) -> None:
+    """Pretrained encoder weights from a local file (``.safetensors``, or a torch file read without pickle):
+    users without network access bring their own. Keys may be the encoder's own, or prefixed ``encoder.``
+    (a whole smp or geoseg network; its decoder is ignored). A first convolution pretrained on another
+    number of bands is adapted as smp adapts ImageNet weights (summed to one band, or cycled and rescaled).
+
+    Raises:
+        ConfigError: naming ``model.encoder_weights`` when the file is missing, unreadable or does not fit.
+    """
+    key = "model.encoder_weights"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key} {path!r}: no such file; give a local .safetensors/.pth file, 'imagenet' "
+                          "(downloads) or null")
+    state: Any
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    except Exception as exc:
+        raise ConfigError(f"{key} {path!r}: cannot read weights ({str(exc).splitlines()[0][:200]}); give a "
+                          ".safetensors file or a plain state dict") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{key} {path!r}: holds no state dict of tensors")
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder: nn.Module = net.encoder  # type: ignore[assignment]
+    own = encoder.state_dict()
+    for k, v in list(state.items()):
+        mine = own.get(k)
+        if mine is not None and v.ndim == 4 and mine.ndim == 4 and v.shape[1] != mine.shape[1] \
+                and v.shape[0] == mine.shape[0] and v.shape[2:] == mine.shape[2:]:
+            state[k] = _adapt_first_conv(v, mine.shape[1])
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad or len(missing) == len(own):
+        what = f"shapes differ at {bad[0]} ({tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})" if bad \
+            else "none of its keys is a weight of this encoder"
+        raise ConfigError(f"{key} {path!r}: does not fit encoder {type(encoder).__name__} ({what}); give weights "
+                          "of the same model.encoder")
+    encoder.load_state_dict(state, strict=False)
+    log.info("encoder weights from %s (%d tensors%s)", path, len(own) - len(missing),
+             f"; {len(missing)} of the encoder's left at random, e.g. {missing[0]}" if missing else "")
+    if unexpected:
+        log.info("%d tensors of %s are not in the encoder (ignored), e.g. %s", len(unexpected), path, unexpected[0])
+
+
+def _adapt_first_conv(weight: torch.Tensor, bands: int) -> torch.Tensor:
+    """smp's rule for pretrained first convolutions on another number of input bands."""
+    if bands == 1:
+        return weight.sum(dim=1, keepdim=True)
+    have = weight.shape[1]
+    idx = torch.arange(bands) % have
+    return weight[:, idx] * (have / bands)
 
 
 def _conv1x1(spec: ArchSpec, in_channels: int, out_channels: int, weights: str | None) -> nn.Module:
@@ -85,6 +154,8 @@ def create_network(spec: ArchSpec, in_channels: int, out_channels: int,
         raise unknown_name("architecture", spec.architecture, architecture_names())
     try:
         return archs[key](spec, in_channels, out_channels, encoder_weights)
+    except ConfigError:
+        raise
     except (KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"cannot build {spec.architecture} with encoder {spec.encoder!r}: {exc}") from None
 
@@ -210,7 +281,9 @@ def check_network(cfg: TrainConfig) -> None:
     out_ch = 1 if cfg.model.activation == "sigmoid" else len(cfg.classes)
     chip = cfg.data.chip_size
     try:
-        net = create_network(spec, in_ch or 3, out_ch, None).eval()
+        local = cfg.model.encoder_weights if cfg.model.encoder_weights and _is_local_file(cfg.model.encoder_weights) \
+            else None  # a local file is read here, so a wrong one fails before the run folder is made
+        net = create_network(spec, in_ch or 3, out_ch, local).eval()
         with torch.no_grad():
             shape = tuple(first_output(net(torch.zeros(1, in_ch or 3, chip, chip))).shape)
     except ConfigError:

@@ -260,3 +260,27 @@ def test_a_bundle_holds_only_the_weights_its_network_uses(tmp_path, scene):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(full.eval()(x), loaded.module(x))
+
+
+def test_encoder_weights_from_a_local_file_start_the_encoder_there(tmp_path, scene):
+    """No network needed: a pretrained encoder from a local file (here a trained bundle's), bands adapted."""
+    from safetensors.torch import load_file
+
+    from geoseg.config import config_from_dict
+    from geoseg.errors import ConfigError
+    from geoseg.models import build_model
+
+    first = train(tiny_config(*scene, epochs=1), tmp_path / "first")
+    weights = first.bundle_path / "weights.safetensors"
+    saved = load_file(str(weights))
+    net = build_model(config_from_dict(tiny_config(*scene, model={"encoder_weights": str(weights)})), 3)
+    assert torch.equal(net.state_dict()["encoder.layer1.0.conv1.weight"], saved["encoder.layer1.0.conv1.weight"])
+    one_band = build_model(config_from_dict(tiny_config(*scene, model={"encoder_weights": str(weights)})), 1)
+    assert torch.allclose(one_band.state_dict()["encoder.conv1.weight"],
+                          saved["encoder.conv1.weight"].sum(dim=1, keepdim=True))
+    with pytest.raises(ConfigError, match="model.encoder_weights .*no such file"):
+        build_model(config_from_dict(tiny_config(*scene, model={"encoder_weights": str(tmp_path / "x.pth")})), 3)
+    other = tiny_config(*scene, model={"encoder": "efficientnet-b0", "encoder_weights": str(weights),
+                                       "params": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}})
+    with pytest.raises(ConfigError, match="does not fit encoder"):
+        build_model(config_from_dict(other), 3)
