@@ -426,7 +426,8 @@ class _EpochBars:
         key = (ev.stage, ev.epoch)
         if key != self.key:
             self.close()
-            desc = ev.stage if ev.epoch == 0 else f"epoch {ev.epoch}/{ev.epochs} {ev.stage}"
+            of = f"/{ev.epochs}" if ev.epochs else ""  # 0: as many as the time budget allows
+            desc = ev.stage if ev.epoch == 0 else f"epoch {ev.epoch}{of} {ev.stage}"
             self.bar = tqdm(total=ev.total, desc=desc, unit="batch" if ev.epoch else "window",
                             dynamic_ncols=True, leave=ev.stage != "scan")
             self.key = key

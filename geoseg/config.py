@@ -162,6 +162,9 @@ class EarlyStoppingConfig(_Strict):
     min_delta: float = Field(default=0.0, ge=0)
 
 
+UNBOUNDED_EPOCHS = 1_000_000
+
+
 class TrainConfig(_Strict):
     """A whole training run. Build it in Python or read it with :func:`load_config`."""
 
@@ -177,11 +180,13 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    epochs: int = Field(default=20, ge=1)
+    epochs: int | None = Field(default=None, ge=1, description="passes over the training chips; default 20, or "
+                                                               "as many as max_seconds allows when it is set")
     steps_per_epoch: int | None = Field(default=None, ge=1, description="batches per epoch; overrides samples_per_epoch")
     batch_size: int = Field(default=8, ge=1)
     max_seconds: float | None = Field(
-        default=None, gt=0, description="time budget: no new epoch starts when it would end past this")
+        default=None, gt=0, description="time budget in seconds: the learning-rate schedule completes within it "
+                                         "and the run ends when it is spent (or at epochs, whichever comes first)")
     val_batches: int | None = Field(default=None, ge=1, description="cap on validation batches per epoch")
     monitor: Literal["miou", "loss", "accuracy", "f1"] = "miou"
     seed: int = 0
@@ -223,6 +228,13 @@ class TrainConfig(_Strict):
         return self
 
     # ------------------------------------------------------------------ derived values
+
+    @property
+    def epoch_limit(self) -> int:
+        """``epochs``; unset: 20, or unbounded (the time budget decides) when ``max_seconds`` is set."""
+        if self.epochs is not None:
+            return self.epochs
+        return UNBOUNDED_EPOCHS if self.max_seconds else 20
 
     @property
     def overlap(self) -> int:

@@ -41,7 +41,7 @@ from torch import nn
 
 from geoseg import augment as augment_mod
 from geoseg.bundle import staged_file
-from geoseg.config import TrainConfig, config_from_dict, dump_config, load_config
+from geoseg.config import UNBOUNDED_EPOCHS, TrainConfig, config_from_dict, dump_config, load_config
 from geoseg.data import (
     IGNORE_INDEX,
     ChipDataset,
@@ -243,7 +243,7 @@ def _samples(cfg: TrainConfig, out: Path, progress: ProgressCallback | None) -> 
     """Scan the scenes, write the split and make the training and validation chip samplers."""
     def scan_progress(stage: str, k: int, n: int) -> None:
         if progress:
-            progress(TrainProgress(stage, 0, cfg.epochs, k, n))
+            progress(TrainProgress(stage, 0, _shown(cfg.epoch_limit), k, n))
 
     data = prepare_data(cfg, scan_progress)
     data.write_split(out / "split")
@@ -296,7 +296,7 @@ class _Trainer:
         opt = optimizer(cfg, net)
         use_amp, amp_dtype = _amp_settings(cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-        return cls(cfg, device, net, criterion, opt, Schedule(cfg, opt, samples.steps_per_epoch * cfg.epochs),
+        return cls(cfg, device, net, criterion, opt, Schedule(cfg, opt, samples.steps_per_epoch * cfg.epoch_limit),
                    scaler, use_amp, amp_dtype, augment_mod.from_config(cfg.augment, IGNORE_INDEX))
 
     def checkpoint(self, done: _Progress, cfg_hash: str) -> dict[str, Any]:
@@ -342,7 +342,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
                               "epochs, max_seconds, device or early stopping); resume with the same config or "
                               "start a new run")
         done = trainer.restore(state)
-        ended = done.epoch >= cfg.epochs or trainer.schedule.done or (
+        ended = done.epoch >= cfg.epoch_limit or trainer.schedule.done or (
             cfg.early_stopping.patience is not None and done.bad_epochs >= cfg.early_stopping.patience)
         if ended:  # (killed before its bundle was written): the bundle from the best checkpoint
             log.warning("%s: the run already ended (%d epochs, %.0f s, stopped by %s); writing its bundle. Raise "
@@ -377,7 +377,7 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
     session_start, carried = time.perf_counter(), done.seconds
     clock = lambda: carried + time.perf_counter() - session_start  # noqa: E731
     try:
-        while done.epoch < cfg.epochs:
+        while done.epoch < cfg.epoch_limit:
             if cfg.early_stopping.patience and done.bad_epochs >= cfg.early_stopping.patience:
                 log.info("early stopping: no improvement of %s for %d epochs", cfg.monitor, done.bad_epochs)
                 done.stopped_by = "early_stopping"
@@ -408,12 +408,12 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
             done.history.append(row)
             done.epoch, done.seconds = epoch, clock()
             _keep_best(cfg, trainer, done, row, val_scores, mode, out / "checkpoints" / "best.ckpt")
-            if trainer.schedule.done and done.epoch < cfg.epochs:
+            if trainer.schedule.done and done.epoch < cfg.epoch_limit:
                 done.stopped_by = "max_seconds"
             _atomic_save(trainer.checkpoint(done, cfg_hash), out / "checkpoints" / "last.ckpt")
             write_csv(out / "metrics.csv", done.history)
             tb.log(row, epoch)
-            log.info("epoch %d/%d: %s", epoch, cfg.epochs,
+            log.info("epoch %d/%s: %s", epoch, _shown(cfg.epoch_limit),
                      ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
             if done.stopped_by == "max_seconds":
                 break
@@ -434,6 +434,11 @@ def _keep_best(cfg: TrainConfig, trainer: _Trainer, done: _Progress, row: dict[s
                      best_path)
     else:
         done.bad_epochs += 1
+
+
+def _shown(limit: int) -> int:
+    """The epoch count progress shows: 0 when the time budget decides."""
+    return 0 if limit >= UNBOUNDED_EPOCHS else limit
 
 
 def _summary(done: _Progress) -> dict[str, Any]:
@@ -495,7 +500,7 @@ def _train_epoch(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation],
         total += float(loss.detach()) * image.shape[0]
         n += image.shape[0]
         if progress:
-            progress(TrainProgress("train", epoch, cfg.epochs, step, len(loader), {"loss": total / n}))
+            progress(TrainProgress("train", epoch, _shown(cfg.epoch_limit), step, len(loader), {"loss": total / n}))
         if t.schedule.done:
             break
     return total / max(n, 1), n
@@ -516,7 +521,7 @@ def _validate(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], t:
         n += image.shape[0]
         cm.update(target, predict_indexes(logits.float(), cfg.model.activation))
         if progress:
-            progress(TrainProgress("val", epoch, cfg.epochs, step, len(loader), {"val_loss": total / n}))
+            progress(TrainProgress("val", epoch, _shown(cfg.epoch_limit), step, len(loader), {"val_loss": total / n}))
     return total / max(n, 1), cm
 
 
