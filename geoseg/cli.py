@@ -474,6 +474,35 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True,
+              help="The encoder file to write (.safetensors); name it as model.encoder_weights when training.")
+@opt_overwrite
+@click.pass_context
+def pretrain(ctx: click.Context, config: str, output: str, overwrite: bool) -> None:
+    """Pretrain an encoder on unlabelled scenes (masked-image modelling) from a YAML CONFIG
+    (see configs/pretrain.yaml)."""
+    from tqdm import tqdm
+
+    from geoseg.config import load_pretrain_config
+    from geoseg.pretrain import pretrain as pretrain_tool
+
+    cfg = load_pretrain_config(config)
+    bar = tqdm(total=cfg.steps or None, desc="pretrain", unit="step", disable=ctx.obj["quiet"], leave=False)
+
+    def advance(step: int, total: int, loss: float) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    try:
+        result = pretrain_tool(cfg, output, overwrite=overwrite, progress=advance)
+    finally:
+        bar.close()
+    click.echo(f"encoder: {result.path} ({result.steps} steps, {result.chips} chips in {result.seconds:.0f} s; "
+               f"reconstruction loss {result.loss_first:.4f} -> {result.loss_last:.4f})")
+
+
+@main.command()
 @opt_model
 @click.option("--image", "-i", required=True, help="Scene to predict and score.")
 @click.option("--labels", "-l", required=True, help="Label raster (class ids) or vector file (polygons).")

@@ -66,13 +66,14 @@ class DataConfig(_Strict):
     scenes: list[SceneConfig] = Field(min_length=1)
     bands: list[int] | None = Field(default=None, description="1-based scene band numbers; default all bands")
     band_names: list[str] | None = None
-    chip_size: int = Field(default=256, ge=16)
+    chip_size: int = Field(default=256, ge=16, description="model input size; unset: 256, or smaller to fit "
+                                                             "small scenes (half their shorter side)")
     overlap: int | None = Field(default=None, ge=0, description="overlap recorded for prediction; default chip/4")
     sampler: Literal["random", "grid"] = "random"
     samples_per_epoch: int | None = Field(default=None, ge=1, description="training chips per epoch (random sampler)")
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    split_block: int | None = Field(default=None, ge=16, description="side of the split blocks in pixels; default 2 x chip")
+    split_block: int | None = Field(default=None, ge=16, description="side of the split blocks in pixels; default one chip")
     min_valid_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="skip chips with less valid imagery")
     min_labelled_fraction: float = Field(default=0.01, ge=0.0, le=1.0, description="skip chips with fewer labels")
     label_nodata: int | None = Field(default=None, description="label value meaning 'unlabelled'; default the label raster's nodata")
@@ -247,6 +248,53 @@ class TrainConfig(_Strict):
         return self.model_dump(mode="json")
 
 
+class PretrainConfig(_Strict):
+    """Self-supervised pretraining of an encoder on unlabelled scenes (:mod:`geoseg.pretrain`)."""
+
+    name: str = "encoder"
+    scenes: list[str] = Field(min_length=1, description="unlabelled images (paths, globs or URLs)")
+    bands: list[int] | None = Field(default=None, description="1-based scene band numbers; default all bands")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    chip_size: int = Field(default=128, ge=16)
+    batch_size: int = Field(default=8, ge=1)
+    mask_ratio: float = Field(default=0.6, gt=0, lt=1, description="share of the patches hidden from the network")
+    mask_patch: int = Field(default=16, ge=1, description="side of a hidden patch in pixels; divides chip_size")
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    max_seconds: float | None = Field(default=300.0, gt=0, description="time budget (the schedule completes in it)")
+    steps: int | None = Field(default=None, ge=1, description="optimiser steps; unset: as many as max_seconds allows")
+    min_valid_fraction: float = Field(default=0.5, ge=0, le=1)
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.chip_size % self.mask_patch:
+            raise ValueError(f"mask_patch {self.mask_patch} must divide chip_size {self.chip_size}")
+        if self.max_seconds is None and self.steps is None:
+            raise ValueError("give max_seconds or steps (or both): pretraining has no other end")
+        return self
+
+
+def load_pretrain_config(path: str | os.PathLike[str]) -> PretrainConfig:
+    """Read and validate a YAML pretraining config (scene paths relative to its folder).
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or does not validate.
+    """
+    p = Path(path)
+    data = read_yaml_file(p, "no such config file; copy configs/pretrain.yaml and edit it")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a pretraining config must be a mapping of keys, got {type(data).__name__}")
+    try:
+        cfg = PretrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(p), PretrainConfig)) from None
+    cfg.scenes = [resolve_path(s, p.parent) for s in cfg.scenes]
+    return cfg
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
     """Field names of the sub-model that ``loc`` (a pydantic error location) points into."""
     current: Any = model
@@ -366,5 +414,5 @@ def dump_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
 
 __all__ = [
     "TrainConfig", "DataConfig", "SceneConfig", "ClassConfig", "ModelConfig", "LossTerm", "OptimizerConfig",
-    "AugmentConfig", "EarlyStoppingConfig", "load_config", "config_from_dict", "dump_config", "LOSS_NAMES",
+    "AugmentConfig", "EarlyStoppingConfig", "PretrainConfig", "load_pretrain_config", "load_config", "config_from_dict", "dump_config", "LOSS_NAMES",
 ]

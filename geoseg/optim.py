@@ -39,12 +39,13 @@ class Schedule:
     1/25 of the rate, then cosine annealing to 1/10,000, torch's OneCycleLR defaults).
     """
 
-    def __init__(self, cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
-        self.kind = cfg.optimizer.schedule
-        self.lr = cfg.optimizer.lr
+    def __init__(self, kind: str, lr: float, opt: torch.optim.Optimizer, total_steps: int,
+                 max_seconds: float | None):
+        self.kind = kind
+        self.lr = lr
         self.opt = opt
         self.total_steps = max(total_steps, 1)
-        self.max_seconds = cfg.max_seconds
+        self.max_seconds = max_seconds
         self.steps, self.seconds, self.reserve = 0, 0.0, 0.0
         self._apply()
 

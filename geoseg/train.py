@@ -56,7 +56,7 @@ from geoseg.errors import ConfigError, InputError, OutputExistsError
 from geoseg.inference import resolve_device
 from geoseg.losses import LOSSES, build_loss, class_weights
 from geoseg.metrics import ConfusionMatrix, scores
-from geoseg.models import build_model, check_network
+from geoseg.models import arch_spec, build_model, check_network
 from geoseg.optim import Schedule, optimizer
 from geoseg.remote import storage_error
 from geoseg.train_outputs import TensorBoard, make_contract, plots, predict_indexes, write_bundle, write_csv
@@ -64,6 +64,7 @@ from geoseg.train_outputs import TensorBoard, make_contract, plots, predict_inde
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("config.yaml", "split", "checkpoints", "metrics.csv", "tensorboard", "model", "plots")
+MIN_BATCHES_PER_EPOCH = 16
 MONITOR_MODE = {"miou": "max", "accuracy": "max", "f1": "max", "loss": "min"}
 
 
@@ -189,7 +190,7 @@ def train(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], output_
         InputError: scenes or labels that cannot be used.
         OutputExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given.
     """
-    cfg = _as_config(config)
+    cfg = fit_to_data(_as_config(config))
     out = Path(output_dir)
     check_network(cfg)
     existed = out.exists()
@@ -255,7 +256,8 @@ def _samples(cfg: TrainConfig, out: Path, progress: ProgressCallback | None) -> 
     elif cfg.data.samples_per_epoch:
         samples = cfg.data.samples_per_epoch
     else:
-        samples = max(len(grid_train), cfg.batch_size)
+        # at least 16 batches: an epoch (one validation, one checkpoint) is not a few steps on a small scene
+        samples = max(len(grid_train), MIN_BATCHES_PER_EPOCH * cfg.batch_size)
     if cfg.data.sampler == "random":
         train_sampler = RandomChipSampler(data.coverages, rules, "train", samples, cfg.seed)
     else:
@@ -296,7 +298,8 @@ class _Trainer:
         opt = optimizer(cfg, net)
         use_amp, amp_dtype = _amp_settings(cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-        return cls(cfg, device, net, criterion, opt, Schedule(cfg, opt, samples.steps_per_epoch * cfg.epoch_limit),
+        return cls(cfg, device, net, criterion, opt, Schedule(cfg.optimizer.schedule, cfg.optimizer.lr, opt,
+                                                          samples.steps_per_epoch * cfg.epoch_limit, cfg.max_seconds),
                    scaler, use_amp, amp_dtype, augment_mod.from_config(cfg.augment, IGNORE_INDEX))
 
     def checkpoint(self, done: _Progress, cfg_hash: str) -> dict[str, Any]:
@@ -313,6 +316,38 @@ class _Trainer:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng(state["rng"])
         return _Progress(**state["progress"])
+
+
+def fit_to_data(cfg: TrainConfig) -> TrainConfig:
+    """The config with what the user left unset sized to the scenes (read from their headers only).
+
+    - ``data.chip_size`` (unset): 256 px where every scene is at least 512 px on its shorter side, else the
+      largest power of two within half of the smallest scene's shorter side (at least what the network
+      needs): small scenes train instead of failing with "no training chip".
+    - ``data.split_block`` (unset): one chip, so the validation blocks are a sample of the scene, not one
+      half of a small one.
+    The result is what ``config.yaml`` records, so a resumed run fits the same way.
+    """
+    from geoseg.models import input_divisor
+    from geoseg.raster import inspect_scene
+
+    d = cfg.data
+    update: dict[str, Any] = {}
+    if "chip_size" not in d.model_fields_set:
+        side = min(min(i.width, i.height) for i in (inspect_scene(s.image) for s in d.scenes))
+        floor = max(input_divisor(arch_spec(cfg)), 16)
+        chip = 256
+        while chip > floor and chip > side / 2:
+            chip //= 2
+        update["chip_size"] = max(chip, floor)
+        if update["chip_size"] != d.chip_size:
+            log.info("data.chip_size %d (scenes of %d px on their shorter side)", update["chip_size"], side)
+    chip = update.get("chip_size", d.chip_size)
+    if d.split_block is None:
+        update["split_block"] = chip
+    if d.overlap is None and "chip_size" in update:
+        update["overlap"] = chip // 4
+    return cfg.model_copy(update={"data": d.model_copy(update=update)}) if update else cfg
 
 
 def _used_weights(net: nn.Module, state: dict[str, Any]) -> dict[str, Any]:

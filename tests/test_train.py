@@ -189,10 +189,8 @@ def test_cli_train(tmp_path, scene):
 def _schedule(kind, total_steps=100, max_seconds=None, lr=1e-3):
     from geoseg.optim import Schedule
 
-    cfg = config_from_dict({**tiny_config("a.tif", "b.tif"), "max_seconds": max_seconds,
-                            "optimizer": {"schedule": kind, "lr": lr}})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    return Schedule(cfg, opt, total_steps), opt
+    return Schedule(kind, lr, opt, total_steps, max_seconds), opt
 
 
 @pytest.mark.parametrize("kind", ["onecycle", "cosine", "none"])
