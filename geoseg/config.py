@@ -140,7 +140,7 @@ class OptimizerConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    schedule: Literal["none", "cosine", "onecycle"] = "cosine"
+    schedule: Literal["none", "cosine", "onecycle"] = "onecycle"
     grad_clip: float | None = Field(default=1.0, gt=0, description="max gradient norm; null disables clipping")
 
 
@@ -175,9 +175,9 @@ class TrainConfig(_Strict):
         default=None, description="class id of pixels outside every polygon (vector labels); null = unlabelled")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
-    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="cross_entropy")])
+    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="cross_entropy"), LossTerm(name="dice")])
     class_weights: Literal["none", "auto"] | list[float] = Field(
-        default="none", description="cross-entropy class weights: none, auto (inverse sqrt frequency) or a list")
+        default="auto", description="cross-entropy class weights: none, auto (inverse sqrt frequency) or a list")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)

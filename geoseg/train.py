@@ -41,7 +41,14 @@ from torch import nn
 
 from geoseg import augment as augment_mod
 from geoseg.bundle import staged_file
-from geoseg.config import UNBOUNDED_EPOCHS, TrainConfig, config_from_dict, dump_config, load_config
+from geoseg.config import (
+    UNBOUNDED_EPOCHS,
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 from geoseg.data import (
     IGNORE_INDEX,
     ChipDataset,
@@ -333,9 +340,10 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
 
     d = cfg.data
     update: dict[str, Any] = {}
+    sized_net = "model" not in cfg.model_fields_set  # the default network: sized below
     if "chip_size" not in d.model_fields_set:
         side = min(min(i.width, i.height) for i in (inspect_scene(s.image) for s in d.scenes))
-        floor = max(input_divisor(arch_spec(cfg)), 16)
+        floor = 32 if sized_net else max(input_divisor(arch_spec(cfg)), 16)
         chip = 256
         while chip > floor and chip > side / 2:
             chip //= 2
@@ -347,7 +355,23 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
         update["split_block"] = chip
     if d.overlap is None and "chip_size" in update:
         update["overlap"] = chip // 4
-    return cfg.model_copy(update={"data": d.model_copy(update=update)}) if update else cfg
+    fitted = cfg.model_copy(update={"data": d.model_copy(update=update)}) if update else cfg
+    if sized_net:
+        fitted = fitted.model_copy(update={"model": default_network(chip)})
+    return fitted
+
+
+def default_network(chip: int) -> ModelConfig:
+    """The network a config that names none gets: a U-Net on resnet18, as deep as the chip allows.
+
+    Measured on the small labelled sets of ``benchmarks/bench_training.py`` (RESULTS.md): at the same time
+    budget a resnet18 U-Net at depth 4 with a light decoder sees twice the chips of smp's default (resnet34,
+    depth 5) and scores higher. Depth: 3 for 32-64 px chips, 4 for 128 px, 5 from 256 px.
+    """
+    depth = max(3, min(5, int(math.log2(chip)) - 3))
+    decoder = [256, 128, 64, 32, 16][5 - depth:] if depth == 5 else [128, 64, 32, 16][4 - depth:]
+    return ModelConfig(architecture="unet", encoder="resnet18",
+                       params={"encoder_depth": depth, "decoder_channels": decoder})
 
 
 def _used_weights(net: nn.Module, state: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from geoseg.data import IGNORE_INDEX
 from geoseg.errors import ConfigError, OutputExistsError, UnknownNameError
 from geoseg.train import LOSSES, TrainProgress, build_loss, train
 from tests._training import tiny_config, write_scene
+from tests.conftest import write_raster
 
 
 @pytest.fixture
@@ -282,3 +283,25 @@ def test_encoder_weights_from_a_local_file_start_the_encoder_there(tmp_path, sce
                                        "params": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}})
     with pytest.raises(ConfigError, match="does not fit encoder"):
         build_model(config_from_dict(other), 3)
+
+
+def test_what_a_config_leaves_unset_is_sized_to_the_scenes(tmp_path):
+    from geoseg.train import fit_to_data
+
+    small, small_labels = write_scene(tmp_path, size=64, name="small")  # 64 px: 32 px chips, depth 3
+    cfg = tiny_config(small, small_labels)
+    del cfg["model"]
+    del cfg["data"]["chip_size"]
+    del cfg["data"]["split_block"]
+    fitted = fit_to_data(config_from_dict(cfg))
+    assert fitted.data.chip_size == 32 and fitted.data.split_block == 32 and fitted.data.overlap == 8
+    assert fitted.model.encoder == "resnet18" and fitted.model.params["encoder_depth"] == 3
+    big = write_raster(tmp_path / "big.tif", np.zeros((1, 600, 700), dtype=np.uint8))
+    cfg["data"]["scenes"] = [{"image": str(big), "labels": str(big)}]
+    fitted = fit_to_data(config_from_dict(cfg))
+    assert fitted.data.chip_size == 256 and fitted.model.params == {"encoder_depth": 5,
+                                                                  "decoder_channels": [256, 128, 64, 32, 16]}
+    cfg["data"]["chip_size"] = 64  # what the user sets stays
+    cfg["model"] = {"encoder": "resnet34"}
+    fitted = fit_to_data(config_from_dict(cfg))
+    assert fitted.data.chip_size == 64 and fitted.model.encoder == "resnet34" and fitted.model.params == {}
