@@ -56,8 +56,8 @@ class DemoResult:
 def compare_class_maps(pred: Path, truth: Path, class_ids: list[int]) -> dict[str, Any]:
     """Per-class scores of a class map against a truth raster on the same grid (``geoseg evaluate``'s
     windowed comparison); pixels that are nodata in the truth or in the prediction are left out."""
-    from geoseg.data import ClassMap, open_labels
     from geoseg.evaluate import compare
+    from geoseg.labels import ClassMap, open_labels
     from geoseg.metrics import scores
     from geoseg.raster import inspect_scene
 

@@ -26,8 +26,8 @@ import numpy as np
 from rasterio.windows import Window, subdivide
 
 from geoseg.bundle import Bundle, LoadedModel, load_model
-from geoseg.data import ClassMap, is_vector, open_labels
 from geoseg.errors import InputError
+from geoseg.labels import ClassMap, is_vector, open_labels
 from geoseg.metrics import ConfusionMatrix, markdown_table, plot_confusion, scores
 from geoseg.raster import SceneInfo, check_writable, gdal_env, inspect_scene, open_scene
 

@@ -29,7 +29,7 @@ from geoseg.raster import (
     probabilities_spec,
     qml_style,
 )
-from geoseg.store import Store, disk_full, local_workdir
+from geoseg.store import Store, full_disk_as_error, local_workdir
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, Unit, parse_strip, strip_key
 
 log = logging.getLogger(__name__)
@@ -73,31 +73,27 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
     work = Path(stage.url()) if not stage.remote else local_workdir(out, plan.stem)
     scratch = Path(tempfile.mkdtemp(prefix=".finish-", dir=work))
     try:
-        t0 = time.perf_counter()
-        cogs = {kind: _cog(plan, units, kind, spec, stage, work, scratch, options.compress)
-                for kind, spec in specs.items()}
-        result.seconds["cog"] = time.perf_counter() - t0
-        if options.vector_format is not None:
+        with full_disk_as_error(plan.output_dir, scratch):  # measured before the partial files go
             t0 = time.perf_counter()
-            vector_dir = scratch / "vector"
-            _vectorize(cogs["classes"], vector_dir / names["vector"], contract, options)
-            for f in sorted(vector_dir.iterdir(), key=lambda f: f.name == names["vector"]):  # main file last
-                out.publish(f, f.name)
-                result.files.append(f.name)
-            result.outputs["vector"] = out.url(names["vector"])
-            result.seconds["vectorize"] = time.perf_counter() - t0
-        if "probabilities" in cogs:
-            result.outputs["probabilities"] = out.publish(cogs["probabilities"], names["probabilities"])
-        result.outputs["style"] = out.write_text(names["style"], qml_style(contract.classes))
-        if options.overwrite:  # the outputs of one stem come from one run: drop what this run does not write
-            _remove_stale(out, plan.stem, set(result.files) | {names[k] for k in result.outputs})
-        result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
-        result.files += [names[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
-    except Exception as exc:
-        full = disk_full(exc, plan.output_dir, scratch)  # measured before the partial files go
-        if full is not None:
-            raise full from exc
-        raise
+            cogs = {kind: _cog(plan, units, kind, spec, stage, work, scratch, options.compress)
+                    for kind, spec in specs.items()}
+            result.seconds["cog"] = time.perf_counter() - t0
+            if options.vector_format is not None:
+                t0 = time.perf_counter()
+                vector_dir = scratch / "vector"
+                _vectorize(cogs["classes"], vector_dir / names["vector"], contract, options)
+                for f in sorted(vector_dir.iterdir(), key=lambda f: f.name == names["vector"]):  # main file last
+                    out.publish(f, f.name)
+                    result.files.append(f.name)
+                result.outputs["vector"] = out.url(names["vector"])
+                result.seconds["vectorize"] = time.perf_counter() - t0
+            if "probabilities" in cogs:
+                result.outputs["probabilities"] = out.publish(cogs["probabilities"], names["probabilities"])
+            result.outputs["style"] = out.write_text(names["style"], qml_style(contract.classes))
+            if options.overwrite:  # the outputs of one stem come from one run: drop what this run does not write
+                _remove_stale(out, plan.stem, set(result.files) | {names[k] for k in result.outputs})
+            result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
+            result.files += [names[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if stage.remote:

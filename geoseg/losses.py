@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoseg.config import LOSS_NAMES, TrainConfig
-from geoseg.data import IGNORE_INDEX
 from geoseg.errors import ConfigError, unknown_name
+from geoseg.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def _smp_builder(arch: str) -> Builder:
         )
         if local:
             assert weights is not None
-            load_encoder_weights(net, weights, in_channels)
+            load_encoder_weights(net, weights)
         return net
 
     return build
@@ -47,7 +47,7 @@ def _is_local_file(weights: str) -> bool:
     return weights.endswith((".pth", ".pt", ".safetensors", ".ckpt")) or os.sep in weights or os.path.isfile(weights)
 
 
-def load_encoder_weights(net: nn.Module, path: str, in_channels: int) -> None:
+def load_encoder_weights(net: nn.Module, path: str) -> None:
     """Pretrained encoder weights from a local file (``.safetensors``, or a torch file read without pickle):
     users without network access bring their own. Keys may be the encoder's own, or prefixed ``encoder.``
     (a whole smp or geoseg network; its decoder is ignored). A first convolution pretrained on another

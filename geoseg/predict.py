@@ -79,7 +79,7 @@ class RunResult:
         return bool(self.failed) and len(self.failed) < len(self.scenes)
 
 
-def _expand_scenes(scenes: Sequence[str | os.PathLike[str]]) -> list[str]:
+def expand_scenes(scenes: Sequence[str | os.PathLike[str]]) -> list[str]:
     import glob
 
     out: list[str] = []
@@ -197,7 +197,7 @@ def predict_scenes(
     tile, overlap = _validate(contract, opts)
     scheduler = resolve_scheduler(scheduler)
     check_scheduler(scheduler)
-    paths = _expand_scenes(scenes)
+    paths = expand_scenes(scenes)
     out_dir = os.fspath(output_dir)
     # workers load the model from where the job found it: the URL it was fetched from, or the local path
     ref = ModelRef(bundle.source or str(Path(bundle.path).resolve()), bundle_digest(bundle.files))

@@ -55,10 +55,10 @@ class _Chips:
     """Random chips of the scenes (area-weighted), normalised, with their validity."""
 
     def __init__(self, cfg: PretrainConfig):
-        from geoseg.predict import _expand_scenes
+        from geoseg.predict import expand_scenes
 
         self.cfg = cfg
-        self.paths = _expand_scenes(cfg.scenes)
+        self.paths = expand_scenes(cfg.scenes)
         self.infos = [inspect_scene(p) for p in self.paths]
         first = self.infos[0]
         self.bands = list(cfg.bands) if cfg.bands else list(range(1, first.count + 1))

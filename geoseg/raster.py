@@ -281,7 +281,10 @@ class SceneReader:
             ds = open_scene(self.path)
             self._local.ds = ds
             self._local.kind = _mask_kind(ds)[0]
-            self._local.blocks = [_Blocks(ds, i) for i in self.unique_indexes]
+            # a pixel-interleaved file stores all bands in one set of blocks: look them up once per chip
+            shared = ds.interleaving is not None and ds.interleaving.name == "pixel"
+            self._local.blocks = [_Blocks(ds, self.unique_indexes[0])] if shared else \
+                [_Blocks(ds, i) for i in self.unique_indexes]
             with self._lock:
                 self._handles.append(ds)
         return ds
@@ -295,6 +298,8 @@ class SceneReader:
         uniq = self.unique_indexes
         r0, c0 = int(window.row_off), int(window.col_off)
         holes = [b.absent(window) for b in self._local.blocks]
+        if len(holes) == 1:
+            holes *= len(uniq)
         area = int(window.height) * int(window.width)
         if area and all(sum(_overlap(w, window) for w in h) == area for h in holes):
             # absent blocks cover the whole window in every band: nothing to read

@@ -99,7 +99,6 @@ def _sweep_dead(folder: Path, prefix: str) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-
 def _umask(default: int = 0o022) -> int:
     """This process's umask, read without changing it (``os.umask`` would race with other threads)."""
     try:
@@ -117,6 +116,7 @@ def _umask_mode(path: Path) -> None:
     (0666 less the umask), so bundles on a shared disk can be read by the other users and worker accounts."""
     with contextlib.suppress(OSError):
         os.chmod(path, 0o666 & ~_umask())
+
 
 FULL_BELOW = 64 * 2**20  # bytes free under which a failed write is taken for a full disk
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -157,6 +157,19 @@ def disk_full(exc: BaseException, folder: str | os.PathLike[str] | None,
     return DiskFullError(f"{folder}: the disk is full (or its quota or file-size limit reached); nothing was "
                         "written under a final name and the run's temporary files are removed: free some space or "
                         "choose another output folder, then run the same command again")
+
+
+@contextlib.contextmanager
+def full_disk_as_error(folder: str | os.PathLike[str], measure: Path) -> Iterator[None]:
+    """Raise :func:`disk_full`'s error for what the block raises when the disk under ``measure`` (the local
+    folder being written, checked before its partial files go) is full; anything else as it is."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full(exc, folder, measure)
+        if full is not None:
+            raise full from exc
+        raise
 
 
 class Store:
@@ -510,20 +523,16 @@ class Store:
         """
         folder, name = self._staging_folder(key, "staged_file")
         try:
-            path = folder / name
-            yield path
-            if not path.is_file():
-                raise StorageError(
-                    f"{self.url(key)}: cannot write (nothing was written to the staged file "
-                    f"{path}); write the file inside the 'with' block"
-                )
-            _umask_mode(path)
-            self.publish(path, key)
-        except Exception as exc:
-            full = disk_full(exc, self.location, folder)  # measured before the partial file goes
-            if full is not None:
-                raise full from exc
-            raise
+            with full_disk_as_error(self.location, folder):  # measured before the partial file goes
+                path = folder / name
+                yield path
+                if not path.is_file():
+                    raise StorageError(
+                        f"{self.url(key)}: cannot write (nothing was written to the staged file "
+                        f"{path}); write the file inside the 'with' block"
+                    )
+                _umask_mode(path)
+                self.publish(path, key)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -544,19 +553,15 @@ class Store:
         """
         folder, name = self._staging_folder(key, "staged_dir")
         try:
-            yield folder
-            if self.remote:
-                self._upload_tree(folder, key)
-            else:
-                for f in folder.rglob("*"):
-                    if f.is_file():
-                        _umask_mode(f)
-                self._replace_dir(folder, self._local(key))
-        except Exception as exc:
-            full = disk_full(exc, self.location, folder)
-            if full is not None:
-                raise full from exc
-            raise
+            with full_disk_as_error(self.location, folder):
+                yield folder
+                if self.remote:
+                    self._upload_tree(folder, key)
+                else:
+                    for f in folder.rglob("*"):
+                        if f.is_file():
+                            _umask_mode(f)
+                    self._replace_dir(folder, self._local(key))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

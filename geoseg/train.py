@@ -22,6 +22,7 @@ config gives the same weights on the CPU, and a resumed run continues exactly wh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -313,7 +314,7 @@ class _Trainer:
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "progress": {k: v for k, v in done.__dict__.items()}, "rng": _get_rng(), "config_hash": cfg_hash}
+                "progress": dataclasses.asdict(done), "rng": _get_rng(), "config_hash": cfg_hash}
 
     def restore(self, state: dict[str, Any]) -> _Progress:
         self.net.load_state_dict(_used_weights(self.net, state["model"]))
