@@ -424,6 +424,28 @@ def _f(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def patience_replay(history: list[dict[str, str]], patiences: tuple[int, ...] = (5, 10, 20, 40)) -> str:
+    """What early stopping at each patience would have done to this run: its stop epoch and best val mIoU.
+
+    Replays the run's metrics.csv (the monitor is val_miou, as in the defaults); "full" is the whole run.
+    """
+    scores = [(int(r["epoch"]), float(r["val_miou"])) for r in history if r.get("val_miou")]
+    if not scores:
+        return "no validation scores"
+    best_all = max(scores, key=lambda t: t[1])
+    parts = [f"full run: best val mIoU {best_all[1]:.3f} at epoch {best_all[0]} of {scores[-1][0]}"]
+    for p in patiences:
+        best, best_epoch, stop = -1.0, 0, None
+        for epoch, v in scores:
+            if v > best:
+                best, best_epoch = v, epoch
+            elif epoch - best_epoch >= p:
+                stop = epoch
+                break
+        parts.append(f"patience {p}: " + ("never stops" if stop is None else f"stops at {stop}, best {best:.3f}"))
+    return "; ".join(parts)
+
+
 def report(results: dict[str, dict[str, Any]], header: dict[str, Any], json_path: Path | None) -> None:
     print(f"\n{'case':<16} {'class':<12} {'pixels':>9} {'geoseg IoU':>10} {'RF IoU':>8} {'margin':>8}")
     for name, r in results.items():
@@ -451,6 +473,8 @@ def report(results: dict[str, dict[str, Any]], header: dict[str, Any], json_path
               f"epoch(s) (command {_f(gs_.get('train_wall_seconds'), '.0f')} s), evaluate "
               f"{_f(gs_.get('evaluate_seconds'), '.0f')} s; RF fit + predict {r['rf']['seconds']:.1f} s on "
               f"{r['rf']['train_pixels']} pixels; case {r['seconds']:.0f} s")
+        if gs_.get("history"):
+            print(f"{'':<16} early stopping replayed: {patience_replay(gs_['history'])}")
         if "error" in gs_:
             print(f"{'':<16} geoseg FAILED: {gs_['error']}")
     if json_path:

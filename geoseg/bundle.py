@@ -1,9 +1,10 @@
 """The model bundle: the contract between a trained model and every scene it predicts.
 
-A bundle is either a directory holding ``model.json`` (the contract) and ``weights.safetensors``,
-or a single ``.safetensors`` file whose metadata carries the contract under ``geoseg_contract``.
-Weights are read with safetensors (or ``torch.load(weights_only=True)`` for ``.pt``/``.pth``):
-loading a bundle never executes code from the file.
+A bundle is either a directory holding ``model.json`` (the contract) and its weights file, or a single
+``.safetensors`` or ``.onnx`` file whose metadata carries the contract under ``geoseg_contract``. The weights
+are safetensors (what training writes), ONNX or TorchScript (what ``geoseg export`` writes), told apart by the
+file's name (:func:`weights_format`) and loaded by :mod:`geoseg.weights`; pickle-based weights are refused,
+and a network file is only read once its contract validated.
 
 This module does not import torch; :func:`load_model` does, when it is called.
 """
@@ -169,6 +170,11 @@ class Bundle:
         return self.contract.name
 
     @property
+    def format(self) -> str:
+        """The weights' format: ``safetensors``, ``onnx`` or ``torchscript`` (:mod:`geoseg.weights`)."""
+        return weights_format(self.weights_path)
+
+    @property
     def files(self) -> list[Path]:
         """The files that make the bundle (its contract and its weights), in a fixed order."""
         if self.path.is_dir():
@@ -187,6 +193,10 @@ class LoadedModel:
     @property
     def contract(self) -> Contract:
         return self.bundle.contract
+
+    @property
+    def format(self) -> str:
+        return self.bundle.format
 
 
 def _parse_contract(data: Any, where: Path) -> Contract:
@@ -232,11 +242,14 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
             raise BundleError(f"{cfile}: cannot read the contract ({exc}); restore or re-export the bundle") from None
         contract = _parse_contract(data, cfile)
         weights = p / contract.weights
+        weights_format(weights)  # refuses pickles before anything reads them
         if not weights.is_file():
             raise BundleError(f"{p}: weights file {contract.weights!r} is missing; re-export the bundle")
         return Bundle(contract, p, weights)
     if p.suffix == ".json":
         return read_bundle(p.parent)
+    if p.suffix.lower() == ".onnx":
+        return _onnx_bundle(p)
     if p.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -253,7 +266,39 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
         except json.JSONDecodeError as exc:
             raise BundleError(f"{p}: the embedded contract is not JSON ({exc})") from None
         return Bundle(_parse_contract(data, p), p, p)
-    raise BundleError(f"{p}: not a model bundle; expected a directory or a .safetensors file")
+    if (p.parent / CONTRACT_FILE).is_file():
+        return read_bundle(p.parent)
+    raise BundleError(f"{p}: not a model bundle; expected a directory, a .safetensors or an .onnx file")
+
+
+def _onnx_bundle(p: Path) -> Bundle:
+    """An ``.onnx`` file: the bundle folder it sits in, or a single file carrying its contract (geoseg export
+    writes it into the graph's metadata)."""
+    beside = p.parent / CONTRACT_FILE
+    if beside.is_file():
+        bundle = read_bundle(p.parent)
+        if bundle.weights_path.name == p.name:
+            return bundle
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        meta = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]).get_modelmeta()
+        text = meta.custom_metadata_map.get(METADATA_KEY)
+    except ImportError:
+        raise BundleError(f"{p}: reading an ONNX model needs onnxruntime (pip install onnxruntime)") from None
+    except Exception as exc:  # onnxruntime's own error types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise BundleError(f"{p}: not a readable ONNX model ({first})") from None
+    if text is None:
+        raise BundleError(f"{p}: an ONNX file without a geoseg contract (no model.json beside it, none in its "
+                          "metadata); export it with geoseg export, or write a model.json naming it")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{p}: the embedded contract is not JSON ({exc})") from None
+    return Bundle(_parse_contract(data, p), p, p)
 
 
 def bundle_digest(paths: list[Path]) -> str:
@@ -285,13 +330,14 @@ def fetch_bundle(url: str, digest: str | None = None) -> Path:
     url = url.rstrip("/")
     folder, _, name = url.rpartition("/")
     cache = Path(tempfile.gettempdir()) / "geoseg-bundles" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    cached = cache / name if name.endswith(".safetensors") else cache / "bundle"
+    single = name.endswith((".safetensors", ".onnx"))  # a single-file bundle
+    cached = cache / name if single else cache / "bundle"
     if digest is not None and cached.exists():
         with contextlib.suppress(BundleError, OSError):
             if bundle_digest(read_bundle(cached).files) == digest:
                 return cached
     cache.mkdir(parents=True, exist_ok=True)
-    if name.endswith(".safetensors"):
+    if single:
         src = Store(folder)
         if not src.exists(name):
             raise BundleError(f"{url}: no such model bundle; check the URL")
@@ -313,27 +359,31 @@ def fetch_bundle(url: str, digest: str | None = None) -> Path:
     return cache / "bundle"
 
 
-def _own_copy(t: torch.Tensor) -> torch.Tensor:
-    """A float32 (when floating) tensor in its own memory, not a view of the weights file's buffer, so the
-    file's memory is released once the network holds its weights."""
-    return (t.float() if t.is_floating_point() else t).clone()
+FORMATS = ("safetensors", "onnx", "torchscript")
+TORCHSCRIPT_SUFFIX = ".torchscript.pt"
+_PICKLED = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 
-def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def weights_format(name: str | Path) -> str:
+    """The format of a weights file, from its name.
 
-        return load_file(str(weights), device="cpu")
-    if weights.suffix in (".pt", ".pth", ".ckpt"):
-        import torch
-
-        obj = torch.load(str(weights), map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "state_dict" in obj:
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise BundleError(f"{weights}: expected a state dict of tensors")
-        return obj
-    raise BundleError(f"{weights}: unknown weights format; use .safetensors (or .pt with tensors only)")
+    Raises:
+        BundleError: pickle-based or unknown weights.
+    """
+    n = Path(name).name.lower()
+    if n.endswith(".safetensors"):
+        return "safetensors"
+    if n.endswith(".onnx"):
+        return "onnx"
+    if n.endswith(TORCHSCRIPT_SUFFIX):
+        return "torchscript"
+    if n.endswith(_PICKLED):
+        raise BundleError(
+            f"{name}: pickle-based weights are not loaded (a pickle can run code); convert the state dict once "
+            "with safetensors.torch.save_file(torch.load(f, weights_only=True), 'weights.safetensors') and name "
+            "that file in model.json, or export the model (geoseg export) to ONNX or TorchScript")
+    raise BundleError(f"{name}: unknown weights format; a bundle's weights end in .safetensors, .onnx or "
+                      f"{TORCHSCRIPT_SUFFIX}")
 
 
 def load_model(path: str | os.PathLike[str] | Bundle) -> LoadedModel:
@@ -345,32 +395,10 @@ def load_model(path: str | os.PathLike[str] | Bundle) -> LoadedModel:
     Raises:
         BundleError: the bundle is not valid or its weights do not fit its architecture.
     """
-    import torch
-
-    from geoseg.models import build_network
+    from geoseg.weights import load_network
 
     bundle = path if isinstance(path, Bundle) else read_bundle(path)
-    try:
-        state = _read_state_dict(bundle.weights_path)
-    except BundleError:
-        raise
-    except Exception as exc:
-        raise BundleError(f"{bundle.weights_path}: cannot read weights ({exc}); re-export the bundle") from None
-    # the network is built without memory (meta tensors) and takes the file's tensors as they are: no random
-    # initialisation to overwrite, and one copy of the weights instead of two (about 100 MB less peak
-    # memory for U-Net resnet18)
-    state = {k: _own_copy(v) for k, v in state.items()}
-    with torch.device("meta"):
-        net = build_network(bundle.contract)
-    try:
-        net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        msg = str(exc).splitlines()[0]
-        raise BundleError(f"{bundle.weights_path}: weights do not fit the contract's network ({msg})") from None
-    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):  # a buffer that is not saved with the weights
-        net = build_network(bundle.contract)
-        net.load_state_dict(state, strict=True)
-    net.eval()
+    net = load_network(bundle)
     return LoadedModel(bundle, net)
 
 

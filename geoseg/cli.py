@@ -547,16 +547,22 @@ def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_colu
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
-@click.option("--output", default=None, type=click.Path(file_okay=False),
-              help="Export folder (network + model.json) [default: <model>-<format> beside the bundle].")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "mlm"]), default="onnx", show_default=True,
+              help="onnx (ONNX Runtime, QGIS Deepness), torchscript (torch.jit) or mlm (a STAC MLM Item of MODEL).")
+@click.option("--output", default=None, type=click.Path(),
+              help="Export folder (network + model.json + model.mlm.json) [default: <model>-<format> beside the "
+                   "bundle]; for mlm the Item's file [default: <model>.mlm.json].")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
 @opt_overwrite
 def export(model: str, fmt: str, output: str | None, opset: int, overwrite: bool) -> None:
-    """Export a MODEL bundle to ONNX or TorchScript, with its contract (model.json) beside it."""
+    """Export a MODEL bundle to ONNX or TorchScript (a bundle geoseg and other tools run), or describe it as a
+    STAC MLM Item."""
     from geoseg.export import export as export_tool
 
     result = export_tool(model, fmt, output, opset=opset, overwrite=overwrite)
+    if fmt == "mlm":
+        click.echo(f"{result.contract_path} (STAC MLM item of {result.model_path})")
+        return
     click.echo(f"{result.model_path} (contract {result.contract_path}; max |diff| vs PyTorch "
                f"{result.max_abs_diff:.2g})")
 

@@ -40,11 +40,11 @@ from geoseg.raster import (
     inspect_scene,
     open_scene,
 )
+from geoseg.splits import SPLITS, assign_splits, block_class_counts, split_cell
 from geoseg.tiling import ChipGrid
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 _SCAN = 1024  # side of the windows read when scanning a scene (bounded memory)
 
 
@@ -115,54 +115,6 @@ class BandStats:
     def std(self) -> np.ndarray:
         var = np.where(self.count > 1, self.m2 / np.maximum(self.count - 1, 1), 1.0)
         return np.sqrt(np.maximum(var, 1e-12))
-
-
-def split_cell(chip: int, block: int) -> int:
-    """Side of the coverage cells: divides both the chip and the split block, and about chip/8."""
-    cell = math.gcd(chip, block)
-    while cell > max(8, chip // 8) and cell % 2 == 0:
-        cell //= 2
-    return cell
-
-
-def _block_windows(info: SceneInfo, block: int) -> list[Window]:
-    return subdivide(Window(0, 0, info.width, info.height), block, block)  # row by row
-
-
-def assign_splits(scenes: Sequence[TrainScene], block: int, val_fraction: float, test_fraction: float,
-                  seed: int) -> list[list[tuple[Window, str]]]:
-    """Give every split block of every scene a split.
-
-    Scenes with a fixed ``split`` give all their blocks to it; the blocks of ``auto`` scenes are pooled and
-    shuffled with ``seed``, then the first ``val_fraction`` go to val, the next ``test_fraction`` to test.
-    At least one block goes to val (when ``val_fraction > 0``) and one stays in train.
-
-    Returns:
-        Per scene, its blocks (windows) with their split names.
-    """
-    out: list[list[tuple[Window, str]]] = []
-    pool: list[tuple[int, int]] = []
-    for s in scenes:
-        wins = _block_windows(s.info, block)
-        out.append([(w, s.split if s.split != "auto" else "train") for w in wins])
-        if s.split == "auto":
-            pool.extend((s.index, i) for i in range(len(wins)))
-    if pool:
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(pool))
-        n = len(pool)
-        fixed = {sp for s in scenes if s.split != "auto" for sp in [s.split]}
-        n_val = int(round(val_fraction * n))
-        n_test = int(round(test_fraction * n))
-        if val_fraction > 0 and n_val == 0 and "val" not in fixed and n > 1:
-            n_val = 1
-        n_val = min(n_val, n - 1)
-        n_test = min(n_test, n - 1 - n_val)
-        for rank, k in enumerate(order):
-            si, bi = pool[k]
-            name = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-            out[si][bi] = (out[si][bi][0], name)
-    return out
 
 
 def scan_scene(scene: TrainScene, class_map: ClassMap, blocks: list[tuple[Window, str]], cell: int,
@@ -493,7 +445,10 @@ def prepare_data(cfg: Any, progress: Callable[[str, int, int], None] | None = No
                              background=cfg.background_class, names=names, nodata=d.label_nodata)
         scenes.append(TrainScene(i, info, labels, bands, sc.split))
     assert first is not None  # DataConfig requires at least one scene
-    blocks = assign_splits(scenes, block, d.val_fraction, d.test_fraction, cfg.seed)
+    counts_per_block = [block_class_counts(s, class_map, block) if s.split == "auto" else np.zeros((0, 0))
+                        for s in scenes]
+    blocks = assign_splits(scenes, block, d.val_fraction, d.test_fraction, cfg.seed, counts_per_block,
+                           d.chip_size)
     n_bands = len(scenes[0].bands)
     stats = BandStats.empty(n_bands) if d.mean is None else None
     counts = np.zeros(len(class_ids), dtype=np.int64)

@@ -1,11 +1,18 @@
-"""Export a model bundle's network to ONNX or TorchScript, with its contract beside it.
+"""Export a model bundle's network to ONNX or TorchScript, with its contract beside it; or describe it as
+a STAC MLM Item.
 
-The export folder holds the network file and ``model.json``: the bundle's contract with ``weights``
-naming the exported file and ``metadata.export`` describing it. The network maps a normalised float32
-batch ``image (N, C, H, W)`` to ``logits (N, K, H, W)`` (``K = 1`` for a sigmoid model); normalisation
-(``input.mean``/``input.std``, raw units), band order, classes, chip size and overlap are in the contract,
-so a runtime without geoseg can reproduce ``geoseg predict``. Batch, height and width are dynamic (height
-and width must stay multiples of the network's input divisor, given in ``metadata.export``).
+The export folder is itself a bundle that ``geoseg predict``, ``evaluate`` and ``info`` take: the network
+file, ``model.json`` (the bundle's contract with ``weights`` naming the exported file and ``metadata.export``
+describing it) and ``model.mlm.json`` (:mod:`geoseg.mlm`). The network takes a normalised float32 batch
+``image (N, C, H, W)``; the TorchScript one gives ``logits (N, K, H, W)`` (``K = 1`` for a sigmoid model),
+the ONNX one ``probabilities`` (softmax over K, or the sigmoid of one logit), as the QGIS Deepness plugin
+expects. Normalisation (``input.mean``/``input.std``, raw units), band order, classes, chip size and overlap
+are in the contract, so a runtime without geoseg can reproduce ``geoseg predict``. Batch, height and width
+are dynamic (height and width must stay multiples of the network's input divisor, in ``metadata.export``).
+
+The ONNX file also carries, in its ``metadata_props``, the contract (``geoseg_contract``: the ``.onnx`` file
+alone is a bundle) and the keys Deepness reads (:func:`deepness_metadata`), so the model loads there with its
+legend, tile size, overlap, resolution and normalisation.
 
 After writing, the exported network is run on a random batch and compared with the PyTorch one.
 """
@@ -23,9 +30,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.bundle import CONTRACT_FILE, Bundle, LoadedModel, load_model, staged_directory, write_contract
+from geoseg.backends import first_output
+from geoseg.bundle import (
+    CONTRACT_FILE,
+    METADATA_KEY,
+    Bundle,
+    Contract,
+    LoadedModel,
+    load_model,
+    read_bundle,
+    staged_directory,
+    staged_file,
+    write_contract,
+)
 from geoseg.errors import BundleError, OutputExistsError, unknown_name
 from geoseg.models import input_divisor
+
+MLM_FILE = "model.mlm.json"
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +71,57 @@ def _sample(loaded: LoadedModel, size: int | None = None, batch: int = 1, seed: 
     return torch.randn(batch, c.in_channels, side, side, generator=g)
 
 
-def _export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+class Probabilities(torch.nn.Module):
+    """A network's class probabilities: the softmax of its logits over channels, or the sigmoid of one."""
+
+    def __init__(self, net: torch.nn.Module, sigmoid: bool):
+        super().__init__()
+        self.net, self.sigmoid = net, sigmoid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = first_output(self.net(x))
+        return torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)
+
+
+def deepness_metadata(c: Contract) -> dict[str, Any]:
+    """The keys the QGIS Deepness plugin reads from an ONNX model's metadata (values before JSON encoding).
+
+    Deepness scales 8-bit layers to 0..1 and then standardises, so its mean and std are the contract's
+    raw-unit ones divided by 255 (the same network input for 8-bit imagery). ``seg_thresh`` 0 keeps the arg
+    max of the probabilities, as geoseg does (0.5 for a one-channel sigmoid model).
+    """
+    meta: dict[str, Any] = {
+        "model_type": "Segmentor",
+        "class_names": {str(i): k.name for i, k in enumerate(c.classes)},
+        "tile_size": c.chip_size,
+        "tiles_overlap": round(100 * c.overlap / c.chip_size),
+        "standardization_mean": [m / 255 for m in c.input.mean],
+        "standardization_std": [s / 255 for s in c.input.std],
+        "seg_thresh": 0.5 if c.model.activation == "sigmoid" else 0.0,
+    }
+    if c.input.pixel_size:
+        meta["resolution"] = round(c.input.pixel_size * 100, 6)  # cm per pixel
+    return meta
+
+
+def _write_onnx_metadata(path: Path, contract: Contract) -> None:
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    entries = {k: json.dumps(v) for k, v in deepness_metadata(contract).items()}
+    entries[METADATA_KEY] = contract.model_dump_json()
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    for key, value in [*keep, *entries.items()]:
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(model, str(path))
+
+
+def _export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
+                 output: str = "logits") -> None:
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -62,8 +133,13 @@ def _export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, opset:
     # without the extra dependencies of the dynamo exporter
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+        torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=[output],
+                          dynamic_axes={"image": dynamic["image"], output: dynamic["logits"]}, opset_version=opset,
+                          dynamo=False)
+
+
+def _export_probabilities_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    _export_onnx(net, example, path, opset, output="probabilities")
 
 
 def _export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -95,10 +171,11 @@ def _torchscript_module(path: str, mtime: float) -> Any:
 
 
 def run_onnx(path: str | os.PathLike[str], image: np.ndarray) -> np.ndarray:
-    """Run an exported ONNX network on a float32 batch ``(N, C, H, W)``; logits ``(N, K, H, W)``."""
+    """Run an exported ONNX network on a float32 batch ``(N, C, H, W)``; its output ``(N, K, H, W)``."""
     p = os.fspath(path)
     sess = _onnx_session(p, os.path.getmtime(p))
-    return sess.run(["logits"], {"image": np.ascontiguousarray(image, dtype=np.float32)})[0]  # type: ignore[no-any-return]
+    name = sess.get_outputs()[0].name
+    return sess.run([name], {"image": np.ascontiguousarray(image, dtype=np.float32)})[0]  # type: ignore[no-any-return]
 
 
 def run_torchscript(path: str | os.PathLike[str], image: np.ndarray) -> np.ndarray:
@@ -110,9 +187,32 @@ def run_torchscript(path: str | os.PathLike[str], image: np.ndarray) -> np.ndarr
 
 
 EXPORTERS: dict[str, tuple[str, Callable[..., None], Callable[..., np.ndarray]]] = {
-    "onnx": ("model.onnx", _export_onnx, run_onnx),
+    "onnx": ("model.onnx", _export_probabilities_onnx, run_onnx),
     "torchscript": ("model.torchscript.pt", _export_torchscript, run_torchscript),
 }
+
+
+FORMATS = (*EXPORTERS, "mlm")
+
+
+def _mlm_path(src: Path) -> Path:
+    name = src.name[: -len(".safetensors")] if src.name.endswith(".safetensors") else src.stem if src.is_file() \
+        else src.name
+    return src.with_name(f"{name}.mlm.json")
+
+
+def write_mlm(bundle: Bundle, path: Path, *, overwrite: bool = False) -> Path:
+    """Write the STAC MLM Item of ``bundle`` (:func:`geoseg.mlm.mlm_item`) to ``path``, atomically."""
+    import json
+
+    from geoseg.mlm import mlm_item
+
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists; pass --overwrite or choose another --output")
+    item = mlm_item(bundle, path)
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(item, indent=2) + "\n")
+    return path
 
 
 def export(
@@ -124,14 +224,16 @@ def export(
     overwrite: bool = False,
     check: bool = True,
 ) -> ExportResult:
-    """Write the bundle's network as ONNX or TorchScript into a folder, with ``model.json`` beside it.
+    """Write the bundle's network as ONNX or TorchScript into a folder, with ``model.json`` beside it; or,
+    with ``format="mlm"``, the bundle's STAC MLM Item.
 
     Args:
         bundle: a loaded model, a bundle or a bundle path.
-        format: ``onnx`` or ``torchscript``.
-        output: the export folder; default ``<bundle>-<format>`` beside the bundle.
+        format: ``onnx``, ``torchscript`` or ``mlm``.
+        output: the export folder (the Item's file for ``mlm``); default ``<bundle>-<format>`` (or
+            ``<bundle>.mlm.json``) beside the bundle.
         opset: ONNX opset version.
-        overwrite: replace an existing export folder.
+        overwrite: replace an existing export folder or Item.
         check: run the exported network on a random batch (two sizes) and compare with PyTorch.
 
     Returns:
@@ -139,34 +241,50 @@ def export(
 
     Raises:
         UnknownNameError: an unknown format (the message lists the valid ones).
-        OutputExistsError: the folder exists and ``overwrite`` is false.
-        BundleError: the exporter's package is missing, or the exported network disagrees with PyTorch.
+        OutputExistsError: the output exists and ``overwrite`` is false.
+        BundleError: the exporter's package is missing, the bundle is an export already, or the exported
+            network disagrees with PyTorch.
     """
-    if format not in EXPORTERS:
-        raise unknown_name("export format", format, list(EXPORTERS))
+    if format not in FORMATS:
+        raise unknown_name("export format", format, list(FORMATS))
+    if format == "mlm":
+        b = bundle.bundle if isinstance(bundle, LoadedModel) else bundle if isinstance(bundle, Bundle) \
+            else read_bundle(bundle)
+        path = write_mlm(b, Path(output) if output is not None else _mlm_path(Path(b.path)), overwrite=overwrite)
+        log.info("wrote the MLM item of %s to %s", b.path, path)
+        return ExportResult(path.parent, b.weights_path, path, format, None)
     loaded = bundle if isinstance(bundle, LoadedModel) else load_model(bundle)
     src = Path(loaded.bundle.path)
+    if loaded.format != "safetensors":
+        raise BundleError(f"{src}: is a {loaded.format} export already; export from the safetensors bundle it "
+                          "came from (metadata.export.source_bundle names it)")
     folder = Path(output) if output is not None else src.with_name(f"{src.stem}-{format}")
     if folder.exists() and not overwrite:
         raise OutputExistsError(f"{folder}: already exists; pass --overwrite or choose another --output")
     filename, exporter, runner = EXPORTERS[format]
+    c = loaded.contract
     net = loaded.module.eval().to("cpu")
+    if format == "onnx":
+        net = Probabilities(net, c.model.activation == "sigmoid").eval()
     example = _sample(loaded)
     with staged_directory(folder) as tmp:
         exporter(net, example, tmp / filename, opset)
-        diff = None
-        if check:
-            diff = _check(net, runner, tmp / filename, loaded)
-        c = loaded.contract
+        diff = _check(net, runner, tmp / filename, loaded) if check else None
+        output_name = "probabilities" if format == "onnx" else "logits"
         meta = dict(c.metadata)
         meta["export"] = {
-            "format": format, "source_bundle": str(src), "input": "image", "output": "logits",
+            "format": format, "source_bundle": str(src), "input": "image", "output": output_name,
             "input_layout": "NCHW float32, (raw - input.mean) / input.std, invalid pixels 0",
-            "output_layout": "NCHW logits; softmax over K classes (or sigmoid of one logit)",
+            "output_layout": ("NCHW probabilities: softmax over K classes (or sigmoid of one logit)"
+                              if format == "onnx" else "NCHW logits; softmax over K classes (or sigmoid of one logit)"),
             "input_divisor": input_divisor(c.model), "opset": opset if format == "onnx" else None,
             "torch": torch.__version__, "max_abs_diff": diff,
         }
-        write_contract(tmp, c.model_copy(update={"weights": filename, "metadata": meta}))
+        contract = c.model_copy(update={"weights": filename, "metadata": meta})
+        if format == "onnx":
+            _write_onnx_metadata(tmp / filename, contract)
+        write_contract(tmp, contract)
+        write_mlm(read_bundle(tmp), tmp / MLM_FILE)
     log.info("exported %s to %s", src, folder / filename)
     return ExportResult(folder, folder / filename, folder / CONTRACT_FILE, format, diff)
 
@@ -190,4 +308,5 @@ def _check(net: torch.nn.Module, runner: Callable[..., np.ndarray], path: Path, 
     return worst
 
 
-__all__ = ["export", "ExportResult", "EXPORTERS", "run_onnx", "run_torchscript"]
+__all__ = ["export", "ExportResult", "EXPORTERS", "FORMATS", "Probabilities", "deepness_metadata", "run_onnx",
+           "run_torchscript", "write_mlm"]

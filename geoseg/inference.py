@@ -100,7 +100,13 @@ class Predictor:
         self.sigmoid = self.contract.model.activation == "sigmoid"
         self.backend = backend
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if backend == "eager":
+        if model.format == "onnx":  # the network is ONNX Runtime already (geoseg.weights.OnnxNetwork)
+            if self.amp_dtype is not None:
+                raise InputError(f"{model.bundle.weights_path}: an ONNX model runs in float32 (ONNX Runtime), not "
+                                 f"{self.precision}; use --precision fp32 or auto")
+            self.backend = "onnxruntime"
+            self._run = prepare(net, "eager", self.device, None, None)
+        elif backend == "eager":
             self._run = prepare(net, "eager", self.device, None, self.amp_dtype)
         elif backend not in BACKENDS:
             raise unknown_name("backend", backend, BACKENDS)

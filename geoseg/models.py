@@ -18,7 +18,7 @@ from torch import nn
 
 from geoseg.backends import first_output
 from geoseg.bundle import ArchSpec, Contract
-from geoseg.config import TrainConfig
+from geoseg.config import PretrainConfig, TrainConfig
 from geoseg.errors import BundleError, ConfigError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,8 @@ def build_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
     return net
 
 
-def arch_spec(cfg: TrainConfig) -> ArchSpec:
+def arch_spec(cfg: TrainConfig | PretrainConfig) -> ArchSpec:
+    """The contract's description of a training or pretraining config's network."""
     return ArchSpec(architecture=cfg.model.architecture, encoder=cfg.model.encoder,
                     params=dict(cfg.model.params), activation=cfg.model.activation)
 

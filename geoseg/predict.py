@@ -194,6 +194,8 @@ def predict_scenes(
     started = time.perf_counter()
     bundle = model.bundle if isinstance(model, LoadedModel) else model if isinstance(model, Bundle) else read_bundle(model)
     contract = bundle.contract
+    if bundle.format == "onnx":  # runs in ONNX Runtime, float32 (geoseg.weights)
+        opts.backend = "onnxruntime"
     tile, overlap = _validate(contract, opts)
     scheduler = resolve_scheduler(scheduler)
     check_scheduler(scheduler)

@@ -141,9 +141,9 @@ def pretrain(config: PretrainConfig, output: str | os.PathLike[str], *, overwrit
         InputError: scenes that cannot be read or hold no valid pixels.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
     """
-    from geoseg.bundle import ArchSpec, staged_file
+    from geoseg.bundle import staged_file
     from geoseg.inference import resolve_device
-    from geoseg.models import create_network, drop_modules, input_divisor, unused_modules
+    from geoseg.models import arch_spec, create_network, drop_modules, input_divisor, unused_modules
     from geoseg.optim import Schedule
 
     out = Path(output)
@@ -152,7 +152,7 @@ def pretrain(config: PretrainConfig, output: str | os.PathLike[str], *, overwrit
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite or choose another file")
     cfg = config
-    spec = ArchSpec(architecture=cfg.model.architecture, encoder=cfg.model.encoder, params=dict(cfg.model.params))
+    spec = arch_spec(cfg)
     if spec.architecture.lower() == "conv1x1":
         raise InputError("model.architecture conv1x1 has no encoder to pretrain; choose an smp architecture")
     div = input_divisor(spec)

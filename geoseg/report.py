@@ -100,9 +100,14 @@ def describe_path(path: str) -> dict[str, Any]:
     from geoseg.raster import inspect_scene
 
     p = Path(path)
-    if (p.is_dir() and (p / CONTRACT_FILE).exists()) or p.suffix == ".safetensors":
+    if (p.is_dir() and (p / CONTRACT_FILE).exists()) or p.suffix.lower() in (".safetensors", ".onnx"):
         b = read_bundle(p)
         c = b.contract
+        extra: dict[str, Any] = {}
+        if b.format == "onnx":
+            from geoseg.weights import onnx_metadata
+
+            extra["onnx_metadata"] = {k: v for k, v in onnx_metadata(b.weights_path).items() if k != "geoseg_contract"}
         return {
             "kind": "model bundle", "path": str(b.path), "name": c.name,
             "architecture": c.model.architecture, "encoder": c.model.encoder,
@@ -110,6 +115,6 @@ def describe_path(path: str) -> dict[str, Any]:
             "mean": c.input.mean, "std": c.input.std, "pixel_size_m": c.input.pixel_size,
             "classes": [{"id": k.id, "name": k.name, "color": list(k.color)} for k in c.classes],
             "chip_size": c.chip_size, "overlap": c.overlap, "weights": str(b.weights_path),
-            "metadata": c.metadata,
+            "weights_format": b.format, "metadata": c.metadata, **extra,
         }
     return {"kind": "scene", **inspect_scene(path).as_dict()}

@@ -41,3 +41,14 @@ def test_demo_runs_end_to_end(tmp_path):
         mious[p] = ev.metrics["miou"]
     assert (maps["fp32"] == maps["bf16"]).mean() >= 0.995
     assert abs(mious["fp32"] - mious["bf16"]) <= 0.002
+    # the same model exported to ONNX and TorchScript: a bundle each, the same map on the demo scene
+    from geoseg.export import export
+
+    pytest.importorskip("onnxruntime")
+    for fmt in ("onnx", "torchscript"):
+        folder = export(res.bundle, fmt, tmp_path / f"model-{fmt}").folder
+        ev = evaluate(folder, res.scene, res.truth, output_dir=tmp_path / fmt, precision="fp32", device="cpu",
+                      keep_prediction=True)
+        with rasterio.open(ev.prediction_path) as ds:
+            assert (ds.read(1) == maps["fp32"]).mean() >= 0.9999, fmt
+        assert ev.metrics["miou"] == pytest.approx(mious["fp32"], abs=1e-3)
