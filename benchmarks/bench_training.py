@@ -390,7 +390,7 @@ def run_geoseg(case: Case, split: Split, folder: Path, args: argparse.Namespace)
     if rc != 0:
         out["error"] = f"geoseg train exited {rc}: " + " | ".join(notes[-3:])
         return out
-    cmd = ["evaluate", "-m", str(run / "model"), "-i", str(split.test_image), "-l", str(split.test_labels),
+    cmd = ["evaluate", str(split.test_image), "-m", str(run / "model"), "-l", str(split.test_labels),
            "-o", str(ev), "--overwrite"]
     rc, secs, notes = _geoseg(cmd, folder / "evaluate.log")
     out.update(evaluate_seconds=secs, evaluate_notes=notes)

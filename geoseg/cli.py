@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ import click
 
 from geoseg import __version__
 from geoseg.errors import GeoSegError
+from geoseg.progress_bars import BlockBar, ChipBar, EpochBars
 
 F = Callable[..., Any]
 
@@ -31,8 +31,31 @@ def _disk_full(ctx: click.Context, exc: Exception) -> GeoSegError | None:
     return disk_full(exc, str(folder) if folder is not None else None)
 
 
+def _late_verbosity(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """``-q`` / ``-v`` given after the subcommand: the same as before it."""
+    if not value:
+        return
+    root = ctx.find_root()
+    root.obj = root.obj or {}
+    if param.name == "quiet":
+        root.obj["quiet"] = True
+    else:
+        root.obj["verbose"] = max(root.obj.get("verbose", 0), int(value))
+    _setup_logging(2 if root.params.get("debug") else root.obj.get("verbose", 0), root.obj.get("quiet", False))
+
+
 class _Command(click.Command):
-    """Leaves its parsed options where the group's error handler can see them."""
+    """Takes ``-q``/``-v`` after its name too, and leaves its parsed options where the group's error handler
+    can see them."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_late_verbosity,
+                         help="More log output (-vv for debug); also accepted before the command."),
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_late_verbosity,
+                         help="Only errors; no progress bars; also accepted before the command."),
+        ]
 
     def invoke(self, ctx: click.Context) -> Any:
         ctx.meta["geoseg.params"] = ctx.params
@@ -106,7 +129,7 @@ opt_batch_size = click.option("--batch-size", type=BatchSize(), default="auto", 
                               help="Chips per model batch; auto: about one 512 px chip of pixels per batch on a "
                                    "CPU, what fits in 60% of free memory on a GPU.")
 opt_device = click.option("--device", default="auto", show_default=True,
-                          help="auto (CUDA when available), cpu, cuda or cuda:N.")
+                          help="auto (CUDA, else Apple's mps, else the CPU), cpu, cuda, cuda:N or mps.")
 opt_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                              default="auto", show_default=True,
                              help="Number format of the network. auto: bf16 on CUDA where supported (else fp16); "
@@ -123,7 +146,8 @@ opt_bands = click.option("--bands", callback=_int_list, default=None, metavar="N
 opt_overwrite = click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 VECTOR_FORMATS = ["gpkg", "shp", "geojson", "parquet"]
 opt_min_area = click.option("--min-area", default=None, metavar="AREA",
-                            help="Drop smaller polygons: 40px, 200m2, 0.5ha (a plain number is pixels).")
+                            help="Drop smaller polygons (measured after --simplify): px, m2, ha or km2, e.g. 40px, "
+                                 "200m2, 0.5ha, 1km2 (a plain number is pixels).")
 opt_simplify = click.option("--simplify", default=None, metavar="TOL",
                             help="Topology-preserving simplification: 1m, 0.5px, or CRS units.")
 opt_connectivity = click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
@@ -156,36 +180,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     """geoseg: land-cover segmentation of large GeoTIFFs."""
     _setup_logging(2 if debug else verbose, quiet)
     _quiet_library_warnings()
-    ctx.obj = {"quiet": quiet}
-
-
-class _ChipBar:
-    """A tqdm bar over chips with the scenes done and the output rate in MPix/s."""
-
-    def __init__(self, quiet: bool, desc: str = "predict"):
-        self.quiet = quiet
-        self.desc = desc
-        self.bar: Any = None  # created at the first event, so errors before any work print alone
-        self.t0 = time.perf_counter()
-
-    def __call__(self, ev: Any) -> None:
-        if self.quiet:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=ev.chips_total, desc=self.desc, unit="chip", dynamic_ncols=True, mininterval=0.5)
-            self.t0 = time.perf_counter()
-        self.bar.total = ev.chips_total
-        self.bar.n = ev.chips_done
-        rate = ev.pixels_done / max(time.perf_counter() - self.t0, 1e-9) / 1e6
-        scenes = f"{getattr(ev, 'scenes_done', 0)}/{ev.scenes_total} scenes, " if getattr(ev, "scenes_total", 0) > 1 else ""
-        self.bar.set_postfix_str(f"{scenes}{rate:.2f} MPix/s", refresh=False)
-        self.bar.refresh() if ev.chips_done == ev.chips_total else self.bar.update(0)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
 EXIT_PARTIAL = 3  # some scenes of a job failed, the others were written
@@ -197,24 +192,32 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
     """The job's settings: the job file's, overridden by what the command line sets explicitly."""
     from click.core import ParameterSource
 
+    from geoseg.jobfile import default_model, find_project, load_job
+
     explicit = {k: v for k, v in given.items()
                 if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
-    if job is None:
-        if not scenes:
-            raise click.UsageError("give one or more SCENES, or --job FILE")
-        if given.get("model") is None:
-            raise click.UsageError("Missing option '--model' / '-m' (or give --job FILE)")
-        return {**given, "scenes": list(scenes)}
-    from geoseg.jobfile import load_job
-
-    jf = load_job(job)
     settings: dict[str, Any] = {k: v for k, v in given.items() if k not in explicit}
-    settings.update(jf.predict_options())
-    settings.update(model=jf.model, output_dir=jf.output_dir, scheduler=jf.scheduler, name=jf.name,
-                    merge_vectors=jf.merge_vectors, report=jf.report, scenes=jf.scene_list())
+    if job is not None:
+        jf = load_job(job)
+        settings.update(jf.predict_options())
+        settings.update(model=jf.model, output_dir=jf.output_dir, scheduler=jf.scheduler, name=jf.name,
+                        merge_vectors=jf.merge_vectors, report=jf.report, scenes=jf.scene_list())
+    else:  # the working folder's geoseg.yaml, if any, gives the defaults
+        project = find_project()
+        if project is not None:
+            settings.update(project.predict_options())
+            settings.update({k: v for k, v in (("output_dir", project.output_dir), ("scheduler", project.scheduler),
+                                                ("report", project.report)) if v is not None})
+            settings.update(name=project.name, merge_vectors=project.merge_vectors)
+            if project.scenes or project.scenes_file:
+                settings["scenes"] = project.scene_list()
+        if "model" not in explicit:
+            settings["model"] = default_model(project)
     settings.update(explicit)
     if scenes:
         settings["scenes"] = list(scenes)
+    if not settings.get("scenes"):
+        raise click.UsageError("give one or more SCENES, or --job FILE")
     return settings
 
 
@@ -223,7 +226,8 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
 @click.option("--job", type=click.Path(dir_okay=False), default=None,
               help="YAML job file (see configs/job-example.yaml); options given here override it.")
 @click.option("--model", "-m", "model", default=None,
-              help="Model bundle: a directory with model.json, or a geoseg .safetensors file.")
+              help="Model bundle: a directory with model.json, or a geoseg .safetensors or .onnx file "
+                   "[default: $GEOSEG_MODEL, else the model of ./geoseg.yaml].")
 @opt_output_dir
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on a dask.distributed cluster: tcp://host:8786, or local:N for N worker processes here "
@@ -254,6 +258,8 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
               help="Polygons written beside the class map: <stem>.gpkg, .shp, .geojson or .parquet.")
 @click.option("--no-vector", is_flag=True, help="Write no polygons.")
 @click.option("--merge-vectors", is_flag=True, help="Also write the polygons of all scenes as one layer, <name>.gpkg.")
+@click.option("--quicklook/--no-quicklook", default=True, show_default=True,
+              help="Write <stem>.quicklook.png: the map in its colours with a legend and a scale bar.")
 @opt_min_area
 @opt_simplify
 @opt_connectivity
@@ -281,7 +287,7 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
     output_dir, report = settings.pop("output_dir"), settings.pop("report")
     scheduler, name = settings.pop("scheduler"), settings.pop("name")
     merge = settings.pop("merge_vectors", False)
-    bar = _ChipBar(ctx.obj["quiet"])
+    bar = ChipBar(ctx.obj["quiet"])
     try:
         run = predict_scenes(scene_list, model, output_dir, options=PredictOptions(**settings), progress=bar,
                              scheduler=scheduler, name=name, merge_vectors=merge)
@@ -339,7 +345,7 @@ def vectorize(ctx: click.Context, src: str, dst: str, connectivity: str, **optio
     """
     from geoseg.vectorize import vectorize_raster
 
-    bar = None if ctx.obj["quiet"] else _BlockBar()
+    bar = None if ctx.obj["quiet"] else BlockBar()
     try:
         res = vectorize_raster(src, dst, connectivity=int(connectivity), progress=bar, **options)
     finally:
@@ -349,40 +355,18 @@ def vectorize(ctx: click.Context, src: str, dst: str, connectivity: str, **optio
         click.echo(f"{res.features} polygons -> {res.path} ({res.vector_format}, {res.crs}) in {res.seconds:.1f} s")
 
 
-class _BlockBar:
-    """A tqdm bar over raster blocks."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="vectorize", unit="block", dynamic_ncols=True, mininterval=0.5)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @main.command()
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON (the training config included).")
 def info(path: str, as_json: bool) -> None:
     """Describe a scene (size, bands, dtype, CRS, nodata, blocks) or a model bundle."""
-    from geoseg.report import describe_path
+    from geoseg.report import describe_path, describe_text
 
     desc = describe_path(path)
     if as_json:
         click.echo(json.dumps(desc, indent=2, default=str))
         return
-    for key, value in desc.items():
-        if isinstance(value, (list, dict)):
-            value = json.dumps(value, default=str)
-        click.echo(f"{key}: {value}")
+    click.echo(describe_text(desc))
 
 
 @main.command()
@@ -398,49 +382,24 @@ def demo(ctx: click.Context, output_dir: str, size: int, epochs: int, train_seco
     """Offline demo: make a synthetic land-cover scene, train a small U-Net, predict, score it."""
     from geoseg.demo import run_demo
 
-    bar = _ChipBar(ctx.obj["quiet"], desc="demo predict")
+    bar = ChipBar(ctx.obj["quiet"], desc="demo predict")
+    epochs_bar = EpochBars(ctx.obj["quiet"])
     try:
         result = run_demo(output_dir, size=size, epochs=epochs, train_seconds=train_seconds, device=device,
-                          overwrite=overwrite, progress=bar, log=None if ctx.obj["quiet"] else click.echo)
+                          overwrite=overwrite, progress=bar, log=None if ctx.obj["quiet"] else click.echo,
+                          train_progress=epochs_bar)
     finally:
+        epochs_bar.close()
         bar.close()
     click.echo(result.summary())
+    from geoseg.jobfile import PROJECT_FILE, write_project
+
+    project = write_project(result.bundle)
+    if project is not None:
+        click.echo(f"wrote {PROJECT_FILE}: `geoseg predict SCENE.tif` run in this folder now uses {result.bundle}")
 
 
 # --- training commands (train, evaluate, export) ---
-
-
-class _EpochBars:
-    """One tqdm bar per epoch stage (scan, train, val) from :class:`geoseg.train.TrainProgress` events."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.key: tuple[str, int] | None = None
-        self.bar: Any = None
-
-    def __call__(self, ev: Any) -> None:
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        key = (ev.stage, ev.epoch)
-        if key != self.key:
-            self.close()
-            of = f"/{ev.epochs}" if ev.epochs else ""  # 0: as many as the time budget allows
-            desc = ev.stage if ev.epoch == 0 else f"epoch {ev.epoch}{of} {ev.stage}"
-            self.bar = tqdm(total=ev.total, desc=desc, unit="batch" if ev.epoch else "window",
-                            dynamic_ncols=True, leave=ev.stage != "scan")
-            self.key = key
-        self.bar.total = ev.total
-        self.bar.n = ev.step
-        if ev.metrics:
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in ev.metrics.items()}, refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 @main.command()
@@ -456,7 +415,7 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
     from geoseg.train import train as train_tool
 
     cfg = load_config(config)
-    bars = _EpochBars(ctx.obj["quiet"])
+    bars = EpochBars(ctx.obj["quiet"])
     try:
         result = train_tool(cfg, output_dir, resume=resume, overwrite=overwrite, progress=bars)
     except KeyboardInterrupt:
@@ -503,8 +462,9 @@ def pretrain(ctx: click.Context, config: str, output: str, overwrite: bool) -> N
 
 
 @main.command()
+@click.argument("scene", required=False)
 @opt_model
-@click.option("--image", "-i", required=True, help="Scene to predict and score.")
+@click.option("--image", "-i", default=None, hidden=True, help="The SCENE (the former spelling).")
 @click.option("--labels", "-l", required=True, help="Label raster (class ids) or vector file (polygons).")
 @click.option("--label-column", default=None, help="Vector labels: column with class ids or names.")
 @click.option("--label-value", type=int, default=None, help="Vector labels: class id of every polygon.")
@@ -526,14 +486,19 @@ def pretrain(ctx: click.Context, config: str, output: str, overwrite: bool) -> N
 @click.option("--keep-prediction", is_flag=True, help="Keep the class map in --output-dir.")
 @opt_overwrite
 @click.pass_context
-def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_column: str | None,
+def evaluate(ctx: click.Context, scene: str | None, model: str, image: str | None, labels: str, label_column: str | None,
              label_value: int | None, background_outside: str | None, within: str | None, output_dir: str, bands: list[int] | None,
              tile_size: int | None, overlap: int | None, batch_size: int | str, device: str, precision: str,
              workers: int | None, tta: bool, keep_prediction: bool, overwrite: bool) -> None:
-    """Predict a scene with a model and score it against labels (IoU, F1, precision, recall)."""
+    """Predict SCENE with a model and score it against labels (IoU, F1, precision, recall)."""
     from geoseg.evaluate import evaluate as evaluate_tool
 
-    bar = _ChipBar(ctx.obj["quiet"], desc="evaluate")
+    if (scene is None) == (image is None):
+        raise click.UsageError("give the SCENE to score (once): geoseg evaluate SCENE --model M --labels L")
+    image = scene or image
+    assert image is not None
+
+    bar = ChipBar(ctx.obj["quiet"], desc="evaluate")
     try:
         result = evaluate_tool(model, image, labels, label_column=label_column, label_value=label_value,
                                background_outside=background_outside, within=within, output_dir=output_dir, bands=bands, tile_size=tile_size,
@@ -549,16 +514,24 @@ def evaluate(ctx: click.Context, model: str, image: str, labels: str, label_colu
 @click.argument("model", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "mlm"]), default="onnx", show_default=True,
               help="onnx (ONNX Runtime, QGIS Deepness), torchscript (torch.jit) or mlm (a STAC MLM Item of MODEL).")
-@click.option("--output", default=None, type=click.Path(),
+@click.option("--output-dir", "-o", "output", default=None, type=click.Path(),
               help="Export folder (network + model.json + model.mlm.json) [default: <model>-<format> beside the "
-                   "bundle]; for mlm the Item's file [default: <model>.mlm.json].")
+                   "bundle]; for mlm, the folder of <model>.mlm.json [default: beside the bundle].")
+@click.option("--output", "output_old", default=None, type=click.Path(), hidden=True,
+              help="The former spelling of --output-dir.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
 @opt_overwrite
-def export(model: str, fmt: str, output: str | None, opset: int, overwrite: bool) -> None:
+def export(model: str, fmt: str, output: str | None, output_old: str | None, opset: int, overwrite: bool) -> None:
     """Export a MODEL bundle to ONNX or TorchScript (a bundle geoseg and other tools run), or describe it as a
     STAC MLM Item."""
-    from geoseg.export import export as export_tool
+    from pathlib import Path
 
+    from geoseg.export import export as export_tool
+    from geoseg.export import mlm_path
+
+    output = output or output_old
+    if fmt == "mlm" and output is not None:
+        output = str(Path(output) / mlm_path(Path(model)).name)
     result = export_tool(model, fmt, output, opset=opset, overwrite=overwrite)
     if fmt == "mlm":
         click.echo(f"{result.contract_path} (STAC MLM item of {result.model_path})")

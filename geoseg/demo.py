@@ -70,9 +70,12 @@ def run_demo(
     output_dir: str | Path = "demo", *, size: int = 2048, train_size: int = 1024, epochs: int = 12,
     train_seconds: float | None = None,
     device: str = "auto", overwrite: bool = False, progress: ProgressCallback | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, train_progress: Callable[[Any], None] | None = None,
 ) -> DemoResult:
     """Run the demo into ``output_dir`` (see the module docstring).
+
+    ``progress`` follows the prediction (:class:`geoseg.predict.ProgressEvent`), ``train_progress`` the
+    training (:class:`geoseg.train.TrainProgress`).
 
     Raises:
         OutputExistsError: ``output_dir`` already holds a demo and ``overwrite`` is false.
@@ -109,7 +112,7 @@ def run_demo(
         epochs=epochs, steps_per_epoch=15, batch_size=8, max_seconds=train_seconds, val_batches=3,
         device=device, plots=False, tensorboard=False, preview_chips=0, seed=0,
     ))
-    res = train(cfg, out / "training", overwrite=True)
+    res = train(cfg, out / "training", overwrite=True, progress=train_progress)
     bundle = out / "model"
     _replace_dir(res.bundle_path, bundle)
     seconds["train"] = time.perf_counter() - t0

@@ -195,7 +195,8 @@ EXPORTERS: dict[str, tuple[str, Callable[..., None], Callable[..., np.ndarray]]]
 FORMATS = (*EXPORTERS, "mlm")
 
 
-def _mlm_path(src: Path) -> Path:
+def mlm_path(src: Path) -> Path:
+    """Where ``geoseg export --format mlm`` writes a bundle's Item by default: ``<bundle>.mlm.json`` beside it."""
     name = src.name[: -len(".safetensors")] if src.name.endswith(".safetensors") else src.stem if src.is_file() \
         else src.name
     return src.with_name(f"{name}.mlm.json")
@@ -208,7 +209,7 @@ def write_mlm(bundle: Bundle, path: Path, *, overwrite: bool = False) -> Path:
     from geoseg.mlm import mlm_item
 
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: already exists; pass --overwrite or choose another --output")
+        raise OutputExistsError(f"{path}: already exists; pass --overwrite or choose another --output-dir")
     item = mlm_item(bundle, path)
     with staged_file(path) as tmp:
         tmp.write_text(json.dumps(item, indent=2) + "\n")
@@ -250,7 +251,7 @@ def export(
     if format == "mlm":
         b = bundle.bundle if isinstance(bundle, LoadedModel) else bundle if isinstance(bundle, Bundle) \
             else read_bundle(bundle)
-        path = write_mlm(b, Path(output) if output is not None else _mlm_path(Path(b.path)), overwrite=overwrite)
+        path = write_mlm(b, Path(output) if output is not None else mlm_path(Path(b.path)), overwrite=overwrite)
         log.info("wrote the MLM item of %s to %s", b.path, path)
         return ExportResult(path.parent, b.weights_path, path, format, None)
     loaded = bundle if isinstance(bundle, LoadedModel) else load_model(bundle)
@@ -260,7 +261,7 @@ def export(
                           "came from (metadata.export.source_bundle names it)")
     folder = Path(output) if output is not None else src.with_name(f"{src.stem}-{format}")
     if folder.exists() and not overwrite:
-        raise OutputExistsError(f"{folder}: already exists; pass --overwrite or choose another --output")
+        raise OutputExistsError(f"{folder}: already exists; pass --overwrite or choose another --output-dir")
     filename, exporter, runner = EXPORTERS[format]
     c = loaded.contract
     net = loaded.module.eval().to("cpu")
@@ -309,4 +310,4 @@ def _check(net: torch.nn.Module, runner: Callable[..., np.ndarray], path: Path, 
 
 
 __all__ = ["export", "ExportResult", "EXPORTERS", "FORMATS", "Probabilities", "deepness_metadata", "run_onnx",
-           "run_torchscript", "write_mlm"]
+           "run_torchscript", "write_mlm", "mlm_path"]

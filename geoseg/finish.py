@@ -9,6 +9,7 @@ its final name means the scene's other outputs are there too.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from geoseg.raster import (
     probabilities_spec,
     qml_style,
 )
+from geoseg.stac import scene_item
 from geoseg.store import Store, full_disk_as_error, local_workdir
 from geoseg.units import ModelRef, PredictOptions, ScenePlan, Unit, parse_strip, strip_key
 
@@ -48,7 +50,9 @@ class FinishResult:
 
 def output_names(stem: str, vector_format: str | None) -> dict[str, str]:
     """File names of a scene's outputs: ``classes``, ``style``, ``probabilities`` and, with polygons, ``vector``."""
-    names = {"classes": f"{stem}.classes.tif", "style": f"{stem}.classes.qml", "probabilities": f"{stem}.probs.tif"}
+    names = {"classes": f"{stem}.classes.tif", "style": f"{stem}.classes.qml", "probabilities": f"{stem}.probs.tif",
+             "attributes": f"{stem}.classes.tif.aux.xml", "quicklook": f"{stem}.quicklook.png",
+             "stac": f"{stem}.stac.json"}
     if vector_format is not None:
         from geoseg.vectorize import get_format
 
@@ -90,10 +94,17 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
             if "probabilities" in cogs:
                 result.outputs["probabilities"] = out.publish(cogs["probabilities"], names["probabilities"])
             result.outputs["style"] = out.write_text(names["style"], qml_style(contract.classes))
+            t0 = time.perf_counter()
+            for kind, path in _sidecars(plan, cogs["classes"], contract, names, scratch, options).items():
+                result.outputs[kind] = out.publish(path, names[kind])
+            item = scene_item(plan, contract, model.digest, options, names, {*result.outputs, "classes"})
+            result.outputs["stac"] = out.write_text(names["stac"], json.dumps(item, indent=1) + "\n")
+            result.seconds["cog"] += time.perf_counter() - t0
             if options.overwrite:  # the outputs of one stem come from one run: drop what this run does not write
                 _remove_stale(out, plan.stem, set(result.files) | {names[k] for k in result.outputs})
             result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
-            result.files += [names[k] for k in ("probabilities", "style", "classes") if k in result.outputs]
+            result.files += [names[k] for k in ("probabilities", "style", "attributes", "quicklook", "stac",
+                                                "classes") if k in result.outputs]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if stage.remote:
@@ -106,13 +117,29 @@ def _remove_stale(out: Store, stem: str, written: set[str]) -> None:
     any format with their sidecars)."""
     from geoseg.vectorize import FORMATS
 
-    stale = [f"{stem}.probs.tif"]
+    stale = [f"{stem}.probs.tif", f"{stem}.quicklook.png"]
     for fmt in FORMATS.values():
         stale += [f"{stem}{ext}" for ext in (fmt.extensions[0], *fmt.sidecars)]
     for name in stale:
         if name not in written and out.exists(name):
             log.info("%s: removed, an output of an earlier run that this one does not write", out.url(name))
             out.remove(name)
+
+
+def _sidecars(plan: ScenePlan, classes: Path, contract: Any, names: dict[str, str], scratch: Path,
+              options: PredictOptions) -> dict[str, Path]:
+    """The class map's attribute table (``.aux.xml``: exact pixel counts and areas) and, unless turned off,
+    its quicklook picture, written into ``scratch``."""
+    from geoseg.quicklook import class_counts, rat_aux_xml, write_quicklook
+
+    counts = class_counts(classes, contract.class_ids)
+    px_m = plan.info.pixel_size_m
+    out = {"attributes": scratch / names["attributes"]}
+    out["attributes"].write_text(rat_aux_xml(contract.classes, counts, px_m * px_m if px_m else None))
+    if options.quicklook:
+        out["quicklook"] = write_quicklook(classes, scratch / names["quicklook"], contract.classes, counts, px_m,
+                                           title=f"{plan.stem}: {contract.name}")
+    return out
 
 
 def _cog(plan: ScenePlan, units: list[Unit], kind: str, spec: OutputSpec, stage: Store, work: Path,

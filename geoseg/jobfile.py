@@ -77,6 +77,7 @@ class JobOptions(_Strict):
     min_area: float | str | None = Field(default=None, description="40px, 200m2, 0.5ha; a plain number is pixels")
     simplify: float | str | None = Field(default=None, description="1m, 0.5px; a plain number is CRS units")
     connectivity: Literal[4, 8] = 4
+    quicklook: bool = Field(default=True, description="<stem>.quicklook.png beside every class map")
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -275,4 +276,83 @@ def load_job(path: str | os.PathLike[str]) -> JobFile:
     return job
 
 
-__all__ = ["JobFile", "JobOptions", "load_job", "job_from_dict", "SCHEDULER_SCHEMES"]
+PROJECT_FILE = "geoseg.yaml"
+MODEL_ENV = "GEOSEG_MODEL"
+
+
+class ProjectFile(JobFile):
+    """``geoseg.yaml`` in the working folder: a job file's keys, every one optional, as the defaults of
+    ``geoseg predict`` run there (what the command line sets explicitly wins)."""
+
+    scenes: list[str] = Field(default_factory=list, description="scenes when the command names none")
+    model: str | None = Field(default=None, description="model bundle used when --model and GEOSEG_MODEL are absent")  # type: ignore[assignment]
+    output_dir: str | None = Field(default=None, description="output folder or URL")  # type: ignore[assignment]
+    name: str = Field(default="mosaic", description="job name: <name>.vrt mosaic, <name> vector layer")
+
+    @model_validator(mode="after")
+    def _some_scenes(self) -> ProjectFile:  # a project file needs no scenes
+        return self
+
+
+def find_project(folder: str | os.PathLike[str] | None = None) -> ProjectFile | None:
+    """The project file of ``folder`` (default the working folder), validated, or ``None`` when it has none.
+
+    Raises:
+        ConfigError: the file exists but does not validate.
+    """
+    p = Path(folder or os.getcwd()) / PROJECT_FILE
+    if not p.is_file():
+        return None
+    data = read_yaml_file(p, f"cannot read the project file; fix or remove {PROJECT_FILE}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a project file is a mapping of job keys (model, output_dir, options...), got "
+                          f"{type(data).__name__}")
+    try:
+        project = ProjectFile.model_validate(data, context={"base_dir": p.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(p), ProjectFile)) from None
+    project._source = str(p)
+    return project
+
+
+def write_project(model: str | os.PathLike[str], folder: str | os.PathLike[str] | None = None) -> Path | None:
+    """Write ``geoseg.yaml`` naming ``model`` in ``folder`` (default the working folder), so that
+    ``geoseg predict SCENE`` run there uses it; an existing project file is left as it is (returns ``None``)."""
+    base = Path(folder or os.getcwd())
+    p = base / PROJECT_FILE
+    if p.exists():
+        return None
+    try:
+        ref = os.path.relpath(Path(model).resolve(), base.resolve())
+    except ValueError:  # another drive
+        ref = str(Path(model).resolve())
+    text = (f"# geoseg project file: the defaults of `geoseg predict` run in this folder (a job file's keys,\n"
+            f"# all optional; see configs/job-example.yaml). Command-line options win; {MODEL_ENV} wins over model.\n"
+            f"model: {ref}\n")
+    tmp = base / f".{PROJECT_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p
+
+
+def default_model(project: ProjectFile | None) -> str:
+    """The model a command uses when ``--model`` is not given: ``GEOSEG_MODEL``, then the project file's.
+
+    Raises:
+        InputError: neither names one (the message says how to get a model).
+    """
+    env = os.environ.get(MODEL_ENV, "").strip()
+    if env:
+        return env
+    if project is not None and project.model:
+        return project.model
+    raise InputError(f"no model: give --model BUNDLE, set {MODEL_ENV}=BUNDLE, or name one in ./{PROJECT_FILE} "
+                     "(model: PATH); `geoseg demo` trains a demo model and writes that file, `geoseg train CONFIG` "
+                     "trains your own")
+
+
+__all__ = ["JobFile", "JobOptions", "ProjectFile", "load_job", "job_from_dict", "find_project", "default_model",
+           "write_project",
+           "PROJECT_FILE", "MODEL_ENV", "SCHEDULER_SCHEMES"]

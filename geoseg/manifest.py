@@ -136,7 +136,7 @@ def folder_lock(out: Store) -> Iterator[None]:
         who = f.read().strip() or "another process"
         f.close()
         raise OutputExistsError(f"{out.location}: another geoseg run ({who}) is writing into this folder; wait "
-                                "for it to end, or choose another --output-dir") from None
+                                "for it to end, or write into another folder") from None
     try:
         f.seek(0)
         f.truncate()

@@ -82,6 +82,7 @@ class SceneInfo:
     pixel_size_m: float | None = None
     compression: str | None = None
     overviews: tuple[int, ...] = ()
+    acquired: str | None = None  # the header's TIFFTAG_DATETIME ("YYYY:MM:DD HH:MM:SS"), when it has one
 
     @property
     def pixels(self) -> int:
@@ -127,7 +128,9 @@ def _pixel_size_m(ds: rasterio.DatasetReader) -> float | None:
         factor = ds.crs.linear_units_factor[1]
     except Exception:  # CRS without linear units: take the units as metres
         factor = 1.0
-    return math.sqrt(xres * yres) * factor
+    from geoseg.geodesy import ground_pixel_size
+
+    return ground_pixel_size(ds.crs, ds.transform, tuple(ds.bounds), factor)  # Web Mercator's are not metres
 
 
 def _mask_kind(ds: rasterio.DatasetReader) -> tuple[str, int | None]:
@@ -179,6 +182,7 @@ def inspect_scene(path: str | os.PathLike[str]) -> SceneInfo:
             bounds=tuple(ds.bounds), descriptions=tuple(ds.descriptions), pixel_size_m=_pixel_size_m(ds),
             compression=ds.compression.value if ds.compression else None,
             overviews=tuple(ds.overviews(1)) if ds.count else (),
+            acquired=ds.tags().get("TIFFTAG_DATETIME") or None,
         )
 
 

@@ -117,4 +117,71 @@ def describe_path(path: str) -> dict[str, Any]:
             "chip_size": c.chip_size, "overlap": c.overlap, "weights": str(b.weights_path),
             "weights_format": b.format, "metadata": c.metadata, **extra,
         }
-    return {"kind": "scene", **inspect_scene(path).as_dict()}
+    from geoseg.geodesy import areal_scale
+
+    info = inspect_scene(path)
+    return {"kind": "scene", **info.as_dict(), "crs_areal_scale": areal_scale(info.crs, info.bounds)}
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return "-" if v is None else str(v)
+
+
+def _bundle_text(d: dict[str, Any]) -> list[str]:
+    arch = d["architecture"] + (f" ({d['encoder']} encoder)" if d.get("encoder") else "")
+    lines = [f"model bundle {d['name']!r}: {d['path']}",
+             f"  network:  {arch}; weights {d['weights_format']} ({Path(d['weights']).name})",
+             f"  chips:    {d['chip_size']} px, {d['overlap']} px overlap"
+             + (f"; trained at {_fmt(d['pixel_size_m'])} m per pixel" if d.get("pixel_size_m") else "")]
+    lines.append("  bands:    scene band -> input (raw-unit mean / std)")
+    for name, idx, m, sd in zip(d["bands"], d["band_indexes"], d["mean"], d["std"], strict=True):
+        lines.append(f"            {idx:>3} -> {name:<16} {_fmt(m, 6)} / {_fmt(sd, 6)}")
+    lines.append("  classes:  id  name                 colour")
+    for c in d["classes"]:
+        lines.append(f"            {c['id']:>3}  {c['name']:<20} #{''.join(f'{v:02x}' for v in c['color'])}")
+    meta = d.get("metadata") or {}
+    tr, val, exp = meta.get("training") or {}, meta.get("validation") or {}, meta.get("export") or {}
+    if tr:
+        lines.append(f"  training: {tr.get('epochs_run', '-')} epoch(s), {tr.get('chips_seen', '-')} chips in "
+                     f"{_fmt(tr.get('seconds'), 3)} s, best epoch {tr.get('best_epoch', '-')}, stopped by "
+                     f"{str(tr.get('stopped_by', 'epochs')).replace('_', ' ')}")
+    if val.get("classes"):
+        per = ", ".join(f"{c['name']} {_fmt(c.get('iou'), 3)}" for c in val["classes"])
+        lines.append(f"  validation: mean IoU {_fmt(val.get('miou'), 3)}, accuracy {_fmt(val.get('accuracy'), 3)}; "
+                     f"IoU {per}")
+    if exp:
+        lines.append(f"  exported: {exp.get('format')} from {exp.get('source_bundle')} (output {exp.get('output')}, "
+                     f"max |diff| vs PyTorch {_fmt(exp.get('max_abs_diff'), 2)})")
+    if d.get("onnx_metadata"):
+        lines.append(f"  ONNX metadata keys: {', '.join(sorted(d['onnx_metadata']))}")
+    lines.append("  (geoseg info --json prints the whole record, with the training config)")
+    return lines
+
+
+def _scene_text(d: dict[str, Any]) -> list[str]:
+    lines = [f"scene: {d['path']} ({d.get('driver')})",
+             f"  size:     {d['width']} x {d['height']} pixels, {d['count']} band(s) of {d['dtype']}",
+             f"  grid:     {d.get('crs') or 'no CRS'}; pixel {_fmt(d.get('pixel_size_m'))} m; "
+             f"area {_fmt(d.get('area_km2'), 6)} km2",
+             f"  bounds:   {', '.join(_fmt(v, 10) for v in d.get('bounds') or [])}",
+             f"  nodata:   {_fmt(d.get('nodata'))} (mask: {d.get('mask')}"
+             + (f", alpha band {d['alpha_band']}" if d.get("alpha_band") else "") + ")",
+             f"  storage:  blocks {d.get('block_shapes', [[None]])[0]}, compression {d.get('compression') or 'none'}, "
+             f"overviews {d.get('overviews') or 'none'}"]
+    scale = d.get("crs_areal_scale")
+    if scale is not None and abs(scale - 1) > 1e-3:
+        lines.append(f"  scale:    this CRS distorts sizes here: a square CRS unit is {1 / scale:.3g} ground square "
+                     f"metres (areal scale {scale:.3g}); geoseg reports ground sizes (pixel, areas)")
+    names = [n for n in d.get("descriptions") or [] if n]
+    if names:
+        lines.append(f"  bands:    {', '.join(f'{i}: {n}' for i, n in enumerate(d['descriptions'], 1) if n)}")
+    return lines
+
+
+def describe_text(desc: dict[str, Any]) -> str:
+    """:func:`describe_path`'s record as a few readable lines (``geoseg info`` without ``--json``)."""
+    lines = _bundle_text(desc) if desc.get("kind") == "model bundle" else _scene_text(desc)
+    return "\n".join(lines)
+

@@ -91,6 +91,8 @@ def make_scene(path_image: str | os.PathLike[str], path_labels: str | os.PathLik
             rasterio.open(lab_p, "w", count=1, dtype="uint8", nodata=0, **profile) as lab:
         img.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green,
                            rasterio.enums.ColorInterp.blue]
+        for band, name in enumerate(("red", "green", "blue"), start=1):  # the model's input names come from here
+            img.set_band_description(band, name)
         lab.write_colormap(1, {c.id: (*c.color, 255) for c in CLASSES})
         for y0 in range(0, height, strip):
             h = min(strip, height - y0)

@@ -68,6 +68,7 @@ class PredictOptions:
     min_area: float | str | None = None
     simplify: float | str | None = None
     connectivity: int = 4
+    quicklook: bool = True  # <stem>.quicklook.png beside the class map
 
     def resolved_workers(self) -> int:
         return self.workers if self.workers and self.workers > 0 else default_workers()

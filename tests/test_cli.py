@@ -25,9 +25,12 @@ def test_predict_info_and_report(tmp_path):
     with rasterio.open(tmp_path / "out" / "s.classes.tif") as ds:
         assert ds.count == 1
     res = CliRunner().invoke(main, ["info", str(scene)])
-    assert res.exit_code == 0 and "width: 120" in res.output and "EPSG:32633" in res.output
+    assert res.exit_code == 0 and "120 x 90 pixels, 3 band(s) of float32" in res.output and "EPSG:32633" in res.output
     res = CliRunner().invoke(main, ["info", str(model), "--json"])
     assert json.loads(res.output)["kind"] == "model bundle"
+    res = CliRunner().invoke(main, ["info", str(model)])  # readable: classes as a table, a few lines
+    assert res.exit_code == 0 and "class 2" in res.output and "#" in res.output
+    assert max(len(line) for line in res.output.splitlines()) < 120
 
 
 def test_errors_are_one_line_with_non_zero_exit(tmp_path):
@@ -76,3 +79,35 @@ def test_predict_writes_polygons_by_default_and_vectorize_command(tmp_path):
     assert list(gj["class_id"]) == [2] and gj.crs.to_epsg() == 4326
     res = CliRunner().invoke(main, ["vectorize", str(out / "s.classes.tif"), str(tmp_path / "v.geojson")])
     assert res.exit_code == 1 and "--overwrite" in res.output
+
+
+def test_predict_scene_without_model_uses_env_then_project_file(tmp_path, monkeypatch):
+    """The card's `geoseg predict scene.tif`: --model, else GEOSEG_MODEL, else ./geoseg.yaml's model."""
+    from geoseg.jobfile import write_project
+
+    model = make_bundle(tmp_path / "m")
+    other = make_bundle(tmp_path / "other", n_classes=3, seed=1)
+    scene = write_raster(tmp_path / "s.tif", np.random.default_rng(0).normal(size=(3, 40, 50)).astype(np.float32))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("GEOSEG_MODEL", raising=False)
+    res = CliRunner().invoke(main, ["predict", str(scene)])
+    assert res.exit_code == 1 and "GEOSEG_MODEL" in res.output and "geoseg demo" in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    assert not list(work.iterdir())  # nothing written
+
+    assert write_project(model) == work / "geoseg.yaml"
+    assert write_project(other) is None  # an existing project file is kept
+    (work / "geoseg.yaml").write_text((work / "geoseg.yaml").read_text() + "output_dir: maps\noptions:\n  vector_format: geojson\n")
+    res = CliRunner().invoke(main, ["predict", str(scene)])
+    assert res.exit_code == 0, res.output
+    assert (work / "maps" / "s.classes.tif").exists() and (work / "maps" / "s.geojson").exists()
+
+    monkeypatch.setenv("GEOSEG_MODEL", str(other))  # the environment wins over the project file
+    res = CliRunner().invoke(main, ["predict", str(scene), "-o", "env", "--no-vector", "--report", "r.json"])
+    assert res.exit_code == 0, res.output
+    assert str(other) in (work / "r.json").read_text()
+    (work / "geoseg.yaml").write_text("model: m\nsurprise: 1\n")
+    res = CliRunner().invoke(main, ["predict", str(scene), "--model", str(model)])
+    assert res.exit_code == 1 and "geoseg.yaml" in res.output and "surprise" in res.output

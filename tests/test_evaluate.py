@@ -75,7 +75,7 @@ def test_cli_evaluate(tmp_path):
     image = _scene(tmp_path, lab)
     labels = write_raster(tmp_path / "labels.tif", lab, nodata=0)
     model = make_bundle(tmp_path / "m")
-    res = CliRunner().invoke(main, ["-q", "evaluate", "--model", str(model), "--image", str(image), "--labels",
+    res = CliRunner().invoke(main, ["evaluate", str(image), "--model", str(model), "-q", "--labels",
                                     str(labels), "-o", str(tmp_path / "ev"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "mean IoU 1.0000" in res.output and "scene.evaluation.json" in res.output

@@ -66,10 +66,11 @@ def test_an_overwrite_leaves_no_output_of_the_earlier_run_beside_the_new_one(tmp
     r = CliRunner().invoke(main, [*base, "--probabilities", "--vector-format", "shp"])
     assert r.exit_code == 0, r.output
     assert (out / "s.probs.tif").exists() and (out / "s.shp").exists() and (out / "s.dbf").exists()
-    r = CliRunner().invoke(main, [*base, "--overwrite"])
+    assert (out / "s.quicklook.png").exists()
+    r = CliRunner().invoke(main, [*base, "--overwrite", "--no-quicklook"])
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in out.iterdir() if p.name.startswith("s."))
-    assert names == ["s.classes.qml", "s.classes.tif", "s.gpkg"], names
+    assert names == ["s.classes.qml", "s.classes.tif", "s.classes.tif.aux.xml", "s.gpkg", "s.stac.json"], names
 
 
 @pytest.mark.parametrize("name", ["bundle", "bundle.safetensors"])

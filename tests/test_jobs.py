@@ -190,7 +190,8 @@ def test_object_storage_in_and_out(tmp_path, unet, real_data, s3_env):
     ref = ModelRef(model_url, bundle_digest(read_bundle(model_url).files))
     assert worker_runtime(ref, PredictOptions(device="cpu")).contract == read_bundle(unet).contract
     names = sorted(Path(p).name for p in fs.ls(f"{s3_env.bucket}/maps"))
-    assert names == ["RGB.byte.classes.qml", "RGB.byte.classes.tif", "RGB.byte.gpkg", MANIFEST]  # no staging left
+    assert names == ["RGB.byte.classes.qml", "RGB.byte.classes.tif", "RGB.byte.classes.tif.aux.xml", "RGB.byte.gpkg",
+                     "RGB.byte.quicklook.png", "RGB.byte.stac.json", MANIFEST]  # no staging left
     got = tmp_path / "got.tif"
     fs.get(f"{s3_env.bucket}/maps/RGB.byte.classes.tif", str(got))
     assert got.read_bytes() == (tmp_path / "local" / "RGB.byte.classes.tif").read_bytes()
@@ -247,8 +248,9 @@ def test_job_file_runs_the_same_job(tmp_path, unet, scenes):
     assert res.exit_code == 0, res.output
     maps = tmp_path / "maps"
     assert sorted(p.name for p in maps.iterdir()) == [
-        MANIFEST, "s0.classes.qml", "s0.classes.tif", "s0.probs.tif", "s1.classes.qml", "s1.classes.tif",
-        "s1.probs.tif", "test-job.vrt"]
+        MANIFEST, *(f"{s}.{kind}" for s in ("s0", "s1") for kind in (
+            "classes.qml", "classes.tif", "classes.tif.aux.xml", "probs.tif", "quicklook.png", "stac.json")),
+        "test-job.vrt"]
     with rasterio.open(maps / "s0.probs.tif") as ds:
         assert ds.dtypes[0] == "float32"  # the command line overrides the job file
 

@@ -19,12 +19,14 @@ call: same count, same area per class, geometrically equal, and with 4-connectiv
 
 Memory is bounded by the worker processes (~130 MB each, most of it their interpreter), a few blocks in
 flight (``2 * workers``), the open pieces along the current row of blocks, and one batch of features being
-written; never by the raster. Requesting ``simplify`` is the one exception: topology-preserving
-simplification runs on the whole coverage at once, so the polygons (not the raster) are then held in memory.
+written; never by the raster. Requesting ``simplify`` is the one exception: the coverage's shared edges are
+simplified together (Douglas-Peucker on arcs between nodes, :mod:`.simplify`), so the polygons (not the
+raster) are then held in memory.
 
 Coordinates: the output stays in the raster's CRS unless ``to_crs`` asks otherwise; GeoJSON is always
-written in EPSG:4326 as RFC 7946 requires (logged). Areas and perimeters are in metres: planar for projected
-CRSs (scaled by the CRS's linear unit), geodesic on the CRS's ellipsoid for geographic ones.
+written in EPSG:4326 as RFC 7946 requires (logged). Areas and perimeters are ground metres: planar for
+projected CRSs that keep ground areas within 0.1 % (scaled by the CRS's linear unit), geodesic on the CRS's
+ellipsoid for geographic ones and for projected ones that do not (Web Mercator; :mod:`geoseg.geodesy`).
 
 Layout, one module per step (the public names are re-exported here):
 
@@ -36,6 +38,7 @@ Layout, one module per step (the public names are re-exported here):
 * :mod:`.merge`: union-find over open pieces across seams;
 * :mod:`.stitch`: the exact ring stitch of a group of pieces;
 * :mod:`.features`: pieces to output features (CRS, area, perimeter, ``min_area``, ``to_crs``) as columns;
+* :mod:`.simplify`: ``simplify`` as a distance, shared edges kept shared;
 * :mod:`.writers`: Arrow record batches to OGR files and GeoParquet (shared with :mod:`geoseg.mosaic`);
 * :mod:`.api`: :func:`vectorize_raster` and :func:`polygonize`.
 

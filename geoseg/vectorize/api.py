@@ -18,7 +18,6 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import shapely
 
 from geoseg.errors import InputError
 from geoseg.raster import check_writable
@@ -29,14 +28,12 @@ from geoseg.vectorize.features import (
     Features,
     empty_frame,
     finalize,
-    keep_mask,
-    measure,
-    to_crs_coords,
     to_geodataframe,
 )
 from geoseg.vectorize.formats import format_for
 from geoseg.vectorize.merge import Merger
 from geoseg.vectorize.plan import BLOCK_SIZE, Plan, make_plan
+from geoseg.vectorize.simplify import simplify_coverage
 from geoseg.vectorize.writers import rebatch, write_ogr, write_parquet
 
 log = logging.getLogger(__name__)
@@ -217,16 +214,13 @@ def _simplified(plan: Plan, held_geoms: list[np.ndarray], held_cls: list[np.ndar
     cls = np.concatenate(held_cls) if held_cls else np.empty(0, dtype=np.int64)
     if not len(geoms):
         return
-    keep = keep_mask(plan, geoms, measure(plan, to_crs_coords(plan, geoms))[0])
-    geoms, cls = geoms[keep], cls[keep]
-    # Every vertex is a pixel corner; splitting edges at every corner gives neighbours identical vertices
-    # on shared edges (GDAL drops collinear ones), which coverage simplification needs to leave no gaps.
-    dense = shapely.segmentize(geoms, 1.0)
+    # Douglas-Peucker on the shared edges (a distance: .simplify); --min-area then applies to what is
+    # written, the simplified polygons (in finalize)
     assert plan.simplify_px is not None
-    simple = shapely.coverage_simplify(dense, plan.simplify_px)
+    simple = simplify_coverage(geoms, plan.simplify_px)
     for i in range(0, len(simple), formats.BATCH_FEATURES):
         j = i + formats.BATCH_FEATURES
-        yield finalize(plan, simple[i:j], cls[i:j], filter_area=False)
+        yield finalize(plan, simple[i:j], cls[i:j])
 
 
 def _workers(workers: int | None) -> int:
@@ -235,5 +229,5 @@ def _workers(workers: int | None) -> int:
 
         return default_workers()  # the one rule, shared with predict
     if not isinstance(workers, int) or workers < 1:
-        raise InputError(f"workers must be a positive integer, got {workers!r}")
+        raise InputError(f"--workers must be a positive integer, got {workers!r}")
     return workers

@@ -73,10 +73,17 @@ def to_crs_coords(plan: Plan, geoms_px: np.ndarray) -> np.ndarray:
 
 
 def measure(plan: Plan, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Area (m2) and perimeter (m) of geometries in the raster's CRS."""
+    """Ground area (m2) and perimeter (m) of geometries in the raster's CRS: planar in the CRS's units where
+    they are ground units (:mod:`geoseg.geodesy`), else geodesic on the CRS's ellipsoid."""
     if plan.area_mode == "planar":
         return shapely.area(geoms) * plan.unit_m**2, shapely.length(geoms) * plan.unit_m
-    if plan.area_mode == "geodesic" and plan.geod is not None:
+    if plan.area_mode == "geodesic-projected" and plan.geod is not None and len(geoms):
+        src = pyproj.CRS.from_user_input(plan.crs)
+        t = _transformer(src, src.geodetic_crs)
+        coords = shapely.get_coordinates(geoms)
+        lon, lat = t.transform(coords[:, 0], coords[:, 1])
+        geoms = shapely.set_coordinates(geoms.copy(), np.column_stack((lon, lat)))
+    if plan.area_mode.startswith("geodesic") and plan.geod is not None:
         area = np.empty(len(geoms))
         perim = np.empty(len(geoms))
         for i, g in enumerate(geoms):
@@ -96,14 +103,13 @@ def keep_mask(plan: Plan, geoms_px: np.ndarray, area_m2: np.ndarray) -> np.ndarr
     return np.asarray(area_m2 >= q.value)
 
 
-def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray, *, filter_area: bool = True) -> Features:
+def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray) -> Features:
     """Turn pixel-coordinate pieces into output features: CRS coordinates, attributes, min_area, to_crs."""
     geoms = to_crs_coords(plan, geoms_px)
     area, perim = measure(plan, geoms)
-    if filter_area:
-        keep = keep_mask(plan, geoms_px, area)
-        if not keep.all():
-            geoms, classes, area, perim = geoms[keep], classes[keep], area[keep], perim[keep]
+    keep = keep_mask(plan, geoms_px, area)
+    if not keep.all():
+        geoms, classes, area, perim = geoms[keep], classes[keep], area[keep], perim[keep]
     if plan.connectivity == 8 and len(geoms):
         parts, idx = shapely.get_parts(geoms, return_index=True)
         geoms = shapely.multipolygons(parts, indices=idx)

@@ -24,10 +24,13 @@ class VectorFormat:
     epsg4326: bool = False  # the standard fixes the CRS (RFC 7946)
     size_limit: int | None = None
     layer_options: dict[str, str] = field(default_factory=dict)
+    dataset_options: dict[str, str] = field(default_factory=dict)
 
 
 FORMATS: dict[str, VectorFormat] = {
-    "gpkg": VectorFormat("gpkg", "GPKG", (".gpkg",)),
+    # GeoPackage 1.2: GDAL < 3.7 (Debian 12's QGIS 3.22) warns that the 1.4 files newer GDAL writes by default
+    # "may only be partially supported"; nothing geoseg writes needs more than 1.2
+    "gpkg": VectorFormat("gpkg", "GPKG", (".gpkg",), dataset_options={"VERSION": "1.2"}),
     "shp": VectorFormat("shp", "ESRI Shapefile", (".shp",), (".shx", ".dbf", ".prj", ".cpg"),
                         size_limit=SHAPEFILE_LIMIT_BYTES),
     "geojson": VectorFormat("geojson", "GeoJSON", (".geojson", ".json"), epsg4326=True,

@@ -17,6 +17,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
+from geoseg.geodesy import areal_scale, distorts
 from geoseg.raster import gdal_env, inspect_scene, open_scene
 from geoseg.vectorize.quantities import Quantity, parse_min_area, parse_simplify
 
@@ -42,7 +43,7 @@ class Plan:
     min_area: Quantity | None
     simplify_px: float | None
     out_crs: pyproj.CRS | None
-    area_mode: str  # "planar", "geodesic" or "none"
+    area_mode: str  # "planar", "geodesic" (geographic CRS), "geodesic-projected" (a distorting one) or "none"
     unit_m: float  # metres per CRS unit (planar)
     geod: pyproj.Geod | None
 
@@ -89,7 +90,7 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
     path = os.fspath(src)
     check_connectivity(connectivity)
     if not isinstance(block_size, int) or block_size < 4:
-        raise InputError(f"block_size must be an integer of at least 4 pixels, got {block_size!r}")
+        raise InputError(f"--block-size must be an integer of at least 4 pixels, got {block_size!r}")
     info = inspect_scene(path)
     if info.count != 1:
         raise InputError(f"{path}: has {info.count} bands; a class raster has one band of class ids "
@@ -100,7 +101,7 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
     try:
         skip = tuple(sorted({int(c) for c in skip_classes}))
     except (TypeError, ValueError):
-        raise InputError(f"skip_classes must be integer class ids, got {skip_classes!r}") from None
+        raise InputError(f"--skip-class must be integer class ids, got {skip_classes!r}") from None
     with gdal_env(), open_scene(path) as ds:
         tags = ds.tags()
     names = _class_names_from_tags(tags)
@@ -121,10 +122,15 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
             unit_m = float(crs.linear_units_factor[1])
         except Exception:  # no linear units declared: take them as metres
             unit_m = 1.0
+        if distorts(crs, info.bounds):  # e.g. Web Mercator: CRS square units are not ground square metres
+            area_mode = "geodesic-projected"
+            geod = pyproj.CRS.from_user_input(crs).get_geod() or pyproj.Geod(ellps="WGS84")
+            log.info("%s: %s distorts areas here (areal scale %.4f): areas and perimeters are geodesic", path,
+                     crs.to_string(), areal_scale(crs, info.bounds))
 
     q_area = parse_min_area(min_area)
     if q_area is not None and q_area.unit == "m2" and area_mode == "none":
-        raise InputError(f"{path}: has no CRS, so min_area {min_area!r} in square metres cannot be measured; "
+        raise InputError(f"{path}: has no CRS, so --min-area {min_area!r} in square metres cannot be measured; "
                          "give it in pixels (e.g. 40px) or assign a CRS")
     q_simp = parse_simplify(simplify)
     simplify_px: float | None = None
@@ -134,7 +140,7 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
             simplify_px = q_simp.value
         elif q_simp.unit == "m":
             if info.pixel_size_m is None:
-                raise InputError(f"{path}: has no CRS, so simplify {simplify!r} in metres cannot be converted; "
+                raise InputError(f"{path}: has no CRS, so --simplify {simplify!r} in metres cannot be converted; "
                                  "give it in pixels (e.g. 0.5px) or CRS units")
             simplify_px = q_simp.value / info.pixel_size_m
         else:
@@ -147,7 +153,7 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
         try:
             out_crs = pyproj.CRS.from_user_input(to_crs)
         except pyproj.exceptions.CRSError as exc:
-            raise InputError(f"to_crs {to_crs!r} is not a CRS ({exc}); give e.g. EPSG:4326") from None
+            raise InputError(f"--to-crs {to_crs!r} is not a CRS ({exc}); give e.g. EPSG:4326") from None
     if force_4326:
         if crs is None:
             raise InputError(f"{path}: has no CRS, and GeoJSON (RFC 7946) must be in EPSG:4326; "

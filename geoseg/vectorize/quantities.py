@@ -35,7 +35,7 @@ def parse_min_area(value: float | int | str | Quantity | None) -> Quantity | Non
     Raises:
         InputError: not a non-negative number with a known unit.
     """
-    return _parse(value, _AREA_UNITS, "px", "min_area", "40px, 200m2, 0.5ha or 1km2")
+    return _parse(value, _AREA_UNITS, "px", "--min-area", "40px, 200m2, 0.5ha or 1km2")
 
 
 def parse_simplify(value: float | int | str | Quantity | None) -> Quantity | None:
@@ -44,7 +44,7 @@ def parse_simplify(value: float | int | str | Quantity | None) -> Quantity | Non
     Raises:
         InputError: not a non-negative number with a known unit.
     """
-    return _parse(value, _LENGTH_UNITS, "crs", "simplify", "1.0 (CRS units), 1m or 0.5px")
+    return _parse(value, _LENGTH_UNITS, "crs", "--simplify", "1.0 (CRS units), 1m or 0.5px")
 
 
 def _parse(value: Any, units: dict[str, tuple[str, float]], default: str, what: str,

@@ -124,7 +124,8 @@ def write_arrow_ogr(path: Path, schema: Any, batches: Iterable[Any], fmt: Vector
         with _ogr_current_date(stamp):
             pyogrio.write_arrow(reader, os.fspath(path), driver=fmt.driver, layer=layer, geometry_name="geometry",
                                 geometry_type=geometry_type, crs=crs.to_wkt() if crs is not None else None,
-                                encoding="UTF-8" if fmt.name == "shp" else None, layer_options=options or None)
+                                encoding="UTF-8" if fmt.name == "shp" else None, layer_options=options or None,
+                                dataset_options=dict(fmt.dataset_options) or None)
     except Exception:
         if failure:
             raise failure[0] from None

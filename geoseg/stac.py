@@ -1,0 +1,127 @@
+"""A finished scene as a STAC Item (``<stem>.stac.json``), so maps drop into a STAC catalogue.
+
+The Item (STAC 1.1) has the scene's footprint in WGS 84 (its bounds, densified, through PROJ), the
+projection extension (code, shape, transform, bbox in the map's own CRS), and its outputs as assets with
+relative links: the class map (with the classification extension: class values, names and colours), its
+style, attribute table, quicklook (role ``overview``), probabilities and polygons when written. Its
+properties say which model made it (name, digest) and with which settings. ``datetime`` is the scene's
+acquisition time when its GeoTIFF says it (``TIFFTAG_DATETIME``), else the time the map was made; both are
+named (``geoseg:datetime_source``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from typing import Any
+
+PROJECTION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
+CLASSIFICATION = "https://stac-extensions.github.io/classification/v2.0.0/schema.json"
+STAC_VERSION = "1.1.0"
+MEDIA = {
+    "classes": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "probabilities": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "quicklook": "image/png",
+    "style": "text/xml",
+    "attributes": "application/xml",
+    "vector": {".gpkg": "application/geopackage+sqlite3", ".shp": "application/x-shapefile",
+               ".geojson": "application/geo+json", ".parquet": "application/vnd.apache.parquet"},
+}
+ROLES = {"classes": ["data"], "probabilities": ["data"], "quicklook": ["overview", "visual"],
+         "style": ["metadata", "style"], "attributes": ["metadata"], "vector": ["data"]}
+SETTINGS = ("tile_size", "overlap", "batch_size", "precision", "backend", "blend", "tta", "bands", "min_area",
+            "simplify", "connectivity", "vector_format", "compress")
+
+
+def _datetime(tags: dict[str, str]) -> tuple[str, str]:
+    raw = tags.get("TIFFTAG_DATETIME", "")
+    m = re.match(r"^(\d{4}):(\d{2}):(\d{2}) (\d{2}):(\d{2}):(\d{2})$", raw.strip())
+    if m:
+        y, mo, d, h, mi, s = (int(v) for v in m.groups())
+        try:
+            return dt.datetime(y, mo, d, h, mi, s, tzinfo=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), \
+                "TIFFTAG_DATETIME"
+        except ValueError:
+            pass
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "processing"
+
+
+def _footprint(info: Any) -> tuple[dict[str, Any] | None, list[float] | None]:
+    if info.crs is None:
+        return None, None
+    from rasterio.warp import transform_geom
+
+    left, bottom, right, top = info.bounds
+    t = [i / 50 for i in range(50)]  # 50 points a side: a projected edge is a curve in WGS 84
+    ring = ([(left + (right - left) * f, bottom) for f in t] + [(right, bottom + (top - bottom) * f) for f in t]
+            + [(right - (right - left) * f, top) for f in t] + [(left, top - (top - bottom) * f) for f in t])
+    ring.append(ring[0])
+    geom = transform_geom(info.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]},
+                          antimeridian_cutting=True, precision=7)
+    geom = dict(geom)
+    coords = [c for poly in ([geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"])
+              for ring_ in poly for c in ring_]
+    xs, ys = [c[0] for c in coords], [c[1] for c in coords]
+    return geom, [min(xs), min(ys), max(xs), max(ys)]
+
+
+def scene_item(plan: Any, contract: Any, model_digest: str, options: Any, names: dict[str, str],
+               written: set[str]) -> dict[str, Any]:
+    """The STAC Item of a finished scene; ``names`` maps output kinds to file names, ``written`` holds the
+    kinds written (assets link to them relative to the Item, which sits beside them)."""
+    info = plan.info
+    when, source = _datetime({"TIFFTAG_DATETIME": info.acquired} if info.acquired else {})
+    geometry, bbox = _footprint(info)
+    props: dict[str, Any] = {
+        "datetime": when,
+        "geoseg:datetime_source": source,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "title": f"{plan.stem}: land cover by {contract.name}",
+        "geoseg:scene": plan.scene,
+        "geoseg:model": {"name": contract.name, "digest": model_digest,
+                         "architecture": contract.model.architecture, "encoder": contract.model.encoder},
+        "geoseg:settings": {k: v for k, v in dataclasses.asdict(options).items() if k in SETTINGS}
+                           | {"tile_size": plan.tile, "overlap": plan.overlap, "bands": list(plan.band_indexes)},
+        "proj:shape": [info.height, info.width],
+        "proj:transform": list(info.transform)[:6],
+    }
+    if info.crs is not None:
+        epsg = info.crs.to_epsg() if hasattr(info.crs, "to_epsg") else None
+        if epsg:
+            props["proj:code"] = f"EPSG:{epsg}"
+        else:
+            props["proj:wkt2"] = info.crs.to_wkt()
+        props["proj:bbox"] = list(info.bounds)
+    if info.pixel_size_m:
+        props["gsd"] = info.pixel_size_m
+    classes = [{"value": c.id, "name": re.sub(r"[^-a-zA-Z0-9_]+", "_", c.name) or f"class_{c.id}",
+                "description": c.name, "color_hint": "{:02X}{:02X}{:02X}".format(*c.color)}
+               for c in contract.classes]
+    assets: dict[str, Any] = {}
+    for kind in ("classes", "style", "attributes", "quicklook", "probabilities", "vector"):
+        if kind not in written:
+            continue
+        name = names[kind]
+        media = MEDIA[kind]
+        if isinstance(media, dict):
+            media = next((v for k, v in media.items() if name.endswith(k)), "application/octet-stream")
+        asset: dict[str, Any] = {"href": f"./{name}", "type": media, "roles": ROLES[kind]}
+        if kind == "classes":
+            asset |= {"title": "class map", "classification:classes": classes, "nodata": 255 if max(
+                c.id for c in contract.classes) < 255 else 65535}
+        assets[kind] = asset
+    return {
+        "type": "Feature",
+        "stac_version": STAC_VERSION,
+        "stac_extensions": [PROJECTION, CLASSIFICATION],
+        "id": plan.stem,
+        "geometry": geometry,
+        **({"bbox": bbox} if bbox is not None else {}),
+        "properties": props,
+        "links": [],
+        "assets": assets,
+    }
+
+
+__all__ = ["scene_item"]
