@@ -11,7 +11,11 @@ never less than its largest process's ``ru_maxrss``:
 - ``gdal_polygonize``: GDAL's command line tool (Debian: ``apt-get install gdal-bin``) to GeoPackage;
   skipped with a message when it is not installed;
 - ``shapes+pyogrio``: one ``rasterio.features.shapes`` call over the whole raster, then one batched
-  ``pyogrio.write_dataframe`` to GeoPackage.
+  ``pyogrio.write_dataframe`` to GeoPackage;
+- ``geoseg, GEOS union`` (``--union``): geoseg with its seam stitch (:func:`geoseg.vectorize.stitch.stitch`,
+  a rectilinear ring relink) replaced by one ``shapely.coverage_union_all`` per group of pieces, to measure
+  whether the hand-written stitch earns its place; the script also checks that both give the same polygons
+  (count, total area, and each group's area).
 
 Usage::
 
@@ -98,9 +102,24 @@ def run_gdal(src: str, dst: str) -> int:
     return int(pyogrio.read_info(dst)["features"])
 
 
+def union_stitch(groups: list[list[object]], connectivity: int, block: int, width: int, height: int) -> object:
+    """The stitch's job done by GEOS: each group's pieces (a valid coverage) unioned as a coverage."""
+    import shapely
+
+    out = np.empty(len(groups), dtype=object)
+    for i, pieces in enumerate(groups):
+        out[i] = shapely.coverage_union_all(np.asarray(pieces, dtype=object))
+    return out
+
+
 def child(method: str, src: str, dst: str, workers: int | None, block_size: int | None) -> None:
     t0 = time.perf_counter()
-    if method == "geoseg":
+    if method == "union":
+        import geoseg.vectorize.merge as merge
+
+        merge.stitch = union_stitch  # type: ignore[assignment]  (the merge runs in this process)
+        n = run_geoseg(src, dst, workers, block_size)
+    elif method == "geoseg":
         n = run_geoseg(src, dst, workers, block_size)
     elif method == "shapes":
         n = run_shapes(src, dst)
@@ -111,6 +130,22 @@ def child(method: str, src: str, dst: str, workers: int | None, block_size: int 
 
 
 # ---------------------------------------------------------------------------------------- parent
+
+
+def same_polygons(a: Path, b: Path) -> str:
+    """Whether two vectorisations hold the same polygons: counts, total area, and per-polygon areas."""
+    import pyogrio
+    import shapely
+
+    ga, gb = pyogrio.read_dataframe(a), pyogrio.read_dataframe(b)
+    key = ["class_id", "area_m2"]
+    sa, sb = ga.sort_values(key).reset_index(drop=True), gb.sort_values(key).reset_index(drop=True)
+    same_count = len(ga) == len(gb)
+    same_areas = same_count and bool(np.allclose(sa.area_m2, sb.area_m2, rtol=0, atol=1e-6))
+    verts = (int(shapely.get_num_coordinates(ga.geometry.values).sum()),
+             int(shapely.get_num_coordinates(gb.geometry.values).sum()))
+    return (f"stitch vs GEOS union: {len(ga)} vs {len(gb)} polygons, per-polygon areas "
+            f"{'equal' if same_areas else 'DIFFER'}, vertices {verts[0]} vs {verts[1]}")
 
 
 def _tree_rss_mb(root: psutil.Process) -> float:
@@ -167,7 +202,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each method, interleaved; the table shows medians (default 1)")
     ap.add_argument("--keep", type=Path, default=None, help="write into this folder and keep the files")
-    ap.add_argument("--child", choices=["geoseg", "shapes", "gdal"], help=argparse.SUPPRESS)
+    ap.add_argument("--union", action="store_true",
+                    help="also run geoseg with its seam stitch replaced by shapely.coverage_union_all")
+    ap.add_argument("--child", choices=["geoseg", "shapes", "gdal", "union"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -186,6 +223,8 @@ def main() -> None:
               f"block size: {args.block_size or 'default'}, repeats: {args.repeats}")
         methods = [("geoseg", "geoseg vectorize_raster"), ("gdal", "gdal_polygonize"),
                    ("shapes", "shapes + pyogrio")]
+        if args.union:
+            methods.insert(1, ("union", "geoseg, GEOS union"))
         if not (shutil.which("gdal_polygonize.py") or shutil.which("gdal_polygonize")):
             print("gdal_polygonize: not installed, skipped (Debian: apt-get install -y gdal-bin)")
             methods = [m for m in methods if m[0] != "gdal"]
@@ -200,6 +239,8 @@ def main() -> None:
                       f"{r['largest_mb']:.0f} MB), {r['features']:.0f} features", flush=True)
                 runs[label].append(r)
         rows = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
+        if args.union:
+            print(same_polygons(work / "geoseg.gpkg", work / "union.gpkg"))
         base = rows["geoseg vectorize_raster"]
         print()
         print(f"{'method':<26}{'seconds':>10}{'peak MB':>10}{'features':>10}{'time/geoseg':>13}{'mem/geoseg':>12}")

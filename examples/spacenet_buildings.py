@@ -19,11 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from geoseg.config import load_config
 from geoseg.evaluate import evaluate
-from geoseg.train import TrainProgress, train
+from geoseg.progress_bars import EpochBars
+from geoseg.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,23 +47,11 @@ def main() -> int:
         cfg.epochs = args.epochs
     out = Path(args.output_dir)
 
-    bars: dict[str, tqdm] = {}
-
-    def progress(ev: TrainProgress) -> None:
-        key = f"{ev.stage}{ev.epoch}"
-        if key not in bars:
-            for b in bars.values():
-                b.close()
-            bars.clear()
-            desc = ev.stage if ev.epoch == 0 else f"epoch {ev.epoch}/{ev.epochs} {ev.stage}"
-            bars[key] = tqdm(total=ev.total, desc=desc, leave=ev.stage == "val")
-        bars[key].n = ev.step
-        bars[key].set_postfix({k: f"{v:.3f}" for k, v in ev.metrics.items()}, refresh=False)
-        bars[key].refresh()
-
-    result = train(cfg, out, resume=args.resume, overwrite=not args.resume, progress=progress)
-    for b in bars.values():
-        b.close()
+    bars = EpochBars(quiet=False)  # the training command's own bars
+    try:
+        result = train(cfg, out, resume=args.resume, overwrite=not args.resume, progress=bars)
+    finally:
+        bars.close()
     print(f"best epoch {result.best_epoch}: validation chips mIoU {result.metrics.get('miou'):.4f}")
 
     val_area = next((out / "split").glob("*_val.geojson"))

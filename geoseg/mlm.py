@@ -91,7 +91,9 @@ def mlm_item(bundle: Bundle, item_path: Path) -> dict[str, Any]:
     arch = ARCHITECTURES.get(c.model.architecture.lower(), c.model.architecture)
     if c.model.encoder and c.model.architecture.lower() != "conv1x1":
         arch = f"{arch} ({c.model.encoder} encoder)"
-    classes = [{"value": i, "name": cl.name, "color_hint": "{:02X}{:02X}{:02X}".format(*cl.color),
+    # the classification extension's names are identifiers ([0-9A-Za-z-_]+): the class's own name is the title
+    classes = [{"value": i, "name": re.sub(r"[^-a-zA-Z0-9_]+", "_", cl.name) or f"class_{cl.id}", "title": cl.name,
+                "color_hint": "{:02X}{:02X}{:02X}".format(*cl.color),
                 **({"description": f"class id {cl.id} in geoseg's class maps"} if cl.id != i else {})}
                for i, cl in enumerate(c.classes)]
     if c.model.activation == "sigmoid":  # one logit: the channel scores the second class

@@ -69,6 +69,7 @@ class EpochBars:
         self.quiet = quiet
         self.key: tuple[str, int] | None = None
         self.bar: Any = None
+        self.stage_start = time.time()  # tqdm's clock: a stage began when the one before it ended
 
     def __call__(self, ev: Any) -> None:
         if self.quiet:
@@ -82,6 +83,7 @@ class EpochBars:
             desc = ev.stage if ev.epoch == 0 else f"epoch {ev.epoch}{of} {ev.stage}"
             self.bar = tqdm(total=ev.total, desc=desc, unit="batch" if ev.epoch else "window",
                             dynamic_ncols=True, leave=ev.stage != "scan")
+            self.bar.start_t = self.stage_start  # its first step's time counts: no start-up rate of 10^4 it/s
             self.key = key
         self.bar.total = ev.total
         self.bar.n = ev.step
@@ -93,6 +95,7 @@ class EpochBars:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.stage_start = time.time()
 
 
 __all__ = ["BlockBar", "ChipBar", "EpochBars"]

@@ -96,7 +96,7 @@ def scene_item(plan: Any, contract: Any, model_digest: str, options: Any, names:
     if info.pixel_size_m:
         props["gsd"] = info.pixel_size_m
     classes = [{"value": c.id, "name": re.sub(r"[^-a-zA-Z0-9_]+", "_", c.name) or f"class_{c.id}",
-                "description": c.name, "color_hint": "{:02X}{:02X}{:02X}".format(*c.color)}
+                "title": c.name, "color_hint": "{:02X}{:02X}{:02X}".format(*c.color)}
                for c in contract.classes]
     assets: dict[str, Any] = {}
     for kind in ("classes", "style", "attributes", "quicklook", "probabilities", "vector"):

@@ -94,7 +94,8 @@ def test_every_scene_gets_a_stac_item_linking_its_outputs(tmp_path):
     for asset in item.assets.values():
         assert (out / asset.href).exists(), asset.href
     classes = d["assets"]["classes"]["classification:classes"]
-    assert [(c["value"], c["description"]) for c in classes] == [(1, "class 1"), (2, "class 2"), (3, "class 3")]
+    assert [(c["value"], c["name"], c["title"]) for c in classes] == [
+        (1, "class_1", "class 1"), (2, "class_2", "class 2"), (3, "class_3", "class 3")]
     assert "overview" in item.assets["quicklook"].roles
 
 

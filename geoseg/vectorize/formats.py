@@ -31,8 +31,10 @@ FORMATS: dict[str, VectorFormat] = {
     # GeoPackage 1.2: GDAL < 3.7 (Debian 12's QGIS 3.22) warns that the 1.4 files newer GDAL writes by default
     # "may only be partially supported"; nothing geoseg writes needs more than 1.2
     "gpkg": VectorFormat("gpkg", "GPKG", (".gpkg",), dataset_options={"VERSION": "1.2"}),
+    # the size guess (writers.write_ogr) stops early with the advice to use GeoPackage; GDAL's own
+    # 2GB_LIMIT is the backstop should the guess ever fall short
     "shp": VectorFormat("shp", "ESRI Shapefile", (".shp",), (".shx", ".dbf", ".prj", ".cpg"),
-                        size_limit=SHAPEFILE_LIMIT_BYTES),
+                        size_limit=SHAPEFILE_LIMIT_BYTES, layer_options={"2GB_LIMIT": "YES"}),
     "geojson": VectorFormat("geojson", "GeoJSON", (".geojson", ".json"), epsg4326=True,
                             layer_options={"RFC7946": "YES"}),
     "parquet": VectorFormat("parquet", None, (".parquet", ".geoparquet")),
