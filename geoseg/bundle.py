@@ -230,12 +230,12 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     p = Path(path)
     if not p.exists():
         raise BundleError(f"{p}: no such model bundle; give a bundle directory (with {CONTRACT_FILE}) "
-                          "or a .safetensors file made by geoseg")
+                          "or a .safetensors or .onnx file made by geoseg")
     if p.is_dir():
         cfile = p / CONTRACT_FILE
         if not cfile.is_file():
             raise BundleError(f"{p}: not a model bundle (no {CONTRACT_FILE} inside); "
-                              "point --model at a directory written by geoseg train or geoseg demo")
+                              "point --model at a directory written by geoseg train, demo or export")
         try:
             data = json.loads(cfile.read_text())
         except (OSError, json.JSONDecodeError) as exc:

@@ -142,6 +142,9 @@ class OptimizerConfig(_Strict):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     schedule: Literal["none", "cosine", "onecycle"] = "onecycle"
     grad_clip: float | None = Field(default=1.0, gt=0, description="max gradient norm; null disables clipping")
+    ema: float | None = Field(default=None, gt=0, lt=1, description=(
+        "decay of an exponential moving average of the weights (e.g. 0.99): validation scores the average and "
+        "the bundle keeps it; null: the raw weights"))
 
 
 class AugmentConfig(_Strict):

@@ -138,7 +138,7 @@ def rat_aux_xml(classes: Sequence[Any], counts: dict[int, int], pixel_area_m2: f
         n = counts.get(c.id, 0)
         values = [str(c.id), escape(c.name), *(str(v) for v in c.color), str(n)]
         if pixel_area_m2:
-            values.append(f"{n * pixel_area_m2:.6g}")
+            values.append(f"{n * pixel_area_m2:.2f}")  # to the cm2: a 6-digit %g drops m2
         lines.append(f'      <Row index="{row}">' + "".join(f"<F>{v}</F>" for v in values) + "</Row>")
     lines += ["    </GDALRasterAttributeTable>", "  </PAMRasterBand>", "</PAMDataset>", ""]
     return "\n".join(lines)

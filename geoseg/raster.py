@@ -447,12 +447,13 @@ def cog_options(spec: OutputSpec, compress: str) -> dict[str, Any]:
     return opts
 
 
-def check_writable(path: str | os.PathLike[str], overwrite: bool) -> None:
-    """Refuse an existing output (a local path or a URL) unless ``overwrite``."""
+def check_writable(path: str | os.PathLike[str], overwrite: bool, elsewhere: str = "another --output-dir") -> None:
+    """Refuse an existing output (a local path or a URL) unless ``overwrite``; the error names the
+    command's own way to write ``elsewhere``."""
     if overwrite:
         return
     from geoseg.store import parent_and_name
 
     store, name = parent_and_name(path)
     if store.exists(name):
-        raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it or choose another --output-dir")
+        raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it or choose {elsewhere}")

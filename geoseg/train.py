@@ -298,6 +298,12 @@ class _Trainer:
     use_amp: bool
     amp_dtype: torch.dtype
     augment: Any
+    ema: torch.optim.swa_utils.AveragedModel | None = None  # the weights' moving average (optimizer.ema)
+
+    @property
+    def kept(self) -> nn.Module:
+        """The network that validation scores and the best checkpoint keeps: the moving average, if any."""
+        return self.ema.module if self.ema is not None else self.net
 
     @classmethod
     def build(cls, cfg: TrainConfig, device: torch.device, samples: _Samples) -> _Trainer:
@@ -306,14 +312,19 @@ class _Trainer:
         opt = optimizer(cfg, net)
         use_amp, amp_dtype = _amp_settings(cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+        ema = None
+        if cfg.optimizer.ema is not None:  # torch's own EMA; normalisation statistics are averaged too
+            swa = torch.optim.swa_utils
+            ema = swa.AveragedModel(net, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.optimizer.ema), use_buffers=True)
         return cls(cfg, device, net, criterion, opt, Schedule(cfg.optimizer.schedule, cfg.optimizer.lr, opt,
                                                           samples.steps_per_epoch * cfg.epoch_limit, cfg.max_seconds),
-                   scaler, use_amp, amp_dtype, augment_mod.from_config(cfg.augment, IGNORE_INDEX))
+                   scaler, use_amp, amp_dtype, augment_mod.from_config(cfg.augment, IGNORE_INDEX), ema)
 
     def checkpoint(self, done: _Progress, cfg_hash: str) -> dict[str, Any]:
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "progress": dataclasses.asdict(done), "rng": _get_rng(), "config_hash": cfg_hash}
 
     def restore(self, state: dict[str, Any]) -> _Progress:
@@ -322,6 +333,8 @@ class _Trainer:
         self.schedule.load_state_dict(state.get("schedule") or {})
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
         _set_rng(state["rng"])
         return _Progress(**state["progress"])
 
@@ -490,7 +503,7 @@ def _keep_best(cfg: TrainConfig, trainer: _Trainer, done: _Progress, row: dict[s
         done.best_score = value if value is not None else done.best_score
         done.best_epoch, done.bad_epochs = row["epoch"], 0
         done.best_scores = {**val_scores, "epoch": row["epoch"]}
-        _atomic_save({"model": trainer.net.state_dict(), "epoch": row["epoch"], "scores": done.best_scores},
+        _atomic_save({"model": trainer.kept.state_dict(), "epoch": row["epoch"], "scores": done.best_scores},
                      best_path)
     else:
         done.bad_epochs += 1
@@ -556,6 +569,8 @@ def _train_epoch(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation],
             torch.nn.utils.clip_grad_norm_(t.net.parameters(), cfg.optimizer.grad_clip)
         t.scaler.step(t.opt)
         t.scaler.update()
+        if t.ema is not None:
+            t.ema.update_parameters(t.net)
         t.schedule.step(clock())
         total += float(loss.detach()) * image.shape[0]
         n += image.shape[0]
@@ -569,14 +584,14 @@ def _train_epoch(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation],
 @torch.no_grad()
 def _validate(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], t: _Trainer, epoch: int,
               progress: ProgressCallback | None) -> tuple[float, ConfusionMatrix]:
-    t.net.eval()
+    net = t.kept.eval()
     loader = _loader(cfg, data, locs, None, epoch, t.device)
     cm = ConfusionMatrix(len(cfg.classes))
     total, n = 0.0, 0
     for step, (image, target) in enumerate(loader, start=1):
         image, target = image.to(t.device), target.to(t.device)
         with torch.autocast(device_type=t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
-            logits = t.net(image)
+            logits = net(image)
         total += float(t.criterion(logits, target)) * image.shape[0]
         n += image.shape[0]
         cm.update(target, predict_indexes(logits.float(), cfg.model.activation))

@@ -79,6 +79,7 @@ def test_predict_writes_polygons_by_default_and_vectorize_command(tmp_path):
     assert list(gj["class_id"]) == [2] and gj.crs.to_epsg() == 4326
     res = CliRunner().invoke(main, ["vectorize", str(out / "s.classes.tif"), str(tmp_path / "v.geojson")])
     assert res.exit_code == 1 and "--overwrite" in res.output
+    assert "another DST" in res.output and "--output-dir" not in res.output  # vectorize has no --output-dir
 
 
 def test_predict_scene_without_model_uses_env_then_project_file(tmp_path, monkeypatch):

@@ -111,3 +111,14 @@ def test_geopackages_are_version_1_2_for_older_gis(tmp_path):
     with sqlite3.connect(out / "s.gpkg") as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 10200
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x47504B47  # 'GPKG'
+
+
+def test_attribute_table_areas_keep_every_digit():
+    """Areas in the table are to the cm2: a scene of a few km2 at 1 m pixels must not round to 5 digits."""
+    from types import SimpleNamespace
+
+    from geoseg.quicklook import rat_aux_xml
+
+    cls = [SimpleNamespace(id=3, name="bare soil", color=(214, 170, 110))]
+    xml = rat_aux_xml(cls, {3: 1_684_102}, 0.25)
+    assert "<F>1684102</F><F>421025.50</F>" in xml

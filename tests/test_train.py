@@ -305,3 +305,25 @@ def test_what_a_config_leaves_unset_is_sized_to_the_scenes(tmp_path):
     cfg["model"] = {"encoder": "resnet34"}
     fitted = fit_to_data(config_from_dict(cfg))
     assert fitted.data.chip_size == 64 and fitted.model.encoder == "resnet34" and fitted.model.params == {}
+
+
+def test_a_moving_average_of_the_weights_is_what_validation_scores_and_the_bundle_keeps(tmp_path, scene):
+    cfg = tiny_config(*scene, epochs=2, optimizer={"ema": 0.5})
+    cfg["data"]["val_fraction"] = 0.0  # every epoch is kept: the bundle is the last epoch's average
+    result = train(cfg, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    kept = _weights(result)
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert kept and all(torch.equal(kept[k], averaged[k]) for k in kept)
+    assert not all(torch.equal(kept[k], last["model"][k]) for k in kept)  # the raw weights are not the bundle's
+    # an interrupted run with a moving average resumes to the same bundle
+    part = tmp_path / "part"
+
+    def interrupt(ev: TrainProgress) -> None:
+        if ev.stage == "train" and ev.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, part, progress=interrupt)
+    resumed = _weights(train(cfg, part, resume=True))
+    assert all(torch.equal(kept[k], resumed[k]) for k in kept)

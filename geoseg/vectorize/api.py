@@ -145,7 +145,7 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     """
     t0 = time.perf_counter()
     path, fmt = format_for(dst, vector_format)
-    check_writable(path, overwrite)
+    check_writable(path, overwrite, elsewhere="another DST")
     plan = make_plan(src, connectivity=connectivity, min_area=min_area, simplify=simplify,
                       skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size,
                       force_4326=fmt.epsg4326)
@@ -163,7 +163,7 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
             write_parquet(tmp, batches, plan)
         else:
             write_ogr(tmp, batches, plan, fmt)
-        check_writable(path, overwrite)
+        check_writable(path, overwrite, elsewhere="another DST")
         for f in sorted(tmp.parent.iterdir()):  # a shapefile is several files; the .shp goes last, on exit
             if f != tmp:
                 store.publish(f, f.name)
