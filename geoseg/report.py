@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -120,7 +121,47 @@ def describe_path(path: str) -> dict[str, Any]:
     from geoseg.geodesy import areal_scale
 
     info = inspect_scene(path)
-    return {"kind": "scene", **info.as_dict(), "crs_areal_scale": areal_scale(info.crs, info.bounds)}
+    desc = {"kind": "scene", **info.as_dict(), "crs_areal_scale": areal_scale(info.crs, info.bounds)}
+    classes = _map_classes(path)
+    if classes:
+        desc["classes"] = classes
+    return desc
+
+
+def _map_classes(path: str) -> list[dict[str, Any]] | None:
+    """A geoseg class map's classes (its ``CLASSES`` tag) with the pixel counts and areas of its attribute
+    table (the ``.aux.xml`` beside it, when there is one); ``None`` for any other raster."""
+    import xml.etree.ElementTree as ET
+
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        tag = ds.tags().get("CLASSES")
+    try:
+        classes = [dict(c) for c in json.loads(tag)] if tag else None
+    except (ValueError, TypeError):
+        return None
+    aux = Path(f"{path}.aux.xml")
+    if not classes or not aux.is_file():
+        return classes
+    try:
+        table = ET.parse(aux).find(".//GDALRasterAttributeTable")
+    except ET.ParseError:
+        return classes
+    if table is None:
+        return classes
+    fields = [f.findtext("Name") for f in table.findall("FieldDefn")]
+    rows = {}
+    for row in table.findall("Row"):
+        values = dict(zip(fields, (f.text for f in row.findall("F")), strict=False))
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            rows[int(values["Value"] or "")] = values
+    for c in classes:
+        values = rows.get(c["id"], {})
+        for key, name in (("pixels", "Count"), ("area_m2", "Area_m2")):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                c[key] = float(values[name] or "")
+    return classes
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -177,7 +218,24 @@ def _scene_text(d: dict[str, Any]) -> list[str]:
     names = [n for n in d.get("descriptions") or [] if n]
     if names:
         lines.append(f"  bands:    {', '.join(f'{i}: {n}' for i, n in enumerate(d['descriptions'], 1) if n)}")
+    classes = d.get("classes") or []
+    total = sum(c.get("pixels", 0) for c in classes)
+    unit, per = _area_unit(max((c.get("area_m2") or 0 for c in classes), default=0))
+    if classes:
+        lines.append("  classes:  id  name                 colour  " + (f"   share  {'area (' + unit + ')':>15}" if total else ""))
+    for c in classes:
+        colour = "#" + "".join(f"{v:02x}" for v in c.get("color", ())) if c.get("color") else "-"
+        line = f"            {c['id']:>3}  {c['name']:<20} {colour:<8}"
+        if total:
+            line += f" {100 * c.get('pixels', 0) / total:5.1f} %"
+            line += f"  {c['area_m2'] / per:15.4f}" if c.get("area_m2") is not None else ""
+        lines.append(line)
     return lines
+
+
+def _area_unit(largest_m2: float) -> tuple[str, float]:
+    """One unit for a column of areas, by its largest: km2, ha or m2."""
+    return ("km2", 1e6) if largest_m2 >= 1e6 else ("ha", 1e4) if largest_m2 >= 1e4 else ("m2", 1.0)
 
 
 def describe_text(desc: dict[str, Any]) -> str:

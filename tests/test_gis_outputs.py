@@ -71,6 +71,21 @@ def test_the_attribute_table_counts_every_class_exactly(tmp_path):
     assert rows[2][1] == "class 2" and rows[2][6] == pytest.approx(want[2] * 4.0)  # 2 m pixels
 
 
+def test_info_lists_a_class_maps_classes_with_their_share_and_area(tmp_path):
+    out = _predict(tmp_path)
+    res = CliRunner().invoke(main, ["info", str(out / "s.classes.tif")])
+    assert res.exit_code == 0, res.output
+    # 27,000 / 45,000 / 45,000 valid pixels of 4 m2: 23.1 %, 38.5 %, 38.5 %; areas in ha
+    assert "area (ha)" in res.output
+    assert [line.split()[1:] for line in res.output.splitlines() if "class 2" in line] == [
+        ["class", "2", "#285ac8", "38.5", "%", "18.0000"]]
+    d = json.loads(CliRunner().invoke(main, ["info", "--json", str(out / "s.classes.tif")]).output)
+    assert [(c["id"], c["pixels"], c["area_m2"]) for c in d["classes"]] == [
+        (1, 27_000, 108_000.0), (2, 45_000, 180_000.0), (3, 45_000, 180_000.0)]
+    scene = CliRunner().invoke(main, ["info", "--json", str(tmp_path / "s.tif")]).output
+    assert "classes" not in json.loads(scene)  # not a class map
+
+
 def test_every_scene_gets_a_stac_item_linking_its_outputs(tmp_path):
     pytest.importorskip("pystac")
     import pystac
