@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_precision import default_cases
+from bench_precision import chosen_cases
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 
@@ -63,11 +63,7 @@ def main() -> None:
 
     from geoseg.hardware import cpu_features
 
-    cases = ([{"name": Path(m).name, "model": m, "image": i, "labels": lab, "label_value": None}
-              for m, i, lab in args.case] if args.case else default_cases())
-    if not cases:
-        raise SystemExit("no trained model found: run `geoseg demo --output-dir demo/` and/or "
-                         "`python examples/spacenet_buildings.py --output-dir runs/spacenet`, or pass --case")
+    cases = chosen_cases(args.case)
     print(f"CPU: {cpu_features().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"onnxruntime {onnxruntime.__version__}")
     rows = []

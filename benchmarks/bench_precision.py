@@ -27,6 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GEOSEG_REAL_DATA", ROOT.parent / "shared" / "data"))
 
 
+def chosen_cases(case_args: list[list[str]] | None) -> list[dict[str, Any]]:
+    """The ``--case MODEL IMAGE LABELS`` triples given, else the trained models found; exits when none."""
+    cases = ([{"name": Path(m).name, "model": m, "image": i, "labels": lab, "label_value": None}
+              for m, i, lab in case_args] if case_args else default_cases())
+    if not cases:
+        raise SystemExit("no trained model found: run `geoseg demo --output-dir demo/` and/or "
+                         "`python examples/spacenet_buildings.py --output-dir runs/spacenet`, or pass --case")
+    return cases
+
+
 def default_cases() -> list[dict[str, Any]]:
     cases = []
     demo = ROOT / "demo"
@@ -71,11 +81,7 @@ def main() -> None:
 
     from geoseg.hardware import cpu_features, resolve_precision
 
-    cases = ([{"name": Path(m).name, "model": m, "image": i, "labels": lab, "label_value": None}
-              for m, i, lab in args.case] if args.case else default_cases())
-    if not cases:
-        raise SystemExit("no trained model found: run `geoseg demo --output-dir demo/` and/or "
-                         "`python examples/spacenet_buildings.py --output-dir runs/spacenet`, or pass --case")
+    cases = chosen_cases(args.case)
     cpu = cpu_features()
     print(f"CPU: {cpu.describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"--precision auto picks {resolve_precision('auto', 'cpu')} here")

@@ -427,7 +427,7 @@ def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwr
         bars.close()
     m = result.metrics
     score = f", validation mIoU {m['miou']:.4f}" if m.get("miou") is not None else ""
-    click.echo(f"model bundle: {result.bundle_path} (best epoch {result.best_epoch} of {result.epochs_run}{score}; "
+    click.echo(f"model bundle: {result.bundle_path} (kept epoch {result.best_epoch} of {result.epochs_run}, the {result.kept}{score}; "
                f"{result.chips_seen} training chips in {result.seconds:.0f} s, stopped by "
                f"{result.stopped_by.replace('_', ' ')})")
 

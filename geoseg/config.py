@@ -193,6 +193,9 @@ class TrainConfig(_Strict):
                                          "and the run ends when it is spent (or at epochs, whichever comes first)")
     val_batches: int | None = Field(default=None, ge=1, description="cap on validation batches per epoch")
     monitor: Literal["miou", "loss", "accuracy", "f1"] = "miou"
+    keep: Literal["best", "last"] = Field(default="last", description=(
+        "the weights the bundle keeps: 'last' (the end of the completed, annealed schedule; validation is "
+        "still scored and reported) or 'best' (the epoch with the best validation monitor)"))
     seed: int = 0
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"

@@ -186,7 +186,7 @@ def _bundle_text(d: dict[str, Any]) -> list[str]:
     tr, val, exp = meta.get("training") or {}, meta.get("validation") or {}, meta.get("export") or {}
     if tr:
         lines.append(f"  training: {tr.get('epochs_run', '-')} epoch(s), {tr.get('chips_seen', '-')} chips in "
-                     f"{_fmt(tr.get('seconds'), 3)} s, best epoch {tr.get('best_epoch', '-')}, stopped by "
+                     f"{_fmt(tr.get('seconds'), 3)} s, kept epoch {tr.get('best_epoch', '-')} ({tr.get('kept', 'best')}), stopped by "
                      f"{str(tr.get('stopped_by', 'epochs')).replace('_', ' ')}")
     if val.get("classes"):
         per = ", ".join(f"{c['name']} {_fmt(c.get('iou'), 3)}" for c in val["classes"])

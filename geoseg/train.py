@@ -109,6 +109,7 @@ class TrainResult:
     chips_seen: int = 0
     seconds: float = 0.0
     stopped_by: str = "epochs"  # epochs, max_seconds or early_stopping
+    kept: str = "best"  # which epoch's weights the bundle holds (best_epoch): the config's ``keep``
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -347,6 +348,7 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
       needs): small scenes train instead of failing with "no training chip".
     - ``data.split_block`` (unset): one chip, so the validation blocks are a sample of the scene, not one
       half of a small one.
+    - ``keep`` (unset): ``best`` when early stopping is on (the run stops past its best epoch), else ``last``.
     The result is what ``config.yaml`` records, so a resumed run fits the same way.
     """
     from geoseg.models import input_divisor
@@ -370,6 +372,8 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
     if d.overlap is None and "chip_size" in update:
         update["overlap"] = chip // 4
     fitted = cfg.model_copy(update={"data": d.model_copy(update=update)}) if update else cfg
+    if cfg.early_stopping.patience and "keep" not in cfg.model_fields_set:
+        fitted = fitted.model_copy(update={"keep": "best"})
     if sized_net:
         fitted = fitted.model_copy(update={"model": default_network(chip)})
     return fitted
@@ -434,12 +438,12 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     trainer.net.load_state_dict(_used_weights(trainer.net, best["model"]))
     done.best_scores = dict(best.get("scores") or {})
     _say_what_the_budget_bought(cfg, done)
-    bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history, _summary(done), out)
+    bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history, _summary(cfg, done), out)
     if cfg.plots:
         plots(cfg, samples.data, samples.val, trainer.net, device, done.history, done.best_scores, out / "plots")
     return TrainResult(bundle_path, out, done.best_scores, int(best["epoch"]), len(done.history),
                        done.stopped_by != "epochs", done.history, chips_seen=done.chips, seconds=done.seconds,
-                       stopped_by=done.stopped_by)
+                       stopped_by=done.stopped_by, kept=cfg.keep)
 
 
 def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress, out: Path, cfg_hash: str,
@@ -480,7 +484,7 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
             row["seconds"] = round(time.perf_counter() - t0, 3)
             done.history.append(row)
             done.epoch, done.seconds = epoch, clock()
-            _keep_best(cfg, trainer, done, row, val_scores, mode, out / "checkpoints" / "best.ckpt")
+            _keep_epoch(cfg, trainer, done, row, val_scores, mode, out / "checkpoints" / "best.ckpt")
             if trainer.schedule.done and done.epoch < cfg.epoch_limit:
                 done.stopped_by = "max_seconds"
             _atomic_save(trainer.checkpoint(done, cfg_hash), out / "checkpoints" / "last.ckpt")
@@ -494,19 +498,21 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
         tb.close()
 
 
-def _keep_best(cfg: TrainConfig, trainer: _Trainer, done: _Progress, row: dict[str, Any],
+def _keep_epoch(cfg: TrainConfig, trainer: _Trainer, done: _Progress, row: dict[str, Any],
                val_scores: dict[str, Any], mode: str, best_path: Path) -> None:
     value = _monitor_value(row, cfg.monitor) if val_scores else None
-    is_best = not val_scores or (value is not None and _improved(value, done.best_score, mode,
-                                                                 cfg.early_stopping.min_delta))
-    if is_best:
+    improved = not val_scores or (value is not None and _improved(value, done.best_score, mode,
+                                                                  cfg.early_stopping.min_delta))
+    if improved:  # what early stopping counts
         done.best_score = value if value is not None else done.best_score
-        done.best_epoch, done.bad_epochs = row["epoch"], 0
+        done.bad_epochs = 0
+    else:
+        done.bad_epochs += 1
+    if improved or cfg.keep == "last":  # the kept checkpoint (best.ckpt): the weights the bundle gets
+        done.best_epoch = row["epoch"]
         done.best_scores = {**val_scores, "epoch": row["epoch"]}
         _atomic_save({"model": trainer.kept.state_dict(), "epoch": row["epoch"], "scores": done.best_scores},
                      best_path)
-    else:
-        done.bad_epochs += 1
 
 
 def _shown(limit: int) -> int:
@@ -514,15 +520,15 @@ def _shown(limit: int) -> int:
     return 0 if limit >= UNBOUNDED_EPOCHS else limit
 
 
-def _summary(done: _Progress) -> dict[str, Any]:
+def _summary(cfg: TrainConfig, done: _Progress) -> dict[str, Any]:
     return {"epochs_run": done.epoch, "chips_seen": done.chips, "seconds": round(done.seconds, 1),
-            "best_epoch": done.best_epoch, "stopped_by": done.stopped_by}
+            "best_epoch": done.best_epoch, "kept": cfg.keep, "stopped_by": done.stopped_by}
 
 
 def _say_what_the_budget_bought(cfg: TrainConfig, done: _Progress) -> None:
     best = done.best_scores.get("miou")
-    log.info("trained %d epoch(s), %d chips in %.0f s (stopped by %s); best epoch %d%s", done.epoch, done.chips,
-                done.seconds, done.stopped_by.replace("_", " "), done.best_epoch,
+    log.info("trained %d epoch(s), %d chips in %.0f s (stopped by %s); kept epoch %d (%s)%s", done.epoch,
+                done.chips, done.seconds, done.stopped_by.replace("_", " "), done.best_epoch, cfg.keep,
                 f", validation mean IoU {best:.3f}" if isinstance(best, float) else "")
 
 

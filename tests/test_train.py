@@ -327,3 +327,15 @@ def test_a_moving_average_of_the_weights_is_what_validation_scores_and_the_bundl
         train(cfg, part, progress=interrupt)
     resumed = _weights(train(cfg, part, resume=True))
     assert all(torch.equal(kept[k], resumed[k]) for k in kept)
+
+
+def test_keep_last_bundles_the_end_of_the_schedule_and_still_reports_validation(tmp_path, scene):
+    result = train(tiny_config(*scene, epochs=3, keep="last"), tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    kept = _weights(result)
+    assert all(torch.equal(kept[k], last["model"][k]) for k in kept)
+    assert result.best_epoch == result.epochs_run == 3 and result.kept == "last"
+    assert result.metrics["miou"] == result.history[-1]["val_miou"]  # the kept epoch's validation scores
+    meta = read_bundle(result.bundle_path).contract.metadata
+    assert meta["training"]["kept"] == "last" and meta["training"]["best_epoch"] == 3
+    assert meta["validation"]["miou"] == result.history[-1]["val_miou"]
