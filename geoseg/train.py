@@ -128,9 +128,12 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _config_hash(cfg: TrainConfig) -> str:
     d = cfg.model_dump(mode="json")
     # what may change between an interrupted run and its resumption
-    for key in ("epochs", "max_seconds", "device", "threads", "plots", "tensorboard", "preview_chips", "early_stopping"):
+    for key in ("epochs", "max_seconds", "device", "threads", "plots", "tensorboard", "preview_chips", "early_stopping",
+                "keep"):
         d.pop(key, None)
     d["data"].pop("workers", None)
+    if d["optimizer"].get("ema") is None:  # unset: the hash of a run begun before the key existed
+        d["optimizer"].pop("ema", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

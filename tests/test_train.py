@@ -339,3 +339,21 @@ def test_keep_last_bundles_the_end_of_the_schedule_and_still_reports_validation(
     meta = read_bundle(result.bundle_path).contract.metadata
     assert meta["training"]["kept"] == "last" and meta["training"]["best_epoch"] == 3
     assert meta["validation"]["miou"] == result.history[-1]["val_miou"]
+
+
+def test_keep_may_change_on_resume_and_an_unset_ema_keeps_older_runs_resumable(scene):
+    from geoseg.train import _config_hash
+
+    base = config_from_dict(tiny_config(*scene))
+    assert _config_hash(base) == _config_hash(config_from_dict(tiny_config(*scene, keep="best")))
+    assert _config_hash(base) != _config_hash(config_from_dict(tiny_config(*scene, optimizer={"ema": 0.9})))
+    # a run begun before keep and optimizer.ema existed: its checkpoint holds the hash of the config without them
+    import hashlib
+
+    d = base.model_dump(mode="json")
+    for key in ("epochs", "max_seconds", "device", "threads", "plots", "tensorboard", "preview_chips",
+                "early_stopping", "keep"):
+        d.pop(key)
+    d["data"].pop("workers")
+    d["optimizer"].pop("ema")
+    assert _config_hash(base) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
