@@ -21,6 +21,12 @@ def scene(tmp_path):
     return write_scene(tmp_path)
 
 
+def _interrupt_in_epoch_2(ev: TrainProgress) -> None:
+    """A progress callback that stops the run during its second epoch, as Ctrl-C does."""
+    if ev.stage == "train" and ev.epoch == 2:
+        raise KeyboardInterrupt
+
+
 def _weights(result):
     return load_file(str(result.bundle_path / "weights.safetensors"))
 
@@ -75,12 +81,8 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, scene):
     part = config_from_dict(tiny_config(*scene, epochs=3, optimizer={"schedule": "cosine"}))
     part_run = tmp_path / "part"
 
-    def interrupt(ev: TrainProgress) -> None:
-        if ev.stage == "train" and ev.epoch == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(part, part_run, progress=interrupt)
+        train(part, part_run, progress=_interrupt_in_epoch_2)
     ckpt = torch.load(part_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["progress"]["epoch"] == 1
     resumed = train(part, part_run, resume=True)
@@ -319,12 +321,8 @@ def test_a_moving_average_of_the_weights_is_what_validation_scores_and_the_bundl
     # an interrupted run with a moving average resumes to the same bundle
     part = tmp_path / "part"
 
-    def interrupt(ev: TrainProgress) -> None:
-        if ev.stage == "train" and ev.epoch == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, part, progress=interrupt)
+        train(cfg, part, progress=_interrupt_in_epoch_2)
     resumed = _weights(train(cfg, part, resume=True))
     assert all(torch.equal(kept[k], resumed[k]) for k in kept)
 
