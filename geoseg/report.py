@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -151,17 +150,23 @@ def _map_classes(path: str) -> list[dict[str, Any]] | None:
     if table is None:
         return classes
     fields = [f.findtext("Name") for f in table.findall("FieldDefn")]
-    rows = {}
-    for row in table.findall("Row"):
-        values = dict(zip(fields, (f.text for f in row.findall("F")), strict=False))
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            rows[int(values["Value"] or "")] = values
+    rows = [dict(zip(fields, (f.text for f in row.findall("F")), strict=False)) for row in table.findall("Row")]
+    by_value = {_number(r.get("Value")): r for r in rows}
     for c in classes:
-        values = rows.get(c["id"], {})
+        row = by_value.get(float(c["id"]), {})
         for key, name in (("pixels", "Count"), ("area_m2", "Area_m2")):
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                c[key] = float(values[name] or "")
+            value = _number(row.get(name))
+            if value is not None:
+                c[key] = value
     return classes
+
+
+def _number(text: str | None) -> float | None:
+    """A table cell as a number; ``None`` when it is empty or not a number."""
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

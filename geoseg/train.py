@@ -109,7 +109,7 @@ class TrainResult:
     chips_seen: int = 0
     seconds: float = 0.0
     stopped_by: str = "epochs"  # epochs, max_seconds or early_stopping
-    kept: str = "best"  # which epoch's weights the bundle holds (best_epoch): the config's ``keep``
+    kept: str = "last"  # which epoch's weights the bundle holds (best_epoch): the config's ``keep``
 
 
 # ---------------------------------------------------------------------------------------------- helpers
