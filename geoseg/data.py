@@ -363,6 +363,11 @@ class PreparedData:
     dtype: str
     pixel_size: float | None
 
+    @property
+    def has_val_blocks(self) -> bool:
+        """Whether the split holds validation blocks (whether or not a chip fits in them)."""
+        return any(name == "val" for cov in self.coverages for _, name in cov.blocks)
+
     def split_summary(self) -> dict[str, Any]:
         """A JSON-able record of the split: blocks per scene with their split names."""
         return {
@@ -448,7 +453,7 @@ def prepare_data(cfg: Any, progress: Callable[[str, int, int], None] | None = No
     counts_per_block = [block_class_counts(s, class_map, block) if s.split == "auto" else np.zeros((0, 0))
                         for s in scenes]
     blocks = assign_splits(scenes, block, d.val_fraction, d.test_fraction, cfg.seed, counts_per_block,
-                           d.chip_size)
+                           d.chip_size, val_default="val_fraction" not in d.model_fields_set)
     n_bands = len(scenes[0].bands)
     stats = BandStats.empty(n_bands) if d.mean is None else None
     counts = np.zeros(len(class_ids), dtype=np.int64)

@@ -281,7 +281,7 @@ def _samples(cfg: TrainConfig, out: Path, progress: ProgressCallback | None) -> 
     val_locs = GridChipSampler(data.scenes, data.coverages, rules, "val").locations()
     if cfg.val_batches:
         val_locs = val_locs[: cfg.val_batches * cfg.batch_size]
-    if not val_locs:
+    if data.has_val_blocks and not val_locs:
         log.warning("no validation chip fits the val blocks; the last epoch's weights become the model "
                     "(raise data.val_fraction or data.split_block, or lower chip_size)")
     log.info("%d training chips per epoch, %d validation chips", len(train_sampler), len(val_locs))
@@ -412,6 +412,11 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     device = resolve_device(cfg.device)
     _seed_all(cfg.seed)
     samples = _samples(cfg, out, progress)
+    if "val_fraction" not in cfg.data.model_fields_set and not samples.data.has_val_blocks:
+        # the split rule left a small set without validation (geoseg.splits): record it, so that config.yaml
+        # reproduces the run (and resumes it) as it was
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_fraction": 0.0})})
+        dump_config(cfg, out / "config.yaml")
     trainer = _Trainer.build(cfg, device, samples)
     cfg_hash = _config_hash(cfg)
     done = _Progress()

@@ -89,3 +89,13 @@ def test_edge_blocks_too_small_for_a_chip_stay_in_training():
     names = [n for _, n in out]
     assert all(names[k] == "train" for k in (2, 5, 6, 7, 8))  # the right column and the bottom row
     assert "val" in names
+
+
+@pytest.mark.parametrize("blocks,val", [(2, 0), (3, 0), (4, 0), (5, 1), (10, 2)])
+def test_a_default_val_fraction_holds_out_no_more_than_its_share(blocks, val):
+    counts = _counts(blocks, 2, {1: list(range(blocks))})
+    out = assign_splits([_scene(64 * blocks, 64)], 64, 0.2, 0.0, 0, [counts], chip=64, val_default=True)[0]
+    assert sum(n == "val" for _, n in out) == val
+    # a val_fraction the user gave is honoured as before: at least one block
+    out = assign_splits([_scene(64 * blocks, 64)], 64, 0.2, 0.0, 0, [counts], chip=64)[0]
+    assert sum(n == "val" for _, n in out) == max(1, val)

@@ -355,3 +355,25 @@ def test_keep_may_change_on_resume_and_an_unset_ema_keeps_older_runs_resumable(s
     d["data"].pop("workers")
     d["optimizer"].pop("ema")
     assert _config_hash(base) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_a_set_too_small_to_spare_a_validation_block_trains_on_all_and_records_it(tmp_path, scene, caplog):
+    cfg = tiny_config(*scene, epochs=2)
+    del cfg["data"]["val_fraction"]  # the default 0.2 of 4 labelled blocks is less than one block
+    with caplog.at_level("WARNING", logger="geoseg"):
+        result = train(cfg, tmp_path / "run")
+    assert "no validation split: 4 labelled block(s)" in caplog.text
+    assert "no validation chip fits" not in caplog.text
+    split = json.loads((tmp_path / "run" / "split" / "split.json").read_text())
+    assert {b["split"] for b in split["scenes"][0]["blocks"]} == {"train"}
+    recorded = load_config(tmp_path / "run" / "config.yaml")
+    assert recorded.data.val_fraction == 0.0 and result.kept == "last"
+    assert "val_miou" not in result.history[-1]
+    # the recorded config resumes the run (same split, same config hash)
+    again = train(tmp_path / "run" / "config.yaml", tmp_path / "run", resume=True)
+    assert again.epochs_run == 2
+    # with more blocks than 1 / val_fraction the default holds a share out as before
+    cfg["data"]["split_block"] = 32
+    result = train(cfg, tmp_path / "run16")
+    assert load_config(tmp_path / "run16" / "config.yaml").data.val_fraction == 0.2
+    assert "val_miou" in result.history[-1]
