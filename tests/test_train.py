@@ -301,12 +301,23 @@ def test_what_a_config_leaves_unset_is_sized_to_the_scenes(tmp_path):
     big = write_raster(tmp_path / "big.tif", np.zeros((1, 600, 700), dtype=np.uint8))
     cfg["data"]["scenes"] = [{"image": str(big), "labels": str(big)}]
     fitted = fit_to_data(config_from_dict(cfg))
-    assert fitted.data.chip_size == 256 and fitted.model.params == {"encoder_depth": 5,
-                                                                  "decoder_channels": [256, 128, 64, 32, 16]}
-    cfg["data"]["chip_size"] = 64  # what the user sets stays
+    assert fitted.data.chip_size == 256 and fitted.model.params == {"encoder_depth": 4,
+                                                                  "decoder_channels": [128, 64, 32, 16]}
+    cfg["data"]["chip_size"] = 512  # a chip the user sets sizes the default network too
+    fitted = fit_to_data(config_from_dict(cfg))
+    assert fitted.model.params == {"encoder_depth": 5, "decoder_channels": [256, 128, 64, 32, 16]}
+    cfg["data"]["chip_size"] = 64  # what the user sets stays; what they leave unset is sized, key by key
     cfg["model"] = {"encoder": "resnet34"}
     fitted = fit_to_data(config_from_dict(cfg))
-    assert fitted.data.chip_size == 64 and fitted.model.encoder == "resnet34" and fitted.model.params == {}
+    assert fitted.data.chip_size == 64 and fitted.model.encoder == "resnet34"
+    assert fitted.model.params == {"encoder_depth": 3, "decoder_channels": [64, 32, 16]}
+    cfg["model"] = {"dropout": 0.3}  # a regularisation setting does not swap the network
+    fitted = fit_to_data(config_from_dict(cfg))
+    assert fitted.model.encoder == "resnet18" and fitted.model.params["encoder_depth"] == 3
+    assert fitted.model.dropout == 0.3
+    cfg["model"] = {"architecture": "fpn"}  # another architecture keeps its own parameters
+    fitted = fit_to_data(config_from_dict(cfg))
+    assert fitted.model.encoder == "resnet18" and fitted.model.params == {}
 
 
 def test_a_moving_average_of_the_weights_is_what_validation_scores_and_the_bundle_keeps(tmp_path, scene):
