@@ -391,15 +391,15 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
 
 
 def default_network(chip: int) -> ModelConfig:
-    """The network a config that names none gets: a U-Net on resnet18, one stage shallower than the chip allows.
+    """The network a config that names none gets: a U-Net on resnet18, as deep as the chip allows.
 
     Measured on the small labelled sets of ``benchmarks/bench_training.py`` (RESULTS.md): at the same time
-    budget a resnet18 U-Net with a light decoder sees twice the chips of smp's default (resnet34, depth 5)
-    and scores higher, and one stage shallower than the chip allows scores higher still on held-out pixels
-    (buildings on 128 px chips, depth 3 against 4: +0.06 and +0.02 IoU at two seeds; roads on 256 px,
-    depth 4 against 5: +0.02). Depth: 3 up to 128 px chips, 4 for 256 px, 5 from 512 px.
+    budget a resnet18 U-Net at depth 4 with a light decoder sees twice the chips of smp's default (resnet34,
+    depth 5) and scores higher; one stage shallower scored lower (buildings, 128 px chips, depth 3: 0.205 and
+    0.186 building IoU at two seeds against 0.272 and 0.247). Depth: 3 for 32-64 px chips, 4 for 128 px,
+    5 from 256 px.
     """
-    depth = max(3, min(5, int(math.log2(chip)) - 4))
+    depth = max(3, min(5, int(math.log2(chip)) - 3))
     decoder = [256, 128, 64, 32, 16][5 - depth:] if depth == 5 else [128, 64, 32, 16][4 - depth:]
     return ModelConfig(architecture="unet", encoder="resnet18",
                        params={"encoder_depth": depth, "decoder_channels": decoder})

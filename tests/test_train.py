@@ -301,11 +301,11 @@ def test_what_a_config_leaves_unset_is_sized_to_the_scenes(tmp_path):
     big = write_raster(tmp_path / "big.tif", np.zeros((1, 600, 700), dtype=np.uint8))
     cfg["data"]["scenes"] = [{"image": str(big), "labels": str(big)}]
     fitted = fit_to_data(config_from_dict(cfg))
-    assert fitted.data.chip_size == 256 and fitted.model.params == {"encoder_depth": 4,
-                                                                  "decoder_channels": [128, 64, 32, 16]}
-    cfg["data"]["chip_size"] = 512  # a chip the user sets sizes the default network too
+    assert fitted.data.chip_size == 256 and fitted.model.params == {"encoder_depth": 5,
+                                                                  "decoder_channels": [256, 128, 64, 32, 16]}
+    cfg["data"]["chip_size"] = 128  # a chip the user sets sizes the default network too
     fitted = fit_to_data(config_from_dict(cfg))
-    assert fitted.model.params == {"encoder_depth": 5, "decoder_channels": [256, 128, 64, 32, 16]}
+    assert fitted.model.params == {"encoder_depth": 4, "decoder_channels": [128, 64, 32, 16]}
     cfg["data"]["chip_size"] = 64  # what the user sets stays; what they leave unset is sized, key by key
     cfg["model"] = {"encoder": "resnet34"}
     fitted = fit_to_data(config_from_dict(cfg))
