@@ -12,7 +12,7 @@ A ``val_fraction`` left at its default is a share, never more: when the labelled
 block to be within it (fewer than ``1 / val_fraction``: 4 or fewer at the default 0.2), there is no
 validation split and every labelled block trains. On such sets one held-out block was a third or more of
 the labels, which cost more held-out IoU than the validation scores were worth (benchmarks/RESULTS.md:
-Slovenia land use, mean IoU 0.178 with one validation block of three, 0.218 without).
+Slovenia land use, mean IoU 0.178 with one validation block of three, 0.244 without).
 """
 
 from __future__ import annotations

@@ -416,7 +416,6 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     last_path, best_path = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
-    dump_config(cfg, out / "config.yaml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -426,7 +425,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
         # the split rule left a small set without validation (geoseg.splits): record it, so that config.yaml
         # reproduces the run (and resumes it) as it was
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_fraction": 0.0})})
-        dump_config(cfg, out / "config.yaml")
+    dump_config(cfg, out / "config.yaml")
     trainer = _Trainer.build(cfg, device, samples)
     cfg_hash = _config_hash(cfg)
     done = _Progress()
