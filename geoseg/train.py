@@ -382,7 +382,7 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
     if cfg.early_stopping.patience and "keep" not in cfg.model_fields_set:
         fitted = fitted.model_copy(update={"keep": "best"})
     sized = default_network(chip)
-    net = {"encoder": sized.encoder} if "encoder" not in m.model_fields_set else {}
+    net: dict[str, Any] = {"encoder": sized.encoder} if "encoder" not in m.model_fields_set else {}
     if sized_params:
         net["params"] = sized.params
     if net:
