@@ -99,6 +99,11 @@ def _sweep_dead(folder: Path, prefix: str) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
+def sweep_dead_temporaries(folder: Path, name: str) -> None:
+    """Remove the temporaries of ``name`` in ``folder`` that killed processes of this host left behind."""
+    _sweep_dead(folder, f".{name}.tmp-")
+
+
 def _umask(default: int = 0o022) -> int:
     """This process's umask, read without changing it (``os.umask`` would race with other threads)."""
     try:

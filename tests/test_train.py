@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -92,6 +93,26 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, scene):
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     with pytest.raises(ConfigError, match="differs"):
         train(tiny_config(*scene, epochs=3, batch_size=2), part_run, resume=True)
+
+
+def test_resume_sweeps_the_temporary_of_a_checkpoint_killed_mid_save(tmp_path, scene):
+    import subprocess
+    import sys
+
+    from geoseg.store import _HOST
+
+    cfg = tiny_config(*scene, epochs=1)
+    train(cfg, tmp_path / "run")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ckpts = tmp_path / "run" / "checkpoints"
+    stale = ckpts / f".best.ckpt.tmp-{_HOST}-{dead.pid}-0123abcd"  # SIGKILL between staging and publishing
+    live = ckpts / f".last.ckpt.tmp-{_HOST}-{os.getppid()}-0123abcd"  # another live process's: left alone
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    result = train(cfg, tmp_path / "run", resume=True)  # the run had ended: it only writes its bundle again
+    assert result.epochs_run == 1
+    assert not stale.exists() and live.exists()
 
 
 def test_conv1x1_sigmoid_binary_sgd_onecycle_and_early_stopping(tmp_path):
@@ -288,7 +309,7 @@ def test_encoder_weights_from_a_local_file_start_the_encoder_there(tmp_path, sce
 
 
 def test_what_a_config_leaves_unset_is_sized_to_the_scenes(tmp_path):
-    from geoseg.train import fit_to_data
+    from geoseg.sizing import fit_to_data
 
     small, small_labels = write_scene(tmp_path, size=64, name="small")  # 64 px: 32 px chips, depth 3
     cfg = tiny_config(small, small_labels)
