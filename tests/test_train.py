@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from geoseg.bundle import load_model, read_bundle
 from geoseg.config import TrainConfig, config_from_dict, load_config
 from geoseg.data import IGNORE_INDEX
 from geoseg.errors import ConfigError, OutputExistsError, UnknownNameError
+from geoseg.store import _HOST
 from geoseg.train import LOSSES, TrainProgress, build_loss, train
 from tests._training import tiny_config, write_scene
 from tests.conftest import write_raster
@@ -96,11 +99,6 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, scene):
 
 
 def test_resume_sweeps_the_temporary_of_a_checkpoint_killed_mid_save(tmp_path, scene):
-    import subprocess
-    import sys
-
-    from geoseg.store import _HOST
-
     cfg = tiny_config(*scene, epochs=1)
     train(cfg, tmp_path / "run")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
