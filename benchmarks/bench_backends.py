@@ -1,18 +1,18 @@
 """CPU forward of an smp network per inference backend, against eager PyTorch (channels_last, fp32).
 
 Backends measured (fp32; ``-bf16``: under CPU autocast to bfloat16):
-  eager             eager PyTorch, channels_last: the yardstick (geoseg.backends "eager")
+  eager             eager PyTorch, channels_last: the yardstick (geoseg.predict.backends "eager")
   jit               torch.jit.trace + torch.jit.freeze
   jit-onednn        the same with oneDNN Graph fusion (torch.jit.enable_onednn_fusion(True))
   compile           torch.compile, inductor, static shapes, weights frozen (inductor's ``freezing``);
                     ``compile-unfrozen`` without freezing. Each compiles with a fresh cache: cold times
-  onnxruntime       geoseg.backends "onnxruntime": geoseg's ONNX export + ONNX Runtime's CPU provider,
+  onnxruntime       geoseg.predict.backends "onnxruntime": geoseg's ONNX export + ONNX Runtime's CPU provider,
                     graph optimisation ALL, intra-op threads = torch threads, no spinning;
                     ``onnxruntime-spin``: ONNX Runtime's default spinning thread pool. Not in bf16:
                     the export is float32, and bf16 was slower than fp32 everywhere here (no AMX)
 
 The input is real: chips of the 1024^2 aerial photo in ``$GEOSEG_REAL_DATA/aerial_cog`` (falls back to a
-synthetic scene from ``geoseg.synthetic``), each band normalised to mean 0, std 1. The network has random
+synthetic scene from ``geoseg.learn.synthetic``), each band normalised to mean 0, std 1. The network has random
 seeded weights (``encoder_weights=None``): its logits are less decided than a trained network's, so the
 arg max agreement with eager fp32 is a pessimistic figure. All backends run interleaved (A B C A B C ...)
 in one process; each timing is ``--calls`` forwards, repeated ``--repeats`` times; the table gives the median s/chip and the best
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch._inductor.utils import fresh_inductor_cache
 
-from geoseg.backends import agreement
+from geoseg.predict.backends import agreement
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 REAL = Path(os.environ.get("GEOSEG_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -62,12 +62,12 @@ def realistic_batch(batch: int, tile: int, bands: int = 3) -> tuple[torch.Tensor
     path = REAL / "aerial_cog" / "cogeo.tif"
     source = str(path)
     if not path.is_file():
-        from geoseg.synthetic import make_scene
+        from geoseg.learn.synthetic import make_scene
 
         tmp = Path(tempfile.mkdtemp())
         side = tile * max(2, int(np.ceil(np.sqrt(batch))))
         path = make_scene(tmp / "scene.tif", tmp / "labels.tif", side, seed=0).image
-        source = f"synthetic scene {side}^2 (geoseg.synthetic, seed 0)"
+        source = f"synthetic scene {side}^2 (geoseg.learn.synthetic, seed 0)"
     with rasterio.open(path) as src:
         cols, rows = max(1, src.width // tile), max(1, src.height // tile)
         chips = []
@@ -82,11 +82,11 @@ def realistic_batch(batch: int, tile: int, bands: int = 3) -> tuple[torch.Tensor
 
 
 # ------------------------------------------- backends: (net, example) -> forward, ready after one call
-# geoseg's own backends run through geoseg.backends.prepare (which converts, runs the example once and
+# geoseg's own backends run through geoseg.predict.backends.prepare (which converts, runs the example once and
 # checks agreement); the variants it does not ship are built here.
 
 def _geoseg(backend: str, bf16: bool = False) -> Callable[[torch.nn.Module, torch.Tensor], Forward]:
-    from geoseg.backends import prepare
+    from geoseg.predict.backends import prepare
 
     def build(net: torch.nn.Module, example: torch.Tensor) -> Forward:
         return prepare(net, backend, torch.device("cpu"), example, torch.bfloat16 if bf16 else None)
@@ -136,7 +136,7 @@ def _onnxruntime_spinning(net: torch.nn.Module, example: torch.Tensor) -> Forwar
     """geoseg's onnxruntime backend but with ONNX Runtime's default: intra-op threads spin between runs."""
     import onnxruntime as ort
 
-    from geoseg.export import _export_onnx
+    from geoseg.model.export import _export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         _export_onnx(net, example.contiguous(), Path(tmp) / "m.onnx", 17)

@@ -64,8 +64,9 @@ def make_bundle(path: Path, encoder: str, chip: int, overlap: int) -> Path:
     """A U-Net bundle with random weights (no download), as ``tests/conftest.py``'s ``make_bundle`` does."""
     import torch
 
-    from geoseg.bundle import ArchSpec, ClassInfo, Contract, InputSpec, save_bundle
-    from geoseg.models import build_network
+    from geoseg.model.bundle import save_bundle
+    from geoseg.model.contract import ArchSpec, ClassInfo, Contract, InputSpec
+    from geoseg.model.networks import build_network
 
     if path.exists():  # --workdir of an earlier run
         return path
@@ -83,7 +84,7 @@ def make_bundle(path: Path, encoder: str, chip: int, overlap: int) -> Path:
 
 
 def make_scenes(tmp: Path, size: int, n: int, prefix: str) -> list[Path]:
-    from geoseg.synthetic import make_scene
+    from geoseg.learn.synthetic import make_scene
 
     scenes = []
     for i in range(n):
@@ -96,7 +97,7 @@ def make_scenes(tmp: Path, size: int, n: int, prefix: str) -> list[Path]:
 
 def run_job(scenes: list[Path], bundle: Path, out: Path, scheduler: Any) -> tuple[float, Any]:
     """Wall seconds of one ``predict_scenes`` call, and its result; exits if a scene is not made in ``out``."""
-    from geoseg.predict import predict_scenes
+    from geoseg.predict.api import predict_scenes
 
     t0 = time.perf_counter()
     res = predict_scenes(scenes, bundle, out, scheduler=scheduler, vector_format=None, workers=1)
@@ -151,7 +152,7 @@ def main() -> None:
     import torch
     from distributed import Client, LocalCluster
 
-    from geoseg.bundle import load_model
+    from geoseg.model.weights import load_model
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO lines from the schedulers' closing
     torch.set_num_threads(1)  # the local scheduler runs the model in this process: one torch thread

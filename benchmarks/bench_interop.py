@@ -1,5 +1,5 @@
 """The three weight formats side by side: a trained bundle, its ONNX export and its TorchScript export each
-predict the whole scene (the tiled engine, through :func:`geoseg.evaluate.evaluate`, fp32, CPU), and the
+predict the whole scene (the tiled engine, through :func:`geoseg.learn.evaluate.evaluate`, fp32, CPU), and the
 script prints each one's mean IoU against the labels, seconds, and the share of valid pixels whose class is
 the same as the safetensors (PyTorch) bundle's. Aim (issue 12): at least 99.99 % agreement.
 
@@ -27,8 +27,8 @@ FORMATS = ("safetensors", "onnx", "torchscript")
 def run_case(case: dict[str, Any], tmp: Path) -> dict[str, Any]:
     import rasterio
 
-    from geoseg.evaluate import evaluate
-    from geoseg.export import export
+    from geoseg.learn.evaluate import evaluate
+    from geoseg.model.export import export
 
     models = {"safetensors": Path(case["model"])}
     for fmt in FORMATS[1:]:
@@ -61,7 +61,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from geoseg.hardware import cpu_features
+    from geoseg.predict.hardware import cpu_features
 
     cases = chosen_cases(args.case)
     print(f"CPU: {cpu_features().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -15,10 +15,10 @@ if that clean install fails is the venv made again with ``--system-site-packages
 
 Inputs, generated in a child process (the parent never imports torch, so it stays small):
 
-- a synthetic 3-band uint8 scene from :func:`geoseg.synthetic.make_scene` (EPSG:32633, 1 m, nodata 0,
+- a synthetic 3-band uint8 scene from :func:`geoseg.learn.synthetic.make_scene` (EPSG:32633, 1 m, nodata 0,
   a nodata triangle in the top-left corner), ``--size`` pixels square;
 - one network: smp U-Net resnet18, 6 classes, random weights (seed 0, ``encoder_weights=None``), saved as
-  a geoseg bundle (512 px chips, 128 px overlap) and exported with :func:`geoseg.export.export` as
+  a geoseg bundle (512 px chips, 128 px overlap) and exported with :func:`geoseg.model.export.export` as
   TorchScript. geo-inference applies no normalisation: it hands each chip to the model as it is read
   (``torch.as_tensor`` of the uint8 array). So the TorchScript file geo-inference gets is the exported
   network wrapped in a scripted module that casts to float32 and applies the bundle's normalisation,
@@ -144,10 +144,12 @@ def _make_inputs(work_dir: str, size: int, seed: int) -> None:
     import numpy as np
     import torch
 
-    from geoseg.bundle import ArchSpec, ClassInfo, Contract, InputSpec, load_model, save_bundle
-    from geoseg.export import export
-    from geoseg.models import build_network
-    from geoseg.synthetic import make_scene
+    from geoseg.learn.synthetic import make_scene
+    from geoseg.model.bundle import save_bundle
+    from geoseg.model.contract import ArchSpec, ClassInfo, Contract, InputSpec
+    from geoseg.model.export import export
+    from geoseg.model.networks import build_network
+    from geoseg.model.weights import load_model
 
     warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream; geo-inference needs it
     work = Path(work_dir)

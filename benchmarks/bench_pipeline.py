@@ -6,8 +6,8 @@ One synthetic 3-band uint8 scene (default 4096 x 4096), one U-Net resnet18 with 
 
 - ``bare forward``: the model alone on exactly the chips predict computes (read from the scene and
   normalised before the clock starts), at the precision, batch size and threads predict resolves, through
-  the same :class:`~geoseg.inference.Predictor` (network + softmax). The yardstick of the pipeline.
-- ``predict (defaults)``: :func:`geoseg.predict.predict_scene` in-process, ``--no-vector``: reading,
+  the same :class:`~geoseg.predict.inference.Predictor` (network + softmax). The yardstick of the pipeline.
+- ``predict (defaults)``: :func:`geoseg.predict.api.predict_scene` in-process, ``--no-vector``: reading,
   normalising, model, blending, strips, VRT and COG. Efficiency = its wall time / the bare forward's.
 - ``predict fp32 batch 8``: the defaults before issue 8 (``--precision fp32 --batch-size 8``).
 - ``predict onnxruntime``: the defaults with ``--backend onnxruntime``.
@@ -44,7 +44,7 @@ N_CLASSES = 6
 def child_make(workdir: str, sizes: list[int], encoder: str, chip: int, overlap: int) -> None:
     from bench_cluster import make_bundle
 
-    from geoseg.synthetic import make_scene
+    from geoseg.learn.synthetic import make_scene
 
     tmp = Path(workdir)
     make_bundle(tmp / f"unet-{encoder}-{chip}-{overlap}", encoder, chip, overlap)
@@ -56,8 +56,8 @@ def child_make(workdir: str, sizes: list[int], encoder: str, chip: int, overlap:
 
 
 def child_predict(scene: str, bundle: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
-    from geoseg.predict import predict_scenes
-    from geoseg.report import peak_memory_mb
+    from geoseg.predict.api import predict_scenes
+    from geoseg.predict.report import peak_memory_mb
 
     t0 = time.perf_counter()
     run = predict_scenes([scene], bundle, out, overwrite=True, vector_format=None, **options)
@@ -73,13 +73,12 @@ def child_bare(scene: str, bundle: str, options: dict[str, Any]) -> dict[str, An
     import rasterio
     import torch
 
-    from geoseg.bundle import load_model
-    from geoseg.hardware import resolve_settings
-    from geoseg.inference import Predictor
-    from geoseg.raster import SceneReader
-    from geoseg.report import peak_memory_mb
-    from geoseg.tiling import ChipGrid
-    from geoseg.units import PredictOptions
+    from geoseg.io.raster import SceneReader
+    from geoseg.model.weights import load_model
+    from geoseg.predict.inference import Predictor, resolve_settings
+    from geoseg.predict.report import peak_memory_mb
+    from geoseg.predict.tiling import ChipGrid
+    from geoseg.predict.units import PredictOptions
 
     loaded = load_model(bundle)
     c = loaded.contract
@@ -131,8 +130,8 @@ def _cli(scene: Path, bundle: Path, out: Path) -> dict[str, Any]:
 
 def _startup() -> dict[str, Any]:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, segmentation_models_pytorch, rasterio, geoseg.predict, "
-                    "geoseg.engine"], check=True)
+    subprocess.run([sys.executable, "-c", "import torch, segmentation_models_pytorch, rasterio, geoseg.predict.api, "
+                    "geoseg.predict.engine"], check=True)
     return {"seconds": time.perf_counter() - t0}
 
 

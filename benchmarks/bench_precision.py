@@ -1,7 +1,7 @@
 """bf16 against fp32 on trained models: class agreement and mean IoU against the labels, side by side.
 
 Each case is a trained bundle, its scene and its labels. The scene is predicted whole (the tiled predict
-engine, through :func:`geoseg.evaluate.evaluate`) once per precision on the CPU; the script prints each
+engine, through :func:`geoseg.learn.evaluate.evaluate`) once per precision on the CPU; the script prints each
 precision's mean IoU against the labels and seconds, the share of valid pixels whose class is the same in
 both maps, and what ``--precision auto`` picks on this CPU (bf16 only with AMX, see ``geoseg/hardware.py``).
 Aims (issue 8): mean IoU within 0.002 of fp32's, agreement at least 99.5 %.
@@ -54,7 +54,7 @@ def default_cases() -> list[dict[str, Any]]:
 def run_case(case: dict[str, Any], tmp: Path) -> dict[str, Any]:
     import rasterio
 
-    from geoseg.evaluate import evaluate
+    from geoseg.learn.evaluate import evaluate
 
     out: dict[str, Any] = {}
     maps = {}
@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from geoseg.hardware import cpu_features, resolve_precision
+    from geoseg.predict.hardware import cpu_features, resolve_precision
 
     cases = chosen_cases(args.case)
     cpu = cpu_features()

@@ -25,9 +25,9 @@ sys.path.insert(0, str(HERE.parent))
 BASELINE = r'''
 import sys, json, resource, time
 import numpy as np, rasterio, torch
-from geoseg.bundle import load_model
-from geoseg.blend import chip_weights
-from geoseg.tiling import ChipGrid
+from geoseg.model.bundle import load_model
+from geoseg.predict.blend import chip_weights
+from geoseg.predict.tiling import ChipGrid
 scene, bundle, out = sys.argv[1:4]
 t0 = time.perf_counter()
 m = load_model(bundle); c = m.contract
@@ -70,7 +70,7 @@ def _make_inputs(tmp_dir: str, sizes: list[int]) -> None:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from conftest import make_bundle
 
-    from geoseg.synthetic import make_scene
+    from geoseg.learn.synthetic import make_scene
 
     make_bundle(tmp / "tiny", n_bands=3, n_classes=5, chip=512, overlap=128, identity=False,
                          input={"bands": ["red", "green", "blue"], "mean": [120.0] * 3, "std": [50.0] * 3})

@@ -26,7 +26,7 @@ The baseline is scikit-learn's ``RandomForestClassifier`` (100 trees, ``n_jobs=-
 and at sigma 1, 2, 4, 8 its Gaussian smoothing, gradient magnitude (Sobel of the Gaussian) and local
 standard deviation (Gaussian window). It fits on at most ``--rf-samples`` labelled training pixels
 (stratified: each class keeps its share, and at least 1000 pixels or all it has), predicts the held-out
-side, and is scored with geoseg's own ``ConfusionMatrix`` and ``scores`` (geoseg.metrics): the same IoU
+side, and is scored with geoseg's own ``ConfusionMatrix`` and ``scores`` (geoseg.learn.metrics): the same IoU
 definition; nodata and unlabelled pixels are left out on both sides (the "pixels" column shows the two
 agree). Its seconds are fit + predict (features excluded).
 
@@ -281,7 +281,7 @@ def stratified_sample(y: np.ndarray, n: int, rng: np.random.Generator, floor: in
 def random_forest(split: Split, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.ensemble import RandomForestClassifier
 
-    from geoseg.metrics import ConfusionMatrix, scores
+    from geoseg.learn.metrics import ConfusionMatrix, scores
 
     v = split.train_valid
     mean = np.array([b[v].mean() for b in split.train_x], dtype=np.float64)
@@ -511,7 +511,7 @@ def main() -> None:
     import sklearn
     import torch
 
-    from geoseg.hardware import cpu_features
+    from geoseg.predict.hardware import cpu_features
 
     header = {"machine": cpu_features().describe(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "sklearn": sklearn.__version__, "command": shlex.join([sys.executable, *sys.argv]),

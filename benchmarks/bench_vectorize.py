@@ -7,12 +7,12 @@ of the method's whole process tree: the largest sum of its processes' resident s
 shared library pages count in every process that maps them, so several processes are not flattered), and
 never less than its largest process's ``ru_maxrss``:
 
-- ``geoseg``: :func:`geoseg.vectorize.vectorize_raster` to GeoPackage (worker processes);
+- ``geoseg``: :func:`geoseg.gis.vectorize.vectorize_raster` to GeoPackage (worker processes);
 - ``gdal_polygonize``: GDAL's command line tool (Debian: ``apt-get install gdal-bin``) to GeoPackage;
   skipped with a message when it is not installed;
 - ``shapes+pyogrio``: one ``rasterio.features.shapes`` call over the whole raster, then one batched
   ``pyogrio.write_dataframe`` to GeoPackage;
-- ``geoseg, GEOS union`` (``--union``): geoseg with its seam stitch (:func:`geoseg.vectorize.stitch.stitch`,
+- ``geoseg, GEOS union`` (``--union``): geoseg with its seam stitch (:func:`geoseg.gis.vectorize.stitch.stitch`,
   a rectilinear ring relink) replaced by one ``shapely.coverage_union_all`` per group of pieces, to measure
   whether the hand-written stitch earns its place; the script also checks that both give the same polygons
   (count, total area, and each group's area).
@@ -67,7 +67,7 @@ def make_raster(path: Path, size: int, seed: int = 0) -> None:
 
 
 def run_geoseg(src: str, dst: str, workers: int | None, block_size: int | None) -> int:
-    from geoseg.vectorize import BLOCK_SIZE, vectorize_raster
+    from geoseg.gis.vectorize import BLOCK_SIZE, vectorize_raster
 
     result = vectorize_raster(src, dst, workers=workers, block_size=block_size or BLOCK_SIZE)
     return result.features
@@ -118,7 +118,7 @@ def union_stitch(groups: list[list[object]], connectivity: int, block: int, widt
 def child(method: str, src: str, dst: str, workers: int | None, block_size: int | None) -> None:
     t0 = time.perf_counter()
     if method == "union":
-        import geoseg.vectorize.merge as merge
+        import geoseg.gis.vectorize.merge as merge
 
         merge.stitch = union_stitch  # type: ignore[assignment]  (the merge runs in this process)
         n = run_geoseg(src, dst, workers, block_size)

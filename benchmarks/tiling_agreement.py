@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from geoseg.predict import predict_scene
+from geoseg.predict.api import predict_scene
 
 REAL = Path(os.environ.get("GEOSEG_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DEFAULT_SCENES = [REAL / "aerial_cog" / "cogeo.tif", REAL / "landsat_rgb" / "RGB.byte.tif", REAL / "rgbn" / "rgbn.tif"]

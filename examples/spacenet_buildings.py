@@ -19,10 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-from geoseg.config import load_config
-from geoseg.evaluate import evaluate
-from geoseg.progress_bars import EpochBars
-from geoseg.train import train
+from geoseg.console.progress import EpochBars
+from geoseg.learn.config import load_config
+from geoseg.learn.evaluate import evaluate
+from geoseg.learn.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,21 +15,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "geoseg.bundle",
-    "read_bundle": "geoseg.bundle",
-    "save_bundle": "geoseg.bundle",
-    "Contract": "geoseg.bundle",
-    "predict_scene": "geoseg.predict",
-    "predict_scenes": "geoseg.predict",
-    "PredictOptions": "geoseg.predict",
-    "inspect_scene": "geoseg.raster",
+    "load_model": "geoseg.model.weights",
+    "read_bundle": "geoseg.model.bundle",
+    "save_bundle": "geoseg.model.bundle",
+    "Contract": "geoseg.model.contract",
+    "predict_scene": "geoseg.predict.api",
+    "predict_scenes": "geoseg.predict.api",
+    "PredictOptions": "geoseg.predict.api",
+    "inspect_scene": "geoseg.io.raster",
     "GeoSegError": "geoseg.errors",
-    "vectorize_raster": "geoseg.vectorize",
-    "polygonize": "geoseg.vectorize",
-    "train": "geoseg.train",
-    "load_config": "geoseg.config",
-    "evaluate": "geoseg.evaluate",
-    "export": "geoseg.export",
+    "vectorize_raster": "geoseg.gis.vectorize",
+    "polygonize": "geoseg.gis.vectorize",
+    "train": "geoseg.learn.train",
+    "load_config": "geoseg.learn.config",
+    "evaluate": "geoseg.learn.evaluate",
+    "export": "geoseg.model.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -16,15 +16,15 @@ from typing import Any
 import click
 
 from geoseg import __version__
+from geoseg.console.progress import BlockBar, ChipBar, EpochBars
 from geoseg.errors import GeoSegError
-from geoseg.progress_bars import BlockBar, ChipBar, EpochBars
 
 F = Callable[..., Any]
 
 
 def _disk_full(ctx: click.Context, exc: Exception) -> GeoSegError | None:
     """A full disk under the output folder the command was given (train, vectorize, export...)."""
-    from geoseg.store import disk_full
+    from geoseg.io.store import disk_full
 
     params = ctx.meta.get("geoseg.params", {})
     folder = next((params[k] for k in ("output_dir", "output") if params.get(k)), None)
@@ -192,7 +192,7 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
     """The job's settings: the job file's, overridden by what the command line sets explicitly."""
     from click.core import ParameterSource
 
-    from geoseg.jobfile import default_model, find_project, load_job
+    from geoseg.predict.jobfile import default_model, find_project, load_job
 
     explicit = {k: v for k, v in given.items()
                 if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
@@ -276,8 +276,8 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
     Run the same command again after an interruption: finished scenes and strips are skipped.
     Exit codes: 0 done, 1 error, 3 some scenes failed (see the report), 130 interrupted.
     """
-    from geoseg.predict import PredictOptions, predict_scenes
-    from geoseg.report import run_report, write_report
+    from geoseg.predict.api import PredictOptions, predict_scenes
+    from geoseg.predict.report import run_report, write_report
 
     settings = _job_settings(ctx, job, scenes, given)
     if settings.pop("no_vector", False):
@@ -343,7 +343,7 @@ def vectorize(ctx: click.Context, src: str, dst: str, connectivity: str, **optio
     as RFC 7946 requires). Polygons crossing block seams are merged: the result equals a whole-raster
     polygonisation.
     """
-    from geoseg.vectorize import vectorize_raster
+    from geoseg.gis.vectorize import vectorize_raster
 
     bar = None if ctx.obj["quiet"] else BlockBar()
     try:
@@ -360,7 +360,7 @@ def vectorize(ctx: click.Context, src: str, dst: str, connectivity: str, **optio
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON (the training config included).")
 def info(path: str, as_json: bool) -> None:
     """Describe a scene (size, bands, dtype, CRS, nodata, blocks) or a model bundle."""
-    from geoseg.report import describe_path, describe_text
+    from geoseg.predict.report import describe_path, describe_text
 
     desc = describe_path(path)
     if as_json:
@@ -380,7 +380,7 @@ def info(path: str, as_json: bool) -> None:
 def demo(ctx: click.Context, output_dir: str, size: int, epochs: int, train_seconds: float | None, device: str,
          overwrite: bool) -> None:
     """Offline demo: make a synthetic land-cover scene, train a small U-Net, predict, score it."""
-    from geoseg.demo import run_demo
+    from geoseg.learn.demo import run_demo
 
     bar = ChipBar(ctx.obj["quiet"], desc="demo predict")
     epochs_bar = EpochBars(ctx.obj["quiet"])
@@ -392,7 +392,7 @@ def demo(ctx: click.Context, output_dir: str, size: int, epochs: int, train_seco
         epochs_bar.close()
         bar.close()
     click.echo(result.summary())
-    from geoseg.jobfile import PROJECT_FILE, write_project
+    from geoseg.predict.jobfile import PROJECT_FILE, write_project
 
     project = write_project(result.bundle)
     if project is not None:
@@ -411,8 +411,8 @@ def demo(ctx: click.Context, output_dir: str, size: int, epochs: int, train_seco
 @click.pass_context
 def train(ctx: click.Context, config: str, output_dir: str, resume: bool, overwrite: bool) -> None:
     """Train a segmentation model from a YAML CONFIG (see configs/*.yaml)."""
-    from geoseg.config import load_config
-    from geoseg.train import train as train_tool
+    from geoseg.learn.config import load_config
+    from geoseg.learn.train import train as train_tool
 
     cfg = load_config(config)
     bars = EpochBars(ctx.obj["quiet"])
@@ -443,8 +443,8 @@ def pretrain(ctx: click.Context, config: str, output: str, overwrite: bool) -> N
     (see configs/pretrain.yaml)."""
     from tqdm import tqdm
 
-    from geoseg.config import load_pretrain_config
-    from geoseg.pretrain import pretrain as pretrain_tool
+    from geoseg.learn.config import load_pretrain_config
+    from geoseg.learn.pretrain import pretrain as pretrain_tool
 
     cfg = load_pretrain_config(config)
     bar = tqdm(total=cfg.steps or None, desc="pretrain", unit="step", disable=ctx.obj["quiet"], leave=False)
@@ -491,7 +491,7 @@ def evaluate(ctx: click.Context, scene: str | None, model: str, image: str | Non
              tile_size: int | None, overlap: int | None, batch_size: int | str, device: str, precision: str,
              workers: int | None, tta: bool, keep_prediction: bool, overwrite: bool) -> None:
     """Predict SCENE with a model and score it against labels (IoU, F1, precision, recall)."""
-    from geoseg.evaluate import evaluate as evaluate_tool
+    from geoseg.learn.evaluate import evaluate as evaluate_tool
 
     if (scene is None) == (image is None):
         raise click.UsageError("give the SCENE to score (once): geoseg evaluate SCENE --model M --labels L")
@@ -526,8 +526,8 @@ def export(model: str, fmt: str, output: str | None, output_old: str | None, ops
     STAC MLM Item."""
     from pathlib import Path
 
-    from geoseg.export import export as export_tool
-    from geoseg.export import mlm_path
+    from geoseg.model.export import export as export_tool
+    from geoseg.model.export import mlm_path
 
     output = output or output_old
     if fmt == "mlm" and output is not None:

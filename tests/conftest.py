@@ -54,8 +54,9 @@ def make_bundle(path: Path, n_bands: int = 3, n_classes: int | None = None, *, c
     """Write a tiny model bundle. ``conv1x1`` with ``identity`` maps input band k to logit k exactly."""
     import torch
 
-    from geoseg.bundle import ArchSpec, ClassInfo, Contract, InputSpec, save_bundle
-    from geoseg.models import build_network
+    from geoseg.model.bundle import save_bundle
+    from geoseg.model.contract import ArchSpec, ClassInfo, Contract, InputSpec
+    from geoseg.model.networks import build_network
 
     n_classes = n_classes or n_bands
     params: dict[str, Any] = {}

@@ -84,7 +84,7 @@ def test_predict_writes_polygons_by_default_and_vectorize_command(tmp_path):
 
 def test_predict_scene_without_model_uses_env_then_project_file(tmp_path, monkeypatch):
     """The card's `geoseg predict scene.tif`: --model, else GEOSEG_MODEL, else ./geoseg.yaml's model."""
-    from geoseg.jobfile import write_project
+    from geoseg.predict.jobfile import write_project
 
     model = make_bundle(tmp_path / "m")
     other = make_bundle(tmp_path / "other", n_classes=3, seed=1)

@@ -98,9 +98,10 @@ def _multiband(path, count, names=None, alpha=False):
 
 
 def test_more_scene_bands_than_the_model_takes_needs_an_unambiguous_mapping(tmp_path):
-    from geoseg.bundle import check_scene, read_bundle
     from geoseg.errors import BundleError
-    from geoseg.raster import inspect_scene
+    from geoseg.io.raster import inspect_scene
+    from geoseg.model.bundle import read_bundle
+    from geoseg.model.preflight import check_scene
 
     model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
     contract = read_bundle(model).contract  # bands b1, b2, b3
@@ -127,7 +128,7 @@ def test_more_scene_bands_than_the_model_takes_needs_an_unambiguous_mapping(tmp_
 ])
 def test_a_network_the_config_cannot_build_or_run_is_refused_before_the_run_folder(tmp_path, model, words):
     from geoseg.errors import ConfigError
-    from geoseg.train import train
+    from geoseg.learn.train import train
     from tests._training import tiny_config, write_scene
 
     image, labels = write_scene(tmp_path)
@@ -142,12 +143,12 @@ def test_a_network_the_config_cannot_build_or_run_is_refused_before_the_run_fold
 
 
 def test_an_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
-    import geoseg.train
+    import geoseg.learn.train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(geoseg.train, "train", interrupted)
+    monkeypatch.setattr(geoseg.learn.train, "train", interrupted)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("classes: [{id: 1, name: a}, {id: 2, name: b}]\ndata: {scenes: [{image: x.tif, labels: y.tif}]}\n")
     r = CliRunner().invoke(main, ["train", str(cfg), "--output-dir", str(tmp_path / "run")])
@@ -155,8 +156,8 @@ def test_an_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
 
 
 def test_a_class_colour_out_of_range_is_refused_when_the_config_loads(tmp_path):
-    from geoseg.config import load_config
     from geoseg.errors import ConfigError
+    from geoseg.learn.config import load_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("classes: [{id: 1, name: a, color: [300, 0, 0]}, {id: 2, name: b}]\n"
@@ -166,12 +167,12 @@ def test_a_class_colour_out_of_range_is_refused_when_the_config_loads(tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
-    import geoseg.predict
+    import geoseg.predict.api
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(geoseg.predict, "predict_scenes", bug)
+    monkeypatch.setattr(geoseg.predict.api, "predict_scenes", bug)
     scene = _tiled_scene(tmp_path / "s.tif", size=256)
     args = ["predict", str(scene), "-m", str(tmp_path / "m"), "-o", str(tmp_path / "o")]
     r = CliRunner().invoke(main, args)
@@ -182,7 +183,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
 
 
 def test_a_scene_entirely_nodata_gives_nodata_outputs_and_a_warning(tmp_path, caplog):
-    from geoseg.predict import predict_scene
+    from geoseg.predict.api import predict_scene
     from tests.conftest import write_raster
 
     model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
@@ -200,7 +201,7 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp
     import sys
 
     from geoseg.errors import OutputExistsError
-    from geoseg.predict import predict_scene
+    from geoseg.predict.api import predict_scene
 
     model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
     scene = _tiled_scene(tmp_path / "s.tif", size=256)
@@ -208,7 +209,7 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp
     out.mkdir()
     # another process holds the folder (as a running job does), then is killed: the lock goes with it
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from geoseg.store import Store; from geoseg.manifest import "
+                               "import sys, time; from geoseg.io.store import Store; from geoseg.predict.manifest import "
                                "folder_lock\nwith folder_lock(Store(sys.argv[1])):\n print('held', flush=True)\n "
                                "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -242,8 +243,8 @@ def test_a_model_file_never_runs_code_on_load(tmp_path, name, how):
 
     import torch
 
-    from geoseg.bundle import load_model
     from geoseg.errors import BundleError
+    from geoseg.model.weights import load_model
 
     p = make_bundle(tmp_path / "m", n_bands=3)
     data = json.loads((p / "model.json").read_text())
@@ -267,8 +268,8 @@ def test_a_model_file_never_runs_code_on_load(tmp_path, name, how):
 def test_a_bundle_reads_its_weights_only_from_its_own_folder(tmp_path, weights):
     import json
 
-    from geoseg.bundle import load_model
     from geoseg.errors import BundleError
+    from geoseg.model.weights import load_model
 
     p = make_bundle(tmp_path / "m", n_bands=3)
     data = json.loads((p / "model.json").read_text())
@@ -280,7 +281,7 @@ def test_a_bundle_reads_its_weights_only_from_its_own_folder(tmp_path, weights):
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_a_finished_run_resumes_with_more_epochs(tmp_path, schedule):
-    from geoseg.train import train
+    from geoseg.learn.train import train
     from tests._training import tiny_config, write_scene
 
     image, labels = write_scene(tmp_path)
@@ -293,7 +294,7 @@ def test_a_finished_run_resumes_with_more_epochs(tmp_path, schedule):
 
 def test_a_training_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path):
     from geoseg.errors import InputError
-    from geoseg.train import train
+    from geoseg.learn.train import train
     from tests._training import tiny_config, write_scene
 
     image, labels = write_scene(tmp_path)
@@ -311,7 +312,7 @@ def test_a_training_run_that_fails_before_its_first_checkpoint_leaves_nothing(tm
 
 
 def test_staging_left_by_a_killed_run_of_another_scene_is_reported(tmp_path, caplog):
-    from geoseg.predict import predict_scene
+    from geoseg.predict.api import predict_scene
 
     model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
     scene = _tiled_scene(tmp_path / "s.tif", size=256)
@@ -356,7 +357,7 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path):
 def test_rotated_and_crs_less_scenes_keep_their_grid(tmp_path, caplog):
     from affine import Affine
 
-    from geoseg.predict import predict_scene
+    from geoseg.predict.api import predict_scene
 
     model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
     rng = np.random.default_rng(2)
@@ -411,7 +412,7 @@ def test_a_killed_vectorize_leaves_no_partial_file_and_runs_again(tmp_path, dela
 
 def test_blocks_a_sparse_geotiff_leaves_out_are_nodata_and_never_predicted(tmp_path):
     """GDAL's SPARSE_OK: blocks never written hold no data (here no nodata value is even declared)."""
-    from geoseg.predict import predict_scene
+    from geoseg.predict.api import predict_scene
 
     size, block = 2048, 256
     path = tmp_path / "sparse.tif"

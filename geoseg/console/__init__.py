@@ -1,0 +1,3 @@
+"""What a terminal shows: progress bars over the library's progress callbacks (the library itself never
+prints).
+"""

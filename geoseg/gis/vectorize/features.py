@@ -1,0 +1,160 @@
+"""Pixel-coordinate pieces to output features: CRS coordinates, areas and perimeters in metres,
+``min_area``, ``to_crs``; features as columns (:class:`Features`), and as a GeoDataFrame.
+
+Only numpy, shapely and pyproj here: block worker processes import this module, and stay lean without
+geopandas (imported by :func:`to_geodataframe` alone).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyproj
+import shapely
+
+from geoseg.gis.vectorize.plan import Plan
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+
+
+@dataclass
+class Features:
+    """Output polygons as columns, in the output CRS: what blocks hand over and what the writers take.
+
+    Attributes:
+        class_id: ``(n,)`` int32.
+        area_m2: ``(n,)`` float64, square metres (NaN when the raster has no CRS).
+        perim_m: ``(n,)`` float64, metres.
+        wkb: ``(n,)`` object array of WKB ``bytes`` (what every writer stores; cheap to send between processes).
+    """
+
+    class_id: np.ndarray
+    area_m2: np.ndarray
+    perim_m: np.ndarray
+    wkb: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.class_id)
+
+    @classmethod
+    def empty(cls) -> Features:
+        return cls(np.zeros(0, np.int32), np.zeros(0), np.zeros(0), np.empty(0, dtype=object))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Features]) -> Features:
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.empty()
+        return cls(np.concatenate([p.class_id for p in parts]), np.concatenate([p.area_m2 for p in parts]),
+                   np.concatenate([p.perim_m for p in parts]), np.concatenate([p.wkb for p in parts]))
+
+    def names(self, plan: Plan) -> list[str | None]:
+        """The ``class_name`` column: each class id's name in the plan, or ``None``."""
+        return [plan.names.get(k) for k in self.class_id.tolist()]
+
+
+def to_crs_coords(plan: Plan, geoms_px: np.ndarray) -> np.ndarray:
+    t = plan.transform
+    if t.is_identity:
+        return geoms_px
+
+    def affine(xy: np.ndarray) -> np.ndarray:
+        col, row = xy[:, 0], xy[:, 1]
+        # the order of GDAL's own geotransform, so that coordinates match a whole-raster polygonisation
+        return np.column_stack((t.c + col * t.a + row * t.b, t.f + col * t.d + row * t.e))
+
+    return shapely.transform(geoms_px, affine)
+
+
+def measure(plan: Plan, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ground area (m2) and perimeter (m) of geometries in the raster's CRS: planar in the CRS's units where
+    they are ground units (:mod:`geoseg.io.geodesy`), else geodesic on the CRS's ellipsoid."""
+    if plan.area_mode == "planar":
+        return shapely.area(geoms) * plan.unit_m**2, shapely.length(geoms) * plan.unit_m
+    if plan.area_mode == "geodesic-projected" and plan.geod is not None and len(geoms):
+        src = pyproj.CRS.from_user_input(plan.crs)
+        t = _transformer(src, src.geodetic_crs)
+        coords = shapely.get_coordinates(geoms)
+        lon, lat = t.transform(coords[:, 0], coords[:, 1])
+        geoms = shapely.set_coordinates(geoms.copy(), np.column_stack((lon, lat)))
+    if plan.area_mode.startswith("geodesic") and plan.geod is not None:
+        area = np.empty(len(geoms))
+        perim = np.empty(len(geoms))
+        for i, g in enumerate(geoms):
+            a, p = plan.geod.geometry_area_perimeter(g)
+            area[i], perim[i] = abs(a), p
+        return area, perim
+    nan = np.full(len(geoms), np.nan)
+    return nan, nan.copy()
+
+
+def keep_mask(plan: Plan, geoms_px: np.ndarray, area_m2: np.ndarray) -> np.ndarray:
+    q = plan.min_area
+    if q is None or q.value <= 0:
+        return np.ones(len(geoms_px), dtype=bool)
+    if q.unit == "px":
+        return np.asarray(shapely.area(geoms_px) >= q.value)
+    return np.asarray(area_m2 >= q.value)
+
+
+def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray) -> Features:
+    """Turn pixel-coordinate pieces into output features: CRS coordinates, attributes, min_area, to_crs."""
+    geoms = to_crs_coords(plan, geoms_px)
+    area, perim = measure(plan, geoms)
+    keep = keep_mask(plan, geoms_px, area)
+    if not keep.all():
+        geoms, classes, area, perim = geoms[keep], classes[keep], area[keep], perim[keep]
+    if plan.connectivity == 8 and len(geoms):
+        parts, idx = shapely.get_parts(geoms, return_index=True)
+        geoms = shapely.multipolygons(parts, indices=idx)
+    if plan.out_crs is not None and plan.crs is not None and not plan.out_crs.equals(plan.crs) and len(geoms):
+        geoms = _reproject(plan, geoms)
+    return Features(classes.astype(np.int32), area, perim, shapely.to_wkb(geoms))
+
+
+@functools.lru_cache(maxsize=8)
+def _transformer(src: pyproj.CRS, dst: pyproj.CRS) -> pyproj.Transformer:
+    return pyproj.Transformer.from_crs(src, dst, always_xy=True)
+
+
+def _reproject(plan: Plan, geoms: np.ndarray) -> np.ndarray:
+    """Geometries from the raster's CRS to the output CRS, as ``GeoSeries.to_crs`` does (x/y order, every
+    vertex through one pyproj transformer); those made invalid are made valid."""
+    assert plan.out_crs is not None
+    transformer = _transformer(pyproj.CRS.from_user_input(plan.crs), plan.out_crs)
+    coords = shapely.get_coordinates(geoms)
+    x, y = transformer.transform(coords[:, 0], coords[:, 1])
+    out = shapely.set_coordinates(geoms.copy(), np.column_stack((x, y)))
+    bad = ~shapely.is_valid(out)
+    if bad.any():
+        out[bad] = shapely.make_valid(out[bad], method="structure", keep_collapsed=False)
+    return np.asarray(out)
+
+
+def to_geodataframe(plan: Plan, features: Features) -> gpd.GeoDataFrame:
+    """Features as a GeoDataFrame (columns ``class_id``, ``class_name``, ``area_m2``, ``perim_m``,
+    ``geometry``) in the output CRS."""
+    import geopandas as gpd
+
+    return gpd.GeoDataFrame(
+        {"class_id": features.class_id, "class_name": features.names(plan),
+         "area_m2": features.area_m2, "perim_m": features.perim_m},
+        geometry=gpd.GeoSeries(shapely.from_wkb(features.wkb), crs=plan.out_crs), crs=plan.out_crs,
+    )
+
+
+def empty_frame(plan: Plan) -> gpd.GeoDataFrame:
+    """An empty GeoDataFrame with the columns and CRS of :func:`to_geodataframe`."""
+    import geopandas as gpd
+
+    return gpd.GeoDataFrame(
+        {"class_id": np.zeros(0, np.int32), "class_name": np.zeros(0, object),
+         "area_m2": np.zeros(0), "perim_m": np.zeros(0)},
+        geometry=gpd.GeoSeries([], crs=plan.out_crs), crs=plan.out_crs,
+    )

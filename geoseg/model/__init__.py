@@ -1,0 +1,27 @@
+"""The model: its contract (bands, normalisation, classes, chip), the network registry, the weight
+formats, loading and saving bundles, export (ONNX, TorchScript) and STAC MLM metadata.
+
+:mod:`.contract` is plain data that imports neither torch nor the network code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Contract": "geoseg.model.contract",
+    "load_model": "geoseg.model.weights",
+    "read_bundle": "geoseg.model.bundle",
+    "save_bundle": "geoseg.model.bundle",
+    "export": "geoseg.model.export",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, so that importing the room does not import torch
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'geoseg.model' has no attribute {name!r}")

@@ -1,0 +1,25 @@
+"""Prediction of whole scenes: the chip grid (:mod:`.tiling`), blending (:mod:`.blend`), units of work
+(:mod:`.units`), the engine that runs one unit (:mod:`.engine`), the model runtime (:mod:`.inference`,
+:mod:`.backends`, :mod:`.hardware`), finishing the outputs (:mod:`.finish`), jobs, schedulers, resume
+manifests and job files, and the run report. :mod:`.api` is the entry point.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "predict_scene": "geoseg.predict.api",
+    "predict_scenes": "geoseg.predict.api",
+    "PredictOptions": "geoseg.predict.api",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, so that importing the room does not import torch
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'geoseg.predict' has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""Device settings: the auto precision and batch size, made concrete once per job and recorded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+import geoseg.predict.hardware as hw
+from geoseg.cli import main
+from geoseg.errors import InputError
+from geoseg.predict.api import predict_scene
+from geoseg.predict.inference import resolve_settings
+from geoseg.predict.units import PredictOptions
+from tests.conftest import make_bundle, write_raster
+
+
+def test_cpu_batch_is_about_one_512_chip_of_pixels():
+    assert [hw.cpu_batch_size(t) for t in (1024, 768, 512, 384, 256, 128, 64, 32)] == [1, 1, 1, 1, 4, 16, 32, 32]
+
+
+def test_gpu_batch_fits_the_memory_share():
+    gib = 1024**3
+    # 60 % of 10 GiB = 6 GiB; 0.5 GiB fixed, 0.3 GiB per chip: 18 chips fit, the power of two below is 16
+    assert hw.batch_for_memory(0.5 * gib, 0.3 * gib, 10 * gib) == 16
+    assert hw.batch_for_memory(0.5 * gib, 0.01 * gib, 80 * gib) == hw.MAX_BATCH
+    assert hw.batch_for_memory(2 * gib, 3 * gib, 4 * gib) == 1  # nothing fits: one chip, and an OOM names the fix
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")])
+def test_auto_precision_on_cpu_follows_the_detected_features(monkeypatch, amx, avx512_bf16, want):
+    monkeypatch.setattr(hw, "cpu_features", lambda: hw.CpuFeatures("test cpu", 2, amx, avx512_bf16))
+    assert hw.resolve_precision("auto", "cpu") == want
+    assert hw.resolve_precision("fp32", "cpu") == "fp32" and hw.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_cpu_features_are_detected_not_guessed():
+    import torch
+
+    f = hw.cpu_features()
+    assert f.amx == torch.cpu._is_amx_tile_supported() and f.avx512_bf16 == torch.cpu._is_avx512_bf16_supported()
+    assert f.cores >= 1 and f.name in f.describe()
+
+
+def test_bad_precision_and_batch_are_refused():
+    with pytest.raises(InputError, match="fp16"):
+        hw.resolve_precision("fp16", "cpu")
+    with pytest.raises(InputError, match="unknown precision"):
+        hw.resolve_precision("int8", "cpu")
+    with pytest.raises(InputError, match="positive whole number or auto"):
+        resolve_settings(PredictOptions(device="cpu", batch_size=0), 64, 3)
+
+
+def test_a_job_records_its_resolved_settings_and_auto_equals_the_same_explicit_values(tmp_path, monkeypatch):
+    monkeypatch.setattr(hw, "cpu_features", lambda: hw.CpuFeatures("test cpu", 2, False, False))
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16, architecture="unet")
+    scene = write_raster(tmp_path / "s.tif", np.random.default_rng(0).normal(size=(3, 150, 130)).astype(np.float32))
+    auto = predict_scene(scene, model, tmp_path / "a", device="cpu", vector_format=None)
+    explicit = predict_scene(scene, model, tmp_path / "b", device="cpu", vector_format=None, precision="fp32",
+                             batch_size=32)  # what auto picks for 64 px chips on this CPU
+    with rasterio.open(auto.classes_path) as a, rasterio.open(explicit.classes_path) as b:
+        assert (a.read() == b.read()).all()
+    from geoseg.predict.manifest import Manifest
+
+    fp = [Manifest(str(tmp_path / d)).scenes["s"]["fingerprint"] for d in "ab"]
+    assert fp[0] == fp[1]  # the same concrete settings: the same outputs, so one resumes the other
+
+
+def test_cli_batch_size_takes_auto_or_a_number(tmp_path):
+    model = make_bundle(tmp_path / "m", n_bands=3, chip=64, overlap=16)
+    scene = write_raster(tmp_path / "s.tif", np.random.default_rng(0).normal(size=(3, 70, 90)).astype(np.float32))
+    r = CliRunner().invoke(main, ["predict", str(scene), "-m", str(model), "-o", str(tmp_path / "o"),
+                                  "--batch-size", "0", "--no-vector"])
+    assert r.exit_code == 2 and "positive whole number of chips, or auto" in r.output
+    r = CliRunner().invoke(main, ["predict", str(scene), "-m", str(model), "-o", str(tmp_path / "o"),
+                                  "--batch-size", "auto", "--device", "cpu", "--no-vector"])
+    assert r.exit_code == 0, r.output
+    assert "(fp32, batch 32)" in r.output or "(bf16, batch 32)" in r.output

@@ -1,0 +1,36 @@
+"""The model stage: NHWC on CPU gives the same probabilities, and a chip's result does not depend on the
+chips batched with it (short batches are padded to a fixed shape)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from geoseg.model.weights import load_model
+from geoseg.predict.inference import ModelServer, Predictor
+from tests.conftest import make_bundle
+
+
+def test_cpu_runs_channels_last_with_the_same_probabilities(tmp_path):
+    loaded = load_model(make_bundle(tmp_path / "m", n_bands=3, n_classes=4, chip=64, architecture="unet"))
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32))
+    with torch.inference_mode():
+        want = torch.softmax(loaded.module.eval()(x), dim=1)
+        pred = Predictor(loaded, "cpu", "fp32")
+        got = pred.forward(x.contiguous(memory_format=torch.channels_last))
+    conv = next(m for m in pred.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert pred.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_a_chip_gets_the_same_probabilities_whatever_it_is_batched_with(tmp_path):
+    loaded = load_model(make_bundle(tmp_path / "m", n_bands=3, n_classes=4, chip=64, architecture="unet"))
+    chips = np.random.default_rng(1).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    with ModelServer(Predictor(loaded, "cpu", "fp32"), batch_size=4, max_wait=0.5) as server:
+        together = [server.submit(c) for c in chips]  # one full batch of 4, then one padded batch of 1
+        together = [f.result() for f in together]
+        alone = [server.submit(c).result() for c in chips[::-1]]  # each in its own padded batch
+    for (p_all, seconds), (p_one, _) in zip(together, alone[::-1]):
+        assert seconds > 0 and p_all.shape == (4, 64, 64) and p_all.flags.c_contiguous
+        np.testing.assert_array_equal(p_all, p_one)
