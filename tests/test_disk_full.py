@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from geoseg.cli import main
 from geoseg.errors import DiskFullError
-from geoseg.io.store import disk_full
+from geoseg.io.staging import disk_full
 from tests._training import tiny_config, write_scene
 from tests.conftest import make_bundle, write_raster
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,15 @@ def _mask_kind(ds: rasterio.DatasetReader) -> tuple[str, int | None]:
     if any(MaskFlags.nodata in f for f in flags):
         return "nodata", None
     return "none", None
+
+
+def scene_stem(path: str) -> str:
+    """The output stem of a scene path or URL: its file name without the raster suffix or a query."""
+    name = re.split(r"[/\\]", path.split("?")[0].rstrip("/"))[-1]
+    for suffix in (".tiff", ".tif", ".vrt", ".img", ".jp2"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 def open_scene(path: str | os.PathLike[str]) -> rasterio.DatasetReader:

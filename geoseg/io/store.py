@@ -22,14 +22,12 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from geoseg.errors import DiskFullError, InputError, StorageError
+from geoseg.errors import InputError, StorageError
 from geoseg.io.remote import (
     bucket_missing,
     gdal_path,
@@ -40,6 +38,7 @@ from geoseg.io.remote import (
     storage_error,
     storage_errors,
 )
+from geoseg.io.staging import STAGING_NAME, full_disk_as_error, sweep_dead, umask_mode, unique_suffix
 
 __all__ = [
     "Store",
@@ -51,10 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# names this module leaves beside outputs while it works; listings hide them
-_STAGING_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9A-Za-z_-]+$|^\.geoseg-work-")
-
 
 def _clean_key(key: str) -> str:
     """``key`` as ``a/b/c``; rejects keys that would leave the store."""
@@ -68,113 +63,6 @@ def _local_only(path: str | os.PathLike[str], what: str) -> Path:
     if is_remote(path):
         raise InputError(f"{os.fspath(path)}: {what} must be a local path, not a URL")
     return Path(local_path(os.fspath(path)))
-
-
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
-
-
-def _unique_suffix() -> str:
-    """``host-pid-random``: a temporary name says which process made it, so leftovers of dead processes on
-    this host can be swept (:func:`_sweep_dead`)."""
-    return f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _sweep_dead(folder: Path, prefix: str) -> None:
-    """Remove ``prefix<host>-<pid>-*`` temporaries in ``folder`` left by processes of this host that no longer
-    run (a SIGKILL between staging and publishing); other hosts' and live processes' are left alone."""
-    pattern = re.compile(re.escape(prefix) + re.escape(_HOST) + r"-(\d+)-[0-9a-f]{8}$")
-    with contextlib.suppress(OSError):
-        for entry in folder.iterdir():
-            m = pattern.match(entry.name)
-            if not m or int(m.group(1)) == os.getpid():
-                continue
-            try:
-                os.kill(int(m.group(1)), 0)
-                continue  # alive
-            except ProcessLookupError:
-                pass
-            except OSError:
-                continue  # alive, another user's
-            log.info("%s: removed, left by a process that was killed", entry)
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-
-
-def sweep_dead_temporaries(folder: Path, name: str) -> None:
-    """Remove the temporaries of ``name`` in ``folder`` that killed processes of this host left behind."""
-    _sweep_dead(folder, f".{name}.tmp-")
-
-
-def _umask(default: int = 0o022) -> int:
-    """This process's umask, read without changing it (``os.umask`` would race with other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return default
-
-
-def _umask_mode(path: Path) -> None:
-    """Give a file written by a library that creates it owner-only (safetensors: 0600) the usual mode
-    (0666 less the umask), so bundles on a shared disk can be read by the other users and worker accounts."""
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o666 & ~_umask())
-
-
-FULL_BELOW = 64 * 2**20  # bytes free under which a failed write is taken for a full disk
-_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def _at_size_limit(folder: Path | None) -> bool:
-    """A file in ``folder`` that reached the process's file-size limit (``ulimit -f``)."""
-    import resource
-
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if folder is None or limit == resource.RLIM_INFINITY or not folder.is_dir():
-        return False
-    return any(f.is_file() and f.stat().st_size >= limit * 0.9 for f in folder.rglob("*"))
-
-
-def disk_full(exc: BaseException, folder: str | os.PathLike[str] | None,
-              measure: Path | None = None) -> DiskFullError | None:
-    """The one-line error for a write that failed because the disk (or quota, or file size limit) is full.
-
-    An ``OSError`` says so by its errno; GDAL's write errors do not (libtiff reports ``No space left on
-    device`` on stderr only), so a failed write into a local ``folder`` (or the local folder ``measure``
-    that stages it) with less than 64 MB free counts too. ``None`` when ``exc`` is something else.
-    """
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    full = any(isinstance(c, OSError) and c.errno in _FULL_ERRNOS for c in chain)
-    where = measure or (None if folder is None or "://" in os.fspath(folder) else Path(folder))
-    while where is not None and not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free if where is not None else None
-    # inside a write (``measure`` given) any failure counts; elsewhere only one that speaks of writing
-    writing = measure is not None or any(re.search(r"writ|space|disk|full", str(c), re.IGNORECASE) for c in chain)
-    if not full and not (writing and free is not None and free < FULL_BELOW) and not _at_size_limit(measure):
-        return None
-    return DiskFullError(f"{folder}: the disk is full (or its quota or file-size limit reached); nothing was "
-                        "written under a final name and the run's temporary files are removed: free some space or "
-                        "choose another output folder, then run the same command again")
-
-
-@contextlib.contextmanager
-def full_disk_as_error(folder: str | os.PathLike[str], measure: Path) -> Iterator[None]:
-    """Raise :func:`disk_full`'s error for what the block raises when the disk under ``measure`` (the local
-    folder being written, checked before its partial files go) is full; anything else as it is."""
-    try:
-        yield
-    except Exception as exc:
-        full = disk_full(exc, folder, measure)
-        if full is not None:
-            raise full from exc
-        raise
 
 
 class Store:
@@ -308,7 +196,7 @@ class Store:
             if paths == [own]:  # ls of a file lists the file itself
                 return []
             names = [p.rsplit("/", 1)[-1] for p in paths if p != own]
-        return sorted({n for n in names if n and not _STAGING_NAME.match(n)})
+        return sorted({n for n in names if n and not STAGING_NAME.match(n)})
 
     def read_text(self, key: str) -> str | None:
         """The UTF-8 text of the file ``key``, or ``None`` when it does not exist.
@@ -393,7 +281,7 @@ class Store:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                tmp = dest.with_name(f".{dest.name}.tmp-{_unique_suffix()}")
+                tmp = dest.with_name(f".{dest.name}.tmp-{unique_suffix()}")
                 try:
                     shutil.copyfile(src, tmp)
                     shutil.copymode(src, tmp)
@@ -419,7 +307,7 @@ class Store:
         target = _local_only(dest, "the fetch destination")
         url = self.url(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{_unique_suffix()}")
+        tmp = target.with_name(f".{target.name}.tmp-{unique_suffix()}")
         try:
             if self.remote:
                 with storage_errors(url, "read", remote=True):
@@ -500,10 +388,10 @@ class Store:
         final = self._local(clean)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            _sweep_dead(final.parent, f".{name}.tmp-")
+            sweep_dead(final.parent, f".{name}.tmp-")
             while True:
                 # not mkdtemp: its 0700 mode would stay on a published folder; mkdir honours the umask
-                folder = final.parent / f".{name}.tmp-{_unique_suffix()}"
+                folder = final.parent / f".{name}.tmp-{unique_suffix()}"
                 with contextlib.suppress(FileExistsError):
                     folder.mkdir()
                     return folder, name
@@ -536,7 +424,7 @@ class Store:
                         f"{self.url(key)}: cannot write (nothing was written to the staged file "
                         f"{path}); write the file inside the 'with' block"
                     )
-                _umask_mode(path)
+                umask_mode(path)
                 self.publish(path, key)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -565,7 +453,7 @@ class Store:
                 else:
                     for f in folder.rglob("*"):
                         if f.is_file():
-                            _umask_mode(f)
+                            umask_mode(f)
                     self._replace_dir(folder, self._local(key))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -579,7 +467,7 @@ class Store:
         log.debug("uploaded folder %s", self.url(clean))
 
     def _replace_dir(self, folder: Path, dest: Path) -> None:
-        old = dest.with_name(f".{dest.name}.old-{_unique_suffix()}")
+        old = dest.with_name(f".{dest.name}.old-{unique_suffix()}")
         try:
             if os.path.lexists(dest):
                 os.replace(dest, old)

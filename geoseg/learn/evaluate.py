@@ -141,8 +141,8 @@ def evaluate(
         BundleError: the scene does not fit the model.
         OutputExistsError: a report exists and ``overwrite`` is false.
     """
+    from geoseg.io.raster import scene_stem
     from geoseg.predict.api import predict_scene
-    from geoseg.predict.units import scene_stem
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     contract = loaded.contract

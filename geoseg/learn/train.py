@@ -42,7 +42,8 @@ from torch import nn
 
 from geoseg.errors import ConfigError, InputError, OutputExistsError
 from geoseg.io.remote import storage_error
-from geoseg.io.store import staged_file, sweep_dead_temporaries
+from geoseg.io.staging import sweep_dead_temporaries
+from geoseg.io.store import staged_file
 from geoseg.learn import augment as augment_mod
 from geoseg.learn.config import (
     UNBOUNDED_EPOCHS,

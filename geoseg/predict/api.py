@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.errors import DiskFullError, GeoSegError, InputError
-from geoseg.io.raster import BLOCK, check_compress, check_writable, inspect_scene
+from geoseg.io.raster import BLOCK, check_compress, check_writable, inspect_scene, scene_stem
 from geoseg.io.store import Store
 from geoseg.model.bundle import Bundle, LoadedModel, bundle_digest, read_bundle
 from geoseg.model.contract import Contract
@@ -45,7 +45,7 @@ from geoseg.predict.manifest import (
     staging_matches,
     stale_staging,
 )
-from geoseg.predict.units import ModelRef, PredictOptions, ScenePlan, fingerprint, scene_stem
+from geoseg.predict.units import ModelRef, PredictOptions, ScenePlan, fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from geoseg.io.raster import (
     probabilities_spec,
     qml_style,
 )
-from geoseg.io.store import Store, full_disk_as_error, local_workdir
+from geoseg.io.staging import full_disk_as_error
+from geoseg.io.store import Store, local_workdir
 from geoseg.predict.units import ModelRef, PredictOptions, ScenePlan, Unit, parse_strip, strip_key
 
 log = logging.getLogger(__name__)

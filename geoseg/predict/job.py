@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geoseg.io.store import Store, disk_full, is_remote
+from geoseg.io.staging import disk_full
+from geoseg.io.store import Store, is_remote
 from geoseg.predict.engine import STAGES, Cancelled, UnitResult
 from geoseg.predict.finish import FinishResult
 from geoseg.predict.manifest import Manifest, drop_staging, prepare_staging

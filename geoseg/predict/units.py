@@ -76,15 +76,6 @@ class ModelRef:
         return read_bundle(fetch_bundle(self.path, self.digest) if is_remote(self.path) else self.path)
 
 
-def scene_stem(path: str) -> str:
-    """The output stem of a scene path or URL: its file name without the raster suffix or a query."""
-    name = re.split(r"[/\\]", path.split("?")[0].rstrip("/"))[-1]
-    for suffix in (".tiff", ".tif", ".vrt", ".img", ".jp2"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 @dataclass(frozen=True)
 class ScenePlan:
     """One scene, checked against the model: everything its units and its finishing step share."""

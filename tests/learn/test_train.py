@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from geoseg.errors import ConfigError, OutputExistsError, UnknownNameError
-from geoseg.io.store import _HOST
+from geoseg.io.staging import HOST
 from geoseg.learn.config import TrainConfig, config_from_dict, load_config
 from geoseg.learn.data import IGNORE_INDEX
 from geoseg.learn.train import LOSSES, TrainProgress, build_loss, train
@@ -105,8 +105,8 @@ def test_resume_sweeps_the_temporary_of_a_checkpoint_killed_mid_save(tmp_path, s
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     ckpts = tmp_path / "run" / "checkpoints"
-    stale = ckpts / f".best.ckpt.tmp-{_HOST}-{dead.pid}-0123abcd"  # SIGKILL between staging and publishing
-    live = ckpts / f".last.ckpt.tmp-{_HOST}-{os.getppid()}-0123abcd"  # another live process's: left alone
+    stale = ckpts / f".best.ckpt.tmp-{HOST}-{dead.pid}-0123abcd"  # SIGKILL between staging and publishing
+    live = ckpts / f".last.ckpt.tmp-{HOST}-{os.getppid()}-0123abcd"  # another live process's: left alone
     stale.write_bytes(b"partial")
     live.write_bytes(b"partial")
     result = train(cfg, tmp_path / "run", resume=True)  # the run had ended: it only writes its bundle again

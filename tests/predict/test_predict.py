@@ -43,7 +43,7 @@ def test_stitch_of_tiles_is_the_whole_image(tmp_path_factory, w, h, tile, frac, 
     data = np.random.default_rng(seed).normal(size=(3, h, w)).astype(np.float32)
     scene = write_raster(tmp / "s.tif", data)
     r = predict_scene(scene, model, tmp / "out", probabilities=True, probabilities_dtype="float32",
-                      tile_size=tile, workers=2, batch_size=3)
+                      tile_size=tile, workers=2, batch_size=3, precision="fp32")  # exact: not bf16 on AMX CPUs
     classes, _ = _read(r.classes_path)
     probs, _ = _read(r.probabilities_path)
     np.testing.assert_array_equal(classes[0], np.argmax(data, 0) + 1)
@@ -150,7 +150,7 @@ def test_panels_batches_and_workers_give_the_same_bytes(tmp_path, tiny_unet):
 def test_any_dtype(tmp_path, identity3, dtype):
     data = (np.random.default_rng(7).random((3, 70, 90)) * 100).astype(dtype)
     scene = write_raster(tmp_path / "s.tif", data)
-    r = predict_scene(scene, identity3, tmp_path / "out")
+    r = predict_scene(scene, identity3, tmp_path / "out", precision="fp32")  # exact: not bf16 on AMX CPUs
     classes, _ = _read(r.classes_path)
     np.testing.assert_array_equal(classes[0], np.argmax(data.astype(np.float32), 0) + 1)
 
@@ -257,7 +257,7 @@ def test_bad_options_are_refused_before_work(tmp_path, tiny_unet):
 def test_tta_keeps_a_symmetric_model_exact(tmp_path, identity3):
     data = np.random.default_rng(12).normal(size=(3, 90, 70)).astype(np.float32)
     scene = write_raster(tmp_path / "s.tif", data)
-    r = predict_scene(scene, identity3, tmp_path / "out", tta=True)
+    r = predict_scene(scene, identity3, tmp_path / "out", tta=True, precision="fp32")
     np.testing.assert_array_equal(_read(r.classes_path)[0][0], np.argmax(data, 0) + 1)
 
 

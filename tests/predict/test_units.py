@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geoseg.errors import InputError
-from geoseg.io.raster import BLOCK, SceneInfo, inspect_scene
+from geoseg.io.raster import BLOCK, SceneInfo, inspect_scene, scene_stem
 from geoseg.io.store import Store
 from geoseg.model.bundle import bundle_digest, read_bundle
 from geoseg.model.preflight import check_scene
@@ -27,7 +27,6 @@ from geoseg.predict.units import (
     fingerprint,
     parse_strip,
     plan_units,
-    scene_stem,
     strip_key,
 )
 from tests.conftest import make_bundle, write_raster
