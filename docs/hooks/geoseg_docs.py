@@ -6,8 +6,9 @@ Two markers, each alone on a line of a page's Markdown:
   ``geoseg`` (its ``__all__``), pointing at the module that defines it. ``geoseg`` imports these names
   lazily (a module ``__getattr__``), which mkdocstrings cannot follow; the defining module is found by
   importing the name, so the page follows the code wherever a name moves.
-* ``<!-- geoseg:config CLASS -->`` becomes key tables of the pydantic model ``CLASS`` (``TrainConfig``,
-  ``PretrainConfig``), one per section, from its fields: type, default, bounds and description.
+* ``<!-- geoseg:config CLASS [LABEL] -->`` becomes key tables of the pydantic model ``CLASS``
+  (``TrainConfig``, ``PretrainConfig``), one per section, from its fields: type, default, bounds and
+  description; ``LABEL`` starts each section's heading, to tell two models apart on one page.
 
 An unknown name fails the build (an exception), as a broken link does under ``mkdocs build --strict``.
 
@@ -26,12 +27,12 @@ import typing
 from typing import Any
 
 _API = re.compile(r"^<!-- geoseg:api -->$", re.M)
-_CONFIG = re.compile(r"^<!-- geoseg:config (\w+) -->$", re.M)
+_CONFIG = re.compile(r"^<!-- geoseg:config (\w+)(?: (\w+))? -->$", re.M)
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     markdown = _API.sub(lambda m: _api_directives(), markdown)
-    return _CONFIG.sub(lambda m: _config_tables(m.group(1)), markdown)
+    return _CONFIG.sub(lambda m: _config_tables(m.group(1), m.group(2)), markdown)
 
 
 def on_page_content(html: str, **kwargs: Any) -> str:
@@ -42,12 +43,14 @@ def on_page_content(html: str, **kwargs: Any) -> str:
 _ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj|const|py:\w+):(<code>)")
 # an opening tag without attributes: <stem>, <name>, <output-dir>; real elements are kept
 _TAG = re.compile(r"<([A-Za-z][\w-]*)>")
-_HTML_TAGS = frozenset("""
-    a abbr b blockquote body br button caption code col colgroup dd del details dfn div dl dt em figcaption
-    figure footer h1 h2 h3 h4 h5 h6 head header hr html i img input kbd label li main mark nav ol p pre q s
-    samp script section small span strong style sub summary sup table tbody td tfoot th thead title tr u ul
-    var wbr svg path
-""".split())
+_HTML_TAGS = frozenset((
+    "a", "abbr", "b", "blockquote", "body", "br", "button", "caption", "code", "col", "colgroup", "dd",
+    "del", "details", "dfn", "div", "dl", "dt", "em", "figcaption", "figure", "footer", "h1", "h2", "h3",
+    "h4", "h5", "h6", "head", "header", "hr", "html", "i", "img", "input", "kbd", "label", "li", "main",
+    "mark", "nav", "ol", "p", "pre", "q", "s", "samp", "script", "section", "small", "span", "strong",
+    "style", "sub", "summary", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "title", "tr", "u",
+    "ul", "var", "wbr", "svg", "path",
+))
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -82,7 +85,7 @@ def _config_model(name: str) -> type:
     return model
 
 
-def _config_tables(name: str) -> str:
+def _config_tables(name: str, label: str | None = None) -> str:
     from pydantic import BaseModel
 
     sections: list[tuple[str, type[BaseModel]]] = []
@@ -99,6 +102,8 @@ def _config_tables(name: str) -> str:
     out = []
     for prefix, model in sections:
         title = f"`{prefix.rstrip('.')}`" if prefix else "top level"
+        if label:  # a second model on one page: its headings (and their anchors) say which
+            title = f"{label}: {title}"
         doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         if doc.startswith("Usage docs:"):  # pydantic's own BaseModel docstring: the class has none
             doc = ""
