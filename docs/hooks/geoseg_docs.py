@@ -116,7 +116,7 @@ def _config_tables(name: str, label: str | None = None) -> str:
                 meaning = (meaning + "; " if meaning else "") + f"see `{anchor}` below"
             rows.append(f"| `{key}` | {_type_text(field.annotation)} | {_default_text(field)} | "
                         f"{_escape(meaning + _bounds_text(field))} |")
-        out.append(f"#### {title}\n\n" + (f"{_escape(doc)}\n\n" if doc else "") + "\n".join(rows) + "\n")
+        out.append(f"### {title}\n\n" + (f"{_escape(doc)}\n\n" if doc else "") + "\n".join(rows) + "\n")
     return "\n".join(out)
 
 
