@@ -58,7 +58,8 @@ def strips_vrt(width: int, height: int, crs: Any, transform: Affine, spec: Outpu
     infer for 3 or 4 bands of Byte (and which would make a fourth probability band an alpha mask).
 
     Args:
-        width, height: size of the scene raster in pixels.
+        width: width of the scene raster in pixels.
+        height: its height in pixels.
         crs: its CRS (anything :meth:`rasterio.crs.CRS.from_user_input` takes), or None.
         transform: its affine transform.
         spec: the output profile (dtype, count, nodata, descriptions, colormap, scales, tags).

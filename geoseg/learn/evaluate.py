@@ -127,7 +127,14 @@ def evaluate(
         label_nodata: label raster value meaning "unlabelled" (default: the raster's nodata).
         within: a vector file or shapely geometry (scene CRS) limiting the scored area.
         output_dir: folder for the JSON, Markdown and PNG reports (and the class map when kept).
-        bands, tile_size, overlap, batch_size, device, precision, workers, tta: as for :func:`geoseg.predict.api.predict_scene`.
+        bands: as for :func:`geoseg.predict.api.predict_scene`.
+        tile_size: as for :func:`geoseg.predict.api.predict_scene`.
+        overlap: as for :func:`geoseg.predict.api.predict_scene`.
+        batch_size: as for :func:`geoseg.predict.api.predict_scene`.
+        device: as for :func:`geoseg.predict.api.predict_scene`.
+        precision: as for :func:`geoseg.predict.api.predict_scene`.
+        workers: as for :func:`geoseg.predict.api.predict_scene`.
+        tta: as for :func:`geoseg.predict.api.predict_scene`.
         keep_prediction: keep the class map in ``output_dir`` (else it goes to a temporary folder).
         overwrite: replace existing reports.
         progress: passed on to the predict engine.

@@ -188,8 +188,8 @@ def predict_scenes(
 
     Raises:
         InputError, BundleError, OutputExistsError: before any compute, when the job cannot start or its
-        only scene is refused; the first scene's error when every scene failed. Nothing incomplete is
-        left under a final name.
+            only scene is refused; the first scene's error when every scene failed. Nothing incomplete is
+            left under a final name.
     """
     from geoseg.predict.schedule import check_scheduler, resolve_scheduler
 

@@ -126,7 +126,8 @@ class RollingAccumulator:
 
     Args:
         n_classes: probability channels K.
-        col_off, width: the scene columns the buffer covers.
+        col_off: the first scene column the buffer covers.
+        width: the number of scene columns it covers.
         chip: the chip size; the buffer holds ``chip + step - 1`` rows, rounded up to a multiple of ``step``.
         step: rows released at a time (the output's tile height).
         top: the first scene row the buffer holds (a unit that resumes part-way down starts there).

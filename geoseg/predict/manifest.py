@@ -111,7 +111,7 @@ def folder_lock(out: Store) -> Iterator[None]:
 
     An advisory ``flock`` on ``<folder>/.geoseg.lock``: the operating system releases it when the process
     ends, however it ends (SIGKILL included), so a killed run never blocks the next one. Object storage
-    has no such lock; there, one driver per output prefix is the user's rule (README, Known limits).
+    has no such lock; there, one driver per output prefix is the user's rule (docs/limits.md).
 
     Raises:
         OutputExistsError: another live process holds the folder.

@@ -63,7 +63,8 @@ class ChipGrid:
     """The global chip grid of a ``width`` x ``height`` scene.
 
     Args:
-        width, height: scene size in pixels.
+        width: scene width in pixels.
+        height: scene height in pixels.
         chip: chip size (square) in pixels.
         overlap: pixels shared by neighbouring chips (``stride = chip - overlap``).
     """
