@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 
 from geoseg.assess.estimate import Z95, Estimate, stratified_estimate
 from geoseg.assess.strata import MapStrata, read_strata
@@ -188,8 +189,9 @@ def assess(classmap: str | os.PathLike[str], reference: str | os.PathLike[str], 
               else [f"#{i + 1}" for i in range(len(points))])
     geoms = points.geometry
     is_point = np.asarray(geoms.geom_type == "Point") & ~np.asarray(geoms.is_empty)
-    xs = np.where(is_point, geoms.x.where(is_point, np.nan), np.nan).astype(np.float64)
-    ys = np.where(is_point, geoms.y.where(is_point, np.nan), np.nan).astype(np.float64)
+    xs, ys = np.full(len(points), np.nan), np.full(len(points), np.nan)
+    xs[is_point] = shapely.get_x(geoms.values[is_point])
+    ys[is_point] = shapely.get_y(geoms.values[is_point])
     values, inside = _map_values(path, np.nan_to_num(xs, nan=-1e300), np.nan_to_num(ys, nan=-1e300))
     refs = _reference_ids(points[column].tolist(), strata)
 
