@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.assess.estimate import allocate, parse_allocation, sample_size
-from geoseg.assess.strata import MapStrata, read_classes, read_strata, windows
+from geoseg.assess.strata import MapStrata, count_values, read_classes, read_strata, windows
 from geoseg.errors import InputError
 from geoseg.raster import check_writable, gdal_env, open_scene
 from geoseg.store import Store
@@ -148,16 +148,15 @@ def _locate(path: str, ranks: dict[int, np.ndarray]) -> tuple[np.ndarray, np.nda
             a = read_classes(ds, window)
             valid = ~np.ma.getmaskarray(a)
             data = np.asarray(a.data)
+            ids, n = count_values(data[valid])
+            in_window = dict(zip(ids.tolist(), n.tolist(), strict=True))
             for c, r in ranks.items():
-                if nxt[c] == len(r):
-                    continue
-                hit = (data == c) & valid
-                k = int(hit.sum())
-                if not k:
+                k = in_window.get(c, 0)
+                if nxt[c] == len(r) or not k:
                     continue
                 stop = int(np.searchsorted(r, seen[c] + k))
                 if stop > nxt[c]:
-                    flat = np.flatnonzero(hit)[r[nxt[c]:stop] - seen[c]]
+                    flat = np.flatnonzero((data == c) & valid)[r[nxt[c]:stop] - seen[c]]
                     rr, cc = np.divmod(flat, int(window.width))
                     cls.append(np.full(len(flat), c, dtype=np.int64))
                     rows.append(rr + int(window.row_off))

@@ -100,6 +100,16 @@ def read_classes(ds: rasterio.DatasetReader, window: Window) -> np.ma.MaskedArra
     return ds.read(1, window=window, masked=True)
 
 
+def count_values(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a 1-D integer array and how often each occurs (ascending): a bincount for
+    8- and 16-bit unsigned ids, a sort otherwise."""
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        n = np.bincount(values)
+        ids = np.flatnonzero(n)
+        return ids, n[ids]
+    return np.unique(values, return_counts=True)
+
+
 def pixel_row_areas(crs: Any, transform: Any, width: int, height: int) -> tuple[str, np.ndarray | None]:
     """The ground area (m2) of a pixel in each row of the grid, and how it was measured (see the module's
     text): ``("planar", areas)``, ``("geodesic", areas)`` or ``("none", None)`` without a CRS."""
@@ -153,7 +163,7 @@ def read_strata(path: str | os.PathLike[str]) -> MapStrata:
             values = a.compressed()
             if not values.size:
                 continue
-            ids, n = np.unique(values, return_counts=True)
+            ids, n = count_values(values)
             for i, k in zip(ids.tolist(), n.tolist(), strict=True):
                 counts[i] = counts.get(i, 0) + k
             if row_areas is not None:
@@ -180,5 +190,5 @@ def ha(m2: float | None) -> float | None:
     return None if m2 is None or not math.isfinite(m2) else m2 / 1e4
 
 
-__all__ = ["WINDOW_PIXELS", "MapStrata", "check_class_map", "pixel_row_areas", "read_classes", "read_strata",
+__all__ = ["WINDOW_PIXELS", "MapStrata", "check_class_map", "count_values", "pixel_row_areas", "read_classes", "read_strata",
            "windows"]
