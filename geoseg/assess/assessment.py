@@ -21,6 +21,11 @@ It writes four files into the output folder, each whole (built aside and moved i
 * ``<stem>.assessment.png``: per class, the map's area beside the estimated area with its interval.
 
 ``<stem>`` is the map's file name without ``.tif`` and without geoseg's ``.classes``.
+
+The strata weights are the map's pixel shares, as sampling draws pixels with equal chances within a stratum,
+and the estimated areas are those shares of the map's ground area. On a geographic CRS the pixels of one map
+differ in ground area with latitude (by ``cos(latitude)``: 0.5 % across one degree at 45 degrees), so there the
+areas treat every pixel of the map as of the map's mean pixel area.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import shapely
@@ -210,10 +215,8 @@ def assess(classmap: str | os.PathLike[str], reference: str | os.PathLike[str], 
             reason = f"no reference class in column {column!r}"
         elif isinstance(refs[k], str):
             reason = f"reference class {refs[k]!r} is not a class of the map (ids {', '.join(map(str, strata.ids))})"
-        elif values[k] not in index:
-            reason = f"map class {values[k]} is not named in the map's classes"  # unreachable: ids are read from it
         else:
-            counts[index[int(values[k])], index[int(str(refs[k]))]] += 1
+            counts[index[int(values[k])], index[cast(int, refs[k])]] += 1
             continue
         where = f" ({x:.10g}, {y:.10g})" if x is not None and y is not None else ""
         log.warning("%s: point %s%s: %s; left out", ref, labels[k], where, reason)
@@ -281,14 +284,14 @@ def _pm(v: Any, ci: Any, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f} ± {_f(ci, digits)}"
 
 
-def _area_unit(record: dict[str, Any]) -> tuple[str, str, float]:
-    """The area column to show: hectares with a CRS, else pixels."""
-    return ("ha", "area_ha", 1.0) if record["map_area_m2"] is not None else ("px", "area_pixels", 1.0)
+def _area_unit(record: dict[str, Any]) -> tuple[str, str]:
+    """The area unit and column to show: hectares with a CRS, else pixels."""
+    return ("ha", "area_ha") if record["map_area_m2"] is not None else ("px", "area_pixels")
 
 
 def markdown(record: dict[str, Any]) -> str:
     """The assessment as Markdown tables."""
-    unit, key, _ = _area_unit(record)
+    unit, key = _area_unit(record)
     lines = [f"# Accuracy and area of {Path(record['classmap']).name}", "",
              f"Reference: {record['reference']} (column `{record['reference_column']}`), "
              f"{record['points_used']} points used, {len(record['points_left_out'])} left out.", "",
@@ -342,7 +345,7 @@ def plot_areas(record: dict[str, Any], dst: Path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    unit, key, _ = _area_unit(record)
+    unit, key = _area_unit(record)
     classes = record["classes"]
     mapped = [(c["map_area_m2"] / 1e4 if unit == "ha" else c["map_pixels"]) or 0.0 for c in classes]
     estimated = [c[key] if c[key] is not None else 0.0 for c in classes]

@@ -111,7 +111,6 @@ def design(strata: MapStrata, n: int | None, allocation: str = "proportional", *
     Raises:
         InputError: neither ``n`` nor ``target_se``; a bad allocation or accuracy.
     """
-    parse_allocation(allocation)
     ids = strata.strata
     pixels = np.array([strata.pixels[i] for i in ids], dtype=np.int64)
     expected = parse_expected_accuracy(expected_accuracy, ids)
@@ -235,6 +234,12 @@ def sample_points(classmap: str | os.PathLike[str], output: str | os.PathLike[st
     t0 = time.perf_counter()
     path, fmt = format_for(output, vector_format)
     check_writable(path, overwrite, elsewhere="another --output")
+    parse_allocation(allocation)  # the options are checked before the map is read
+    if n is not None and n < 1:
+        raise InputError(f"-n {n}: give a positive number of sample points")
+    if target_se is not None:
+        sample_size([1], [DEFAULT_EXPECTED_ACCURACY], target_se)
+    parse_expected_accuracy(expected_accuracy, ())
     strata = read_strata(classmap)
     plan, suggested = design(strata, n, allocation, target_se=target_se, expected_accuracy=expected_accuracy)
     if suggested is not None:

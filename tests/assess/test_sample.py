@@ -154,6 +154,10 @@ def test_bad_requests_are_refused_and_nothing_is_written(class_map: Callable[...
         sample_points(path, tmp_path / "p.xyz", 10)
     with pytest.raises(InputError, match="no such file"):
         sample_points(tmp_path / "absent.tif", out, 10)
+    with pytest.raises(UnknownNameError):  # options are checked before the map is read
+        sample_points(tmp_path / "absent.tif", out, 10, allocation="cluster")
+    with pytest.raises(InputError, match="target-se"):
+        sample_points(tmp_path / "absent.tif", out, target_se=1.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif"]
     sample_points(path, out, 10, seed=1)
     with pytest.raises(OutputExistsError, match="--overwrite"):
