@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geoseg.assess.estimate import Z95, allocate, parse_allocation, sample_size, stratified_estimate
 from geoseg.errors import InputError, UnknownNameError
@@ -151,3 +153,24 @@ def test_allocation_names() -> None:
         allocate(11, [5, 5])
     with pytest.raises(InputError, match="positive"):
         allocate(0, [5, 5])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6).flatmap(lambda q: st.tuples(
+    st.lists(st.lists(st.integers(0, 40), min_size=q, max_size=q), min_size=q, max_size=q),
+    st.lists(st.integers(1, 10**7), min_size=q, max_size=q))))
+def test_estimates_are_proportions_of_the_map(case: tuple[list[list[int]], list[int]]) -> None:
+    """Whatever the sample: with every stratum sampled, the proportions share out the map (rows add up to the
+    weights, the area proportions to 1), accuracies lie in [0, 1], and scaling the map changes nothing."""
+    counts, pixels = case
+    counts = [row if sum(row) else [1] + row[1:] for row in counts]
+    e = stratified_estimate(counts, pixels)
+    assert e.proportions.sum(axis=1) == pytest.approx(e.weights)
+    assert e.area_proportion.sum() == pytest.approx(1.0)
+    assert 0 <= e.overall <= 1 + 1e-12
+    for acc in (e.users, e.producers):
+        finite = acc[np.isfinite(acc)]
+        assert ((finite >= 0) & (finite <= 1 + 1e-12)).all()
+    scaled = stratified_estimate(counts, [3 * p for p in pixels])
+    assert np.allclose(scaled.area_proportion_se, e.area_proportion_se, equal_nan=True)
+    assert np.allclose(scaled.producers_se, e.producers_se, equal_nan=True)
