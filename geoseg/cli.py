@@ -406,5 +406,68 @@ def export(model: str, fmt: str, output: str | None, output_old: str | None, ops
                f"{result.max_abs_diff:.2g})")
 
 
+# --- accuracy assessment (sample, assess) ---
+
+
+@main.command()
+@click.argument("classmap")
+@click.option("-n", "n", type=int, default=None,
+              help="Sample size (points) [default: eq. 13's size for --target-se].")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The points file: .gpkg, .shp, .geojson or .parquet.")
+@click.option("--allocation", default="proportional", show_default=True, metavar="NAME",
+              help="Points per stratum (map class): proportional (to area), equal, neyman, or min:N (at least N "
+                   "per class, the rest by area; Olofsson et al. recommend 50-100).")
+@click.option("--seed", type=int, default=None, help="Random seed; the same seed draws the same points.")
+@click.option("--target-se", type=float, default=None, metavar="SE",
+              help="Target standard error of overall accuracy (e.g. 0.01): suggests the sample size (eq. 13).")
+@click.option("--expected-accuracy", default=None, metavar="U|ID:U,...",
+              help="Conjectured user's accuracy for --target-se and neyman: one value or per class id, e.g. "
+                   "1:0.7,2:0.6 [default: 0.9].")
+@click.option("--vector-format", type=click.Choice(VECTOR_FORMATS), default=None,
+              help="Output format [default: from --output's extension].")
+@opt_overwrite
+@click.pass_context
+def sample(ctx: click.Context, classmap: str, **options: Any) -> None:
+    """Draw a stratified random sample of points from CLASSMAP for reference interpretation.
+
+    The map classes are the strata; points sit at pixel centres and carry class_id, class_name, stratum_px
+    (the stratum's pixels) and an empty reference column to fill in (a class id or name) for geoseg assess.
+    """
+    from geoseg.assess import sample_points
+
+    result = sample_points(classmap, options.pop("output"), options.pop("n"), **options)
+    if not ctx.obj["quiet"]:
+        if result.suggested_n is not None:
+            click.echo(f"eq. 13: {result.suggested_n} points for a standard error of {result.target_se:g} in "
+                       "overall accuracy")
+        click.echo("  id  class                     pixels   weight  points")
+        for s in result.strata:
+            click.echo(f"{s.id:>4}  {s.name:<22} {s.pixels:>10} {s.weight:8.4f} {s.points:>7}")
+        click.echo(f"{result.n} points ({result.allocation}, seed {result.seed}) -> {result.path}")
+
+
+@main.command()
+@click.argument("classmap")
+@click.option("--reference", "-r", required=True,
+              help="The points with their reference classes (geoseg sample's file, filled in).")
+@click.option("--reference-column", default="reference", show_default=True,
+              help="Column of the reference class: a class id or a class name of the map.")
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder for <stem>.assessment.json, .md, .csv and .png.")
+@opt_overwrite
+@click.pass_context
+def assess(ctx: click.Context, classmap: str, reference: str, reference_column: str, output_dir: str,
+           overwrite: bool) -> None:
+    """Estimate CLASSMAP's accuracy and class areas with 95 % confidence intervals from reference points
+    (stratified estimators of Olofsson et al. 2014; strata weighted by the map's exact pixel counts)."""
+    from geoseg.assess import assess as assess_tool
+
+    result = assess_tool(classmap, reference, reference_column, output_dir, overwrite=overwrite)
+    if not ctx.obj["quiet"]:
+        click.echo(result.markdown_path.read_text(encoding="utf-8").rstrip())
+        click.echo(f"reports: {result.json_path}, {result.markdown_path}, {result.csv_path}, {result.png_path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -60,7 +60,9 @@ class Plan:
         return Window(c0, r0, min(self.block, self.width - c0), min(self.block, self.height - r0))
 
 
-def _class_names_from_tags(tags: Mapping[str, str]) -> dict[int, str]:
+def class_names_from_tags(tags: Mapping[str, str]) -> dict[int, str]:
+    """Class id -> name from a class raster's tags: the ``CLASSES`` JSON that geoseg writes, else (and for ids
+    it leaves out) ``CLASS_<id>`` tags. The one reader of class names; ``{}`` for a raster with neither."""
     names: dict[int, str] = {}
     raw = tags.get("CLASSES")
     if raw:
@@ -104,7 +106,7 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
         raise InputError(f"--skip-class must be integer class ids, got {skip_classes!r}") from None
     with gdal_env(), open_scene(path) as ds:
         tags = ds.tags()
-    names = _class_names_from_tags(tags)
+    names = class_names_from_tags(tags)
     if class_names is not None:
         names = {int(k): str(v) for k, v in class_names.items()}
 
