@@ -4,13 +4,14 @@ Plain tensor operations on ``image`` float32 ``(C, H, W)`` (already normalised, 
 are in standard deviations) and ``target`` int64 ``(H, W)``. Every random draw comes from the
 ``torch.Generator`` passed in, so a chip's augmentation depends only on its seed.
 
-Geometric operations (flips, 90-degree rotations, scale and crop) move image and target alike; photometric
+Geometric operations (flips, 90-degree rotations, any rotation, shift and shear, scale and crop) move image and target alike; photometric
 ones (brightness, contrast, noise) touch the image only. Pixels brought in from outside the chip by a
 zoom-out are ignored in the target.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,6 +99,40 @@ class ScaleCrop:
 
 
 @dataclass
+class Affine:
+    """With probability ``p``: a rotation by up to +- ``rotate`` degrees, a shift by up to +- ``shift`` of the
+    chip and a shear by up to +- ``shear`` degrees, about the chip's centre (the paper's augmentation for the
+    Amazon set: rotations up to 180 degrees, shifts, shear). The image is resampled bilinearly, the target by
+    nearest neighbour; pixels brought in from outside the chip are zero in the image and ignored in the target.
+    """
+
+    rotate: float = 0.0
+    shift: float = 0.0
+    shear: float = 0.0
+    p: float = 0.5
+    ignore_index: int = -100
+
+    def __call__(self, image: torch.Tensor, target: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if _u(g) >= self.p:
+            return image, target
+        a = math.radians(_u(g, -self.rotate, self.rotate))
+        sh = math.radians(_u(g, -self.shear, self.shear))
+        tx, ty = _u(g, -self.shift, self.shift) * 2, _u(g, -self.shift, self.shift) * 2  # in [-1, 1] units
+        # output -> input sampling matrix in normalised coordinates: rotation then shear, then the shift
+        cos, sin = math.cos(a), math.sin(a)
+        rot = torch.tensor([[cos, -sin], [sin, cos]], dtype=torch.float32)
+        shear = torch.tensor([[1.0, math.tan(sh)], [0.0, 1.0]], dtype=torch.float32)
+        theta = torch.cat([rot @ shear, torch.tensor([[tx], [ty]], dtype=torch.float32)], dim=1)[None]
+        grid = F.affine_grid(theta, [1, 1, *image.shape[-2:]], align_corners=False)
+        img = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        # the target moved by nearest neighbour; outside the chip: ignored (shifted by one so 0 marks outside)
+        tgt = F.grid_sample((target[None, None].float() - self.ignore_index + 1), grid, mode="nearest",
+                            padding_mode="zeros", align_corners=False)[0, 0]
+        out = torch.where(tgt == 0, torch.full_like(tgt, self.ignore_index), tgt + self.ignore_index - 1)
+        return img, out.round().long()
+
+
+@dataclass
 class BrightnessContrast:
     """Per band: ``x * gain + shift`` around the band's chip mean, gain in ``1 +- contrast``, shift in
     ``+- brightness`` standard deviations."""
@@ -126,7 +161,7 @@ class Noise:
 
 
 TRANSFORMS: dict[str, type] = {
-    "hflip": HFlip, "vflip": VFlip, "rot90": Rot90, "scale": ScaleCrop,
+    "hflip": HFlip, "vflip": VFlip, "rot90": Rot90, "scale": ScaleCrop, "affine": Affine,
     "brightness_contrast": BrightnessContrast, "noise": Noise,
 }
 
@@ -168,6 +203,8 @@ def from_config(cfg: AugmentConfig, ignore_index: int = -100) -> Compose | None:
         ts.append(VFlip(cfg.vflip))
     if cfg.rot90 > 0:
         ts.append(Rot90(cfg.rot90))
+    if (cfg.rotate > 0 or cfg.shift > 0 or cfg.shear > 0) and cfg.affine_p > 0:
+        ts.append(Affine(cfg.rotate, cfg.shift, cfg.shear, cfg.affine_p, ignore_index))
     scale = cfg.scale
     if scale is not None and cfg.scale_p > 0:
         ts.append(ScaleCrop(scale[0], scale[1], cfg.scale_p, ignore_index))
@@ -178,5 +215,5 @@ def from_config(cfg: AugmentConfig, ignore_index: int = -100) -> Compose | None:
     return Compose(ts) if ts else None
 
 
-__all__ = ["HFlip", "VFlip", "Rot90", "ScaleCrop", "BrightnessContrast", "Noise", "Compose", "TRANSFORMS",
+__all__ = ["Affine", "HFlip", "VFlip", "Rot90", "ScaleCrop", "BrightnessContrast", "Noise", "Compose", "TRANSFORMS",
            "transform", "from_config"]

@@ -103,10 +103,24 @@ class ModelConfig(_Strict):
     encoder: str | None = "resnet34"
     encoder_weights: str | None = Field(
         default=None, description="pretrained encoder: 'imagenet' (downloads), or a local .safetensors/.pth file "
-                                  "(encoder keys, or a whole network's encoder.* keys)")
+                                  "(an smp encoder's keys, a tu- encoder's model.* keys, or a whole network's "
+                                  "encoder.* keys); its metadata names the encoder and its bands")
     params: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the architecture")
     activation: Literal["softmax", "sigmoid"] = "softmax"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="channel dropout before the segmentation head")
+    normalization: Literal["data", "pretrained"] = Field(
+        default="data", description="input statistics: 'data' (per band, from the training pixels) or "
+                                    "'pretrained' (those the encoder_weights file expects, for the bands it has)")
+    pretrained_scale: float | None = Field(
+        default=None, gt=0, description="normalization 'pretrained': raw units per unit of the weights' input "
+                                        "(255 for 8-bit imagery against ImageNet's 0..1, 10000 for Sentinel-2 "
+                                        "digital numbers against reflectance); unset: 255 for 8-bit scenes, "
+                                        "10000 for 16-bit ones, 1 otherwise")
+    freeze_bn: bool = Field(default=False, description="keep the encoder's BatchNorm statistics and affine "
+                                                       "parameters as pretrained")
+    freeze_encoder_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="train only the decoder for this share of the run (steps or "
+                                                 "time budget), then the whole network")
 
     @field_validator("architecture")
     @classmethod
@@ -118,6 +132,13 @@ class ModelConfig(_Strict):
         if v.lower().replace("-", "").replace("_", "") not in known:
             raise ValueError(str(unknown_name("architecture", v, list(known))))
         return v
+
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.normalization == "pretrained" and not self.encoder_weights:
+            raise ValueError("normalization 'pretrained' needs model.encoder_weights")
+        return self
 
 
 class LossTerm(_Strict):
@@ -143,6 +164,10 @@ class OptimizerConfig(_Strict):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     schedule: Literal["none", "cosine", "onecycle"] = "onecycle"
     grad_clip: float | None = Field(default=1.0, gt=0, description="max gradient norm; null disables clipping")
+    encoder_lr_scale: float = Field(default=1.0, gt=0, le=1, description=(
+        "the encoder's learning rate as a share of lr (e.g. 0.1 for a pretrained encoder)"))
+    warmup: float | None = Field(default=None, ge=0, lt=1, description=(
+        "share of the run the rate warms up over (from lr/25); unset: 0.3 for onecycle, none otherwise"))
     ema: float | None = Field(default=None, gt=0, lt=1, description=(
         "decay of an exponential moving average of the weights (e.g. 0.99): validation scores the average and "
         "the bundle keeps it; null: the raw weights"))
@@ -160,6 +185,10 @@ class AugmentConfig(_Strict):
     brightness: float = Field(default=0.1, ge=0, description="per-band shift, in standard deviations")
     contrast: float = Field(default=0.1, ge=0, lt=1, description="per-band gain in 1 +- contrast")
     noise: float = Field(default=0.02, ge=0, description="gaussian noise std, in standard deviations")
+    rotate: float = Field(default=0.0, ge=0, le=180, description="rotation by any angle up to +- this many degrees")
+    shift: float = Field(default=0.0, ge=0, le=0.5, description="shift by up to +- this share of the chip")
+    shear: float = Field(default=0.0, ge=0, le=45, description="shear by up to +- this many degrees")
+    affine_p: float = Field(default=0.5, ge=0, le=1, description="probability of the rotation, shift and shear")
 
 
 class EarlyStoppingConfig(_Strict):

@@ -400,6 +400,17 @@ class PreparedData:
         return written
 
 
+def input_band_names(data: Any, first: SceneInfo | None = None) -> list[str]:
+    """The names of a config's input bands (a :class:`geoseg.learn.config.DataConfig`): ``band_names``, else
+    the first scene's band descriptions, else ``band<N>``. ``first``: that scene's header, if already read."""
+    if data.band_names:
+        return list(data.band_names)
+    info = first or inspect_scene(data.scenes[0].image)
+    bands = list(data.bands) if data.bands else list(range(1, info.count + 1))
+    return [(info.descriptions[b - 1] if b - 1 < len(info.descriptions) and info.descriptions[b - 1] else f"band{b}")
+            for b in bands]
+
+
 def prepare_data(cfg: Any, progress: Callable[[str, int, int], None] | None = None) -> PreparedData:
     """Open the scenes of a :class:`geoseg.learn.config.TrainConfig`, split them and compute statistics.
 
@@ -458,10 +469,7 @@ def prepare_data(cfg: Any, progress: Callable[[str, int, int], None] | None = No
             raise InputError(f"data.mean has {len(mean)} values for {n_bands} band(s)")
     if counts.sum() == 0:
         raise InputError(f"{first.path}: no labelled training pixels; check the labels, label_column and the classes")
-    band_names = d.band_names or [
-        (first.descriptions[b - 1] if b - 1 < len(first.descriptions) and first.descriptions[b - 1] else f"band{b}")
-        for b in scenes[0].bands
-    ]
+    band_names = input_band_names(d, first)
     log.info("training statistics: mean %s std %s; class counts %s", mean, std, counts.tolist())
     return PreparedData(scenes, coverages, class_map, mean, std, counts, cell, block, band_names, first.dtype,
                         first.pixel_size_m)
@@ -470,5 +478,5 @@ def prepare_data(cfg: Any, progress: Callable[[str, int, int], None] | None = No
 __all__ = [
     "IGNORE_INDEX", "UNLABELLED", "ClassMap", "open_labels", "TrainScene",
     "SceneCoverage", "BandStats", "assign_splits", "scan_scene", "ChipLocation", "ChipRules",
-    "RandomChipSampler", "GridChipSampler", "ChipDataset", "PreparedData", "prepare_data",
+    "RandomChipSampler", "GridChipSampler", "ChipDataset", "PreparedData", "input_band_names", "prepare_data",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 
 from geoseg.errors import ConfigError
 from geoseg.learn.config import PretrainConfig, TrainConfig
+from geoseg.learn.data import input_band_names
 from geoseg.model.contract import ArchSpec
 from geoseg.model.networks import (
     create_network,
@@ -72,10 +73,12 @@ def check_network(cfg: TrainConfig) -> None:
     in_ch = len(cfg.data.bands) if cfg.data.bands else None
     out_ch = 1 if cfg.model.activation == "sigmoid" else len(cfg.classes)
     chip = cfg.data.chip_size
+    local = cfg.model.encoder_weights if cfg.model.encoder_weights and is_local_file(cfg.model.encoder_weights) \
+        else None  # a local file is read here, so a wrong one fails before the run folder is made
+    names = input_band_names(cfg.data) if local else None  # (a header read) to match the file's bands
+    in_ch = len(names) if names else in_ch
     try:
-        local = cfg.model.encoder_weights if cfg.model.encoder_weights and is_local_file(cfg.model.encoder_weights) \
-            else None  # a local file is read here, so a wrong one fails before the run folder is made
-        net = create_network(spec, in_ch or 3, out_ch, local).eval()
+        net = create_network(spec, in_ch or 3, out_ch, local, names).eval()
         with torch.no_grad():
             shape = tuple(first_output(net(torch.zeros(1, in_ch or 3, chip, chip))).shape)
     except ConfigError:
@@ -92,15 +95,18 @@ def check_network(cfg: TrainConfig) -> None:
                           f"x {chip}; change model.params (e.g. encoder_depth: 5) or the architecture")
 
 
-def build_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
+def build_model(cfg: TrainConfig, in_channels: int, band_names: list[str] | None = None) -> nn.Module:
     """The network of a config, with pretrained encoder weights when ``model.encoder_weights`` is set.
+
+    ``band_names`` (the input bands in order) are matched to a weights file's bands; where it is None, a
+    local file's first convolution is adapted by the number of bands only.
 
     Raises:
         ConfigError: the chip size does not fit the network, or the encoder cannot be built.
     """
     spec = arch_spec(cfg)  # checked by check_network before the run started
     out_ch = 1 if cfg.model.activation == "sigmoid" else len(cfg.classes)
-    net = create_network(spec, in_channels, out_ch, cfg.model.encoder_weights)
+    net = create_network(spec, in_channels, out_ch, cfg.model.encoder_weights, band_names)
     if spec.architecture.lower() != "conv1x1":
         unused = unused_modules(net, in_channels, cfg.data.chip_size)
         drop_modules(net, unused)

@@ -15,11 +15,20 @@ log = logging.getLogger(__name__)
 
 
 def optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    """AdamW or SGD over the network's trainable parameters, without weight decay on biases and normalisation
+    parameters; the encoder's groups carry ``lr_scale`` (``optimizer.encoder_lr_scale``), which
+    :class:`Schedule` applies."""
     o = cfg.optimizer
-    # no weight decay on biases and normalisation parameters
-    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    enc = getattr(net, "encoder", None)
+    in_encoder = {id(p) for p in enc.parameters()} if isinstance(enc, nn.Module) else set()
+    groups: list[dict[str, Any]] = []
+    for scale, inside in ((o.encoder_lr_scale, True), (1.0, False)):
+        params = [p for p in net.parameters() if p.requires_grad and (id(p) in in_encoder) == inside]
+        groups.append({"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay, "lr_scale": scale})
+        groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale})
+    if o.encoder_lr_scale == 1.0:  # one rate: the two groups of today's runs (their checkpoints resume)
+        groups = [{"params": groups[0]["params"] + groups[2]["params"], "weight_decay": o.weight_decay},
+                  {"params": groups[1]["params"] + groups[3]["params"], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
@@ -36,12 +45,15 @@ class Schedule:
 
     ``reserve`` is time kept back from the budget for what follows the last step (validation, bundle).
     Kinds: ``none`` (constant), ``cosine`` (to 1 % of the rate), ``onecycle`` (30 % cosine warm-up from
-    1/25 of the rate, then cosine annealing to 1/10,000, torch's OneCycleLR defaults).
+    1/25 of the rate, then cosine annealing to 1/10,000, torch's OneCycleLR defaults). ``warmup`` (a share of
+    the run) replaces onecycle's 30 % or puts the same warm-up before the others. A parameter group's
+    ``lr_scale`` multiplies its rate.
     """
 
     def __init__(self, kind: str, lr: float, opt: torch.optim.Optimizer, total_steps: int,
-                 max_seconds: float | None):
+                 max_seconds: float | None, warmup: float | None = None):
         self.kind = kind
+        self.warmup = warmup if warmup is not None else (0.3 if kind == "onecycle" else 0.0)
         self.lr = lr
         self.opt = opt
         self.total_steps = max(total_steps, 1)
@@ -61,16 +73,17 @@ class Schedule:
         return self.progress >= 1.0
 
     def rate(self, p: float) -> float:
+        warm = self.warmup
+        if p < warm:
+            start = self.lr / 25
+            return start + (self.lr - start) * 0.5 * (1 - math.cos(math.pi * p / warm))
+        q = (p - warm) / (1 - warm)  # progress of the annealing
         if self.kind == "cosine":
             low = self.lr * 0.01
-            return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * p))
+            return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * q))
         if self.kind == "onecycle":
-            warm = 0.3
-            if p < warm:
-                start = self.lr / 25
-                return start + (self.lr - start) * 0.5 * (1 - math.cos(math.pi * p / warm))
             end = self.lr / 25 / 1e4
-            return end + (self.lr - end) * 0.5 * (1 + math.cos(math.pi * (p - warm) / (1 - warm)))
+            return end + (self.lr - end) * 0.5 * (1 + math.cos(math.pi * q))
         return self.lr
 
     def step(self, seconds: float) -> None:
@@ -80,8 +93,9 @@ class Schedule:
         self._apply()
 
     def _apply(self) -> None:
+        rate = self.rate(self.progress)
         for group in self.opt.param_groups:
-            group["lr"] = self.rate(self.progress)
+            group["lr"] = rate * group.get("lr_scale", 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": self.seconds, "total_steps": self.total_steps}

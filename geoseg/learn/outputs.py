@@ -19,7 +19,7 @@ from geoseg.learn.config import TrainConfig, dump_config
 from geoseg.learn.data import IGNORE_INDEX, ChipDataset, ChipLocation, PreparedData
 from geoseg.learn.network import arch_spec
 from geoseg.model.bundle import save_bundle
-from geoseg.model.contract import ClassInfo, Contract, InputSpec
+from geoseg.model.contract import ClassInfo, Contract, InputSpec, PretrainedSource
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class TensorBoard:
 
 
 def make_contract(cfg: TrainConfig, data: PreparedData, metadata: dict[str, Any] | None = None,
-                  unused: list[str] | None = None) -> Contract:
+                  unused: list[str] | None = None, pretrained: PretrainedSource | None = None) -> Contract:
     """The bundle contract of a trained config: architecture (and the modules it never calls), bands,
-    normalisation, classes, chip, overlap."""
+    normalisation, classes, chip, overlap, and where the encoder's weights came from."""
     colors = cfg.class_colors()
     return Contract(
         name=cfg.name,
@@ -83,6 +83,7 @@ def make_contract(cfg: TrainConfig, data: PreparedData, metadata: dict[str, Any]
         chip_size=cfg.data.chip_size,
         overlap=cfg.overlap,
         background_class=cfg.background_class,
+        pretrained=pretrained,
         metadata=metadata or {},
     )
 
@@ -105,7 +106,7 @@ def write_bundle(cfg: TrainConfig, data: PreparedData, net: nn.Module, best_scor
         },
         "validation": best_scores,
     }
-    contract = make_contract(cfg, data, meta, getattr(net, "geoseg_unused", None))
+    contract = make_contract(cfg, data, meta, getattr(net, "geoseg_unused", None), getattr(net, "geoseg_pretrained", None))
     path = out / "model"
     save_bundle(path, contract, net, overwrite=True)
     dump_config(cfg, path / "config.yaml")

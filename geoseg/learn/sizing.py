@@ -6,9 +6,11 @@ import logging
 import math
 from typing import Any
 
+from geoseg.errors import ConfigError
 from geoseg.learn.config import ModelConfig, TrainConfig
 from geoseg.learn.network import arch_spec
-from geoseg.model.networks import input_divisor
+from geoseg.model.networks import input_divisor, is_local_file
+from geoseg.model.pretrained import read_encoder_file
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
     - ``data.split_block`` (unset): one chip, so the validation blocks are a sample of the scene, not one
       half of a small one.
     - ``keep`` (unset): ``best`` when early stopping is on (the run stops past its best epoch), else ``last``.
+    - ``model.encoder`` and ``model.architecture`` (unset) with a local ``model.encoder_weights`` file: those
+      its metadata names (:func:`_from_weights_file`).
     - ``model.encoder`` (unset): resnet18; ``model.params`` (unset, on a U-Net): the depth and decoder of
       :func:`default_network` for the chip. Key by key, so a config that sets only ``model.dropout`` keeps
       the sized network rather than falling back to smp's resnet34 at depth 5.
@@ -29,6 +33,7 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
     """
     from geoseg.io.raster import inspect_scene
 
+    cfg = _from_weights_file(cfg)
     d = cfg.data
     update: dict[str, Any] = {}
     m = cfg.model
@@ -57,6 +62,35 @@ def fit_to_data(cfg: TrainConfig) -> TrainConfig:
     if net:
         fitted = fitted.model_copy(update={"model": m.model_copy(update=net)})
     return fitted
+
+
+def _from_weights_file(cfg: TrainConfig) -> TrainConfig:
+    """The config with the encoder (and, for a whole network, the architecture) a weights file's metadata names,
+    where the user left them unset: naming the file is enough.
+
+    Raises:
+        ConfigError: the user's ``model.encoder`` is not the one the file was made for.
+    """
+    m = cfg.model
+    path = m.encoder_weights
+    if not path or not is_local_file(path):
+        return cfg
+    said = read_encoder_file(path, tensors=False)
+    update: dict[str, Any] = {}
+    if said.encoder:
+        if "encoder" in m.model_fields_set and m.encoder != said.encoder:
+            raise ConfigError(f"model.encoder {m.encoder!r} disagrees with model.encoder_weights {path!r}, made for "
+                              f"{said.encoder!r}; drop model.encoder or set it to {said.encoder!r}")
+        update["encoder"] = said.encoder
+    if said.architecture and "architecture" not in m.model_fields_set:
+        update["architecture"] = said.architecture
+    if not update:
+        return cfg
+    log.info("model %s from %s", ", ".join(f"{k} {v}" for k, v in update.items()), path)
+    fields = m.model_fields_set | set(update)  # set, so that sizing below keeps them
+    new = m.model_copy(update=update)
+    new.__pydantic_fields_set__ = set(fields)
+    return cfg.model_copy(update={"model": new})
 
 
 def default_network(chip: int) -> ModelConfig:

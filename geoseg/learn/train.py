@@ -62,6 +62,7 @@ from geoseg.learn.data import (
     RandomChipSampler,
     prepare_data,
 )
+from geoseg.learn.finetune import EncoderFreeze, freeze_batchnorm, use_pretrained_normalization
 from geoseg.learn.losses import LOSSES, build_loss, class_weights
 from geoseg.learn.metrics import ConfusionMatrix, scores
 from geoseg.learn.network import build_model, check_network
@@ -133,9 +134,17 @@ def _config_hash(cfg: TrainConfig) -> str:
                 "keep"):
         d.pop(key, None)
     d["data"].pop("workers", None)
-    if d["optimizer"].get("ema") is None:  # unset: the hash of a run begun before the key existed
-        d["optimizer"].pop("ema", None)
+    # keys at their defaults: the hash of a run begun before the keys existed
+    for section, key, default in _LATER_KEYS:
+        if d[section].get(key) == default:
+            d[section].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LATER_KEYS = (("optimizer", "ema", None), ("optimizer", "encoder_lr_scale", 1.0), ("optimizer", "warmup", None),
+               ("model", "normalization", "data"), ("model", "pretrained_scale", None), ("model", "freeze_bn", False),
+               ("model", "freeze_encoder_fraction", 0.0), ("augment", "rotate", 0.0), ("augment", "shift", 0.0),
+               ("augment", "shear", 0.0), ("augment", "affine_p", 0.5))
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -304,6 +313,13 @@ class _Trainer:
     amp_dtype: torch.dtype
     augment: Any
     ema: torch.optim.swa_utils.AveragedModel | None = None  # the weights' moving average (optimizer.ema)
+    encoder_freeze: EncoderFreeze | None = None  # model.freeze_encoder_fraction
+
+    def train_mode(self) -> None:
+        """The network in training mode, its encoder's BatchNorm kept as pretrained with ``model.freeze_bn``."""
+        self.net.train()
+        if self.cfg.model.freeze_bn:
+            freeze_batchnorm(self.net)
 
     @property
     def kept(self) -> nn.Module:
@@ -312,7 +328,9 @@ class _Trainer:
 
     @classmethod
     def build(cls, cfg: TrainConfig, device: torch.device, samples: _Samples) -> _Trainer:
-        net = build_model(cfg, len(samples.data.mean)).to(device)
+        net = build_model(cfg, len(samples.data.mean), samples.data.band_names).to(device)
+        if cfg.model.freeze_bn:
+            log.info("encoder BatchNorm frozen: %d layers keep their statistics and parameters", freeze_batchnorm(net))
         criterion = build_loss(cfg, class_weights(cfg, samples.data.class_counts)).to(device)
         opt = optimizer(cfg, net)
         use_amp, amp_dtype = _amp_settings(cfg, device)
@@ -321,9 +339,12 @@ class _Trainer:
         if cfg.optimizer.ema is not None:  # torch's own EMA; normalisation statistics are averaged too
             swa = torch.optim.swa_utils
             ema = swa.AveragedModel(net, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.optimizer.ema), use_buffers=True)
-        return cls(cfg, device, net, criterion, opt, Schedule(cfg.optimizer.schedule, cfg.optimizer.lr, opt,
-                                                          samples.steps_per_epoch * cfg.epoch_limit, cfg.max_seconds),
-                   scaler, use_amp, amp_dtype, augment_mod.from_config(cfg.augment, IGNORE_INDEX), ema)
+        schedule = Schedule(cfg.optimizer.schedule, cfg.optimizer.lr, opt, samples.steps_per_epoch * cfg.epoch_limit,
+                            cfg.max_seconds, cfg.optimizer.warmup)
+        freeze = EncoderFreeze(net, cfg.model.freeze_encoder_fraction, cfg.model.freeze_bn) \
+            if cfg.model.freeze_encoder_fraction > 0 else None
+        return cls(cfg, device, net, criterion, opt, schedule, scaler, use_amp, amp_dtype,
+                   augment_mod.from_config(cfg.augment, IGNORE_INDEX), ema, freeze)
 
     def checkpoint(self, done: _Progress, cfg_hash: str) -> dict[str, Any]:
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
@@ -367,6 +388,8 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
         # reproduces the run (and resumes it) as it was
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_fraction": 0.0})})
     dump_config(cfg, out / "config.yaml")
+    data = samples.data
+    data.mean, data.std = use_pretrained_normalization(cfg, data.band_names, data.dtype, data.mean, data.std)
     trainer = _Trainer.build(cfg, device, samples)
     cfg_hash = _config_hash(cfg)
     done = _Progress()
@@ -426,7 +449,7 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
                 locs = [locs[i] for i in order]
             train_loss, chips = _train_epoch(cfg, samples.data, locs, epoch, trainer, clock, progress)
             done.chips += chips
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": trainer.opt.param_groups[0]["lr"],
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": trainer.schedule.rate(trainer.schedule.progress),
                                    "chips": done.chips}
             val_scores: dict[str, Any] = {}
             if samples.val:
@@ -517,10 +540,12 @@ def _train_epoch(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation],
                  clock: Callable[[], float], progress: ProgressCallback | None) -> tuple[float, int]:
     """One epoch of optimiser steps; it ends early when the schedule does (the time budget). Returns the mean
     loss and the number of chips seen."""
-    t.net.train()
+    t.train_mode()
     loader = _loader(cfg, data, locs, t.augment, epoch, t.device)
     total, n = 0.0, 0
     for step, (image, target) in enumerate(loader, start=1):
+        if t.encoder_freeze is not None:
+            t.encoder_freeze.update(t.schedule.progress)
         image = image.to(t.device, non_blocking=True)
         target = target.to(t.device, non_blocking=True)
         t.opt.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["CONTRACT_FILE", "FORMAT_VERSION", "METADATA_KEY", "WEIGHTS_FILE", "ArchSpec", "ClassInfo", "Contract",
-           "InputSpec", "check_rgb"]
+           "InputSpec", "PretrainedSource", "check_rgb"]
 
 CONTRACT_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -91,6 +91,20 @@ class ArchSpec(BaseModel):
                     "dropped, so the weights hold only what the network uses")
 
 
+class PretrainedSource(BaseModel):
+    """Where a trained network's encoder started: the weights file (its name and SHA-256 digest, or
+    ``imagenet`` for smp's download), what it was pretrained on, its bands and, per input band of the model,
+    the file band whose filter it took (``None``: initialised as smp initialises extra bands)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    sha256: str | None = None
+    encoder: str | None = None
+    pretrained_on: str | None = None
+    bands: list[str] | None = None
+    matched: list[str | None] | None = None
+
+
 class Contract(BaseModel):
     """Everything ``predict`` needs to use a model as it is."""
 
@@ -104,6 +118,8 @@ class Contract(BaseModel):
     overlap: int = Field(default=128, ge=0)
     background_class: int | None = None
     weights: str = WEIGHTS_FILE
+    pretrained: PretrainedSource | None = Field(
+        default=None, description="where the encoder's weights came from before training (null: random)")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("weights")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.model.bundle import Bundle
-from geoseg.model.contract import CONTRACT_FILE
+from geoseg.model.contract import CONTRACT_FILE, Contract
 
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
 STAC_VERSION = "1.1.0"
@@ -59,8 +59,13 @@ def _parameters(bundle: Bundle) -> int | None:
     return total
 
 
-def _pretrained(contract_meta: dict[str, Any]) -> dict[str, Any]:
-    cfg = (contract_meta.get("training") or {}).get("config") or {}
+def _pretrained(contract: Contract) -> dict[str, Any]:
+    """MLM's pretraining fields: from the contract's record of the encoder's weights, else (bundles written
+    before it existed) from the training config's ``model.encoder_weights``."""
+    source = contract.pretrained
+    if source is not None:
+        return {"mlm:pretrained": True, "mlm:pretrained_source": source.pretrained_on or source.file}
+    cfg = (contract.metadata.get("training") or {}).get("config") or {}
     model = cfg.get("model") or {}
     if "encoder_weights" not in model:
         return {}
@@ -133,7 +138,7 @@ def mlm_item(bundle: Bundle, item_path: Path) -> dict[str, Any]:
         "mlm:hyperparameters": {"chip_size": chip, "overlap": c.overlap, "activation": c.model.activation,
                                 **{f"params.{key}": v for key, v in c.model.params.items()}},
         "bands": [{"name": b} for b in c.input.bands],
-        **_pretrained(c.metadata),
+        **_pretrained(c),
     }
     if c.input.pixel_size:
         props["gsd"] = c.input.pixel_size

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from geoseg.errors import BundleError, ConfigError, unknown_name
-from geoseg.model.contract import ArchSpec, Contract
+from geoseg.model.contract import ArchSpec, Contract, PretrainedSource
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,10 @@ def _smp_builder(arch: str) -> Builder:
     def build(spec: ArchSpec, in_channels: int, out_channels: int, weights: str | None) -> nn.Module:
         import segmentation_models_pytorch as smp
 
-        local = weights is not None and is_local_file(weights)
-        net = smp.create_model(
-            arch, encoder_name=spec.encoder or "resnet34", encoder_weights=None if local else weights,
+        return smp.create_model(  # type: ignore[no-any-return]
+            arch, encoder_name=spec.encoder or "resnet34", encoder_weights=weights,
             in_channels=in_channels, classes=out_channels, **spec.params,
         )
-        if local:
-            assert weights is not None
-            load_encoder_weights(net, weights)
-        return net
 
     return build
 
@@ -49,54 +44,66 @@ def is_local_file(weights: str) -> bool:
     return weights.endswith((".pth", ".pt", ".safetensors", ".ckpt")) or os.sep in weights or os.path.isfile(weights)
 
 
-def load_encoder_weights(net: nn.Module, path: str) -> None:
-    """Pretrained encoder weights from a local file (``.safetensors``, or a torch file read without pickle):
-    users without network access bring their own. Keys may be the encoder's own, or prefixed ``encoder.``
-    (a whole smp or geoseg network; its decoder is ignored). A first convolution pretrained on another
+def _first_conv_key(encoder: nn.Module) -> str | None:
+    """The state-dict key of the encoder's first convolution (the one that sees the input bands)."""
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return f"{name}.weight"
+    return None
+
+
+def load_encoder_weights(net: nn.Module, path: str, band_names: list[str] | None = None) -> PretrainedSource:
+    """Pretrained encoder weights from a local file (:mod:`geoseg.model.pretrained` says which files).
+
+    With band names on both sides (the file's ``bands`` metadata and ``band_names``, the network's input
+    bands in order) the first convolution is built band by band: a band the file has takes its filter, a band
+    it lacks is initialised as smp initialises extra bands. Otherwise a first convolution pretrained on another
     number of bands is adapted as smp adapts ImageNet weights (summed to one band, or cycled and rescaled).
 
-    Raises:
-        ConfigError: naming ``model.encoder_weights`` when the file is missing, unreadable or does not fit.
-    """
-    key = "model.encoder_weights"
-    if not os.path.isfile(path):
-        raise ConfigError(f"{key} {path!r}: no such file; give a local .safetensors/.pth file, 'imagenet' "
-                          "(downloads) or null")
-    state: Any
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    Returns:
+        Where the encoder came from, for the bundle's contract.
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
-    except Exception as exc:
-        raise ConfigError(f"{key} {path!r}: cannot read weights ({str(exc).splitlines()[0][:200]}); give a "
-                          ".safetensors file or a plain state dict") from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{key} {path!r}: holds no state dict of tensors")
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    Raises:
+        ConfigError: naming ``model.encoder_weights`` when the file is missing, unreadable, does not fit the
+            encoder, or shares no band with ``band_names``.
+    """
+    from geoseg.model.pretrained import first_conv_for_bands, match_bands, read_encoder_file
+
+    key = "model.encoder_weights"
+    weights = read_encoder_file(path)
+    state = dict(weights.state)
     encoder: nn.Module = net.encoder  # type: ignore[assignment]
     own = encoder.state_dict()
-    for k, v in list(state.items()):
-        mine = own.get(k)
-        if mine is not None and v.ndim == 4 and mine.ndim == 4 and v.shape[1] != mine.shape[1] \
-                and v.shape[0] == mine.shape[0] and v.shape[2:] == mine.shape[2:]:
-            state[k] = _adapt_first_conv(v, mine.shape[1])
+    first = _first_conv_key(encoder)
+    matched: list[str | None] | None = None
+    if band_names and weights.bands and first in state and first in own and state[first].ndim == 4 \
+            and state[first].shape[1] == len(weights.bands):
+        sources = match_bands(band_names, weights)
+        state[first] = first_conv_for_bands(state[first], sources)
+        matched = [", ".join(weights.bands[j] for j in src) or None for src in sources]
+        log.info("bands from %s: %s", os.path.basename(path),
+                 ", ".join(f"{b} <- {m or 'initialised'}" for b, m in zip(band_names, matched, strict=True)))
+    else:
+        for k, v in list(state.items()):
+            mine = own.get(k)
+            if mine is not None and v.ndim == 4 and mine.ndim == 4 and v.shape[1] != mine.shape[1] \
+                    and v.shape[0] == mine.shape[0] and v.shape[2:] == mine.shape[2:]:
+                state[k] = _adapt_first_conv(v, mine.shape[1])
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if bad or len(missing) == len(own):
         what = f"shapes differ at {bad[0]} ({tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})" if bad \
             else "none of its keys is a weight of this encoder"
-        raise ConfigError(f"{key} {path!r}: does not fit encoder {type(encoder).__name__} ({what}); give weights "
-                          "of the same model.encoder")
+        made = f", made for {weights.encoder}" if weights.encoder else ""
+        raise ConfigError(f"{key} {path!r}: does not fit encoder {type(encoder).__name__} ({what}{made}); give "
+                          "weights of the same model.encoder")
     encoder.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     log.info("encoder weights from %s (%d tensors%s)", path, len(own) - len(missing),
              f"; {len(missing)} of the encoder's left at random, e.g. {missing[0]}" if missing else "")
     if unexpected:
         log.info("%d tensors of %s are not in the encoder (ignored), e.g. %s", len(unexpected), path, unexpected[0])
+    return weights.source(matched)
 
 
 def _adapt_first_conv(weight: torch.Tensor, bands: int) -> torch.Tensor:
@@ -136,30 +143,43 @@ def architecture_names() -> list[str]:
 
 
 def create_network(spec: ArchSpec, in_channels: int, out_channels: int,
-                   encoder_weights: str | None = None) -> nn.Module:
+                   encoder_weights: str | None = None, band_names: list[str] | None = None) -> nn.Module:
     """Build a network from its spec.
 
     Args:
         spec: architecture, encoder and extra keyword arguments.
         in_channels: number of input bands.
         out_channels: number of logit channels.
-        encoder_weights: pretrained encoder weights to fetch (for example ``"imagenet"``); ``None`` for
-            random initialisation, which is what loading a bundle uses before reading its own weights.
+        encoder_weights: pretrained encoder weights: a name smp downloads (``"imagenet"``) or a local file
+            (:func:`load_encoder_weights`); ``None`` for random initialisation, which is what loading a bundle
+            uses before reading its own weights.
+        band_names: the input bands' names in order, matched to a weights file's bands.
+
+    Returns:
+        The network; with pretrained weights, its attribute ``geoseg_pretrained`` (a
+        :class:`geoseg.model.contract.PretrainedSource`) says where they came from.
 
     Raises:
         UnknownNameError: the architecture is not registered (the message lists the valid names).
         BundleError: the architecture rejects the arguments (for example an unknown encoder).
+        ConfigError: a local weights file that cannot be used.
     """
     key = spec.architecture.lower().replace("-", "").replace("_", "")
     archs = _architectures()
     if key not in archs:
         raise unknown_name("architecture", spec.architecture, architecture_names())
+    local = encoder_weights is not None and is_local_file(encoder_weights)
     try:
-        return archs[key](spec, in_channels, out_channels, encoder_weights)
+        net = archs[key](spec, in_channels, out_channels, None if local else encoder_weights)
     except ConfigError:
         raise
     except (KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"cannot build {spec.architecture} with encoder {spec.encoder!r}: {exc}") from None
+    if encoder_weights is not None and hasattr(net, "encoder"):
+        source = load_encoder_weights(net, encoder_weights, band_names) if local else PretrainedSource(
+            file=encoder_weights, encoder=spec.encoder, pretrained_on=f"{encoder_weights} (smp download)")
+        net.geoseg_pretrained = source  # type: ignore[assignment]  # recorded in the contract
+    return net
 
 
 def build_network(contract: Contract) -> nn.Module:

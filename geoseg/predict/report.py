@@ -116,7 +116,9 @@ def describe_path(path: str) -> dict[str, Any]:
             "mean": c.input.mean, "std": c.input.std, "pixel_size_m": c.input.pixel_size,
             "classes": [{"id": k.id, "name": k.name, "color": list(k.color)} for k in c.classes],
             "chip_size": c.chip_size, "overlap": c.overlap, "weights": str(b.weights_path),
-            "weights_format": b.format, "metadata": c.metadata, **extra,
+            "weights_format": b.format,
+            "pretrained": c.pretrained.model_dump() if c.pretrained is not None else None,
+            "metadata": c.metadata, **extra,
         }
     from geoseg.io.geodesy import areal_scale
 
@@ -185,6 +187,14 @@ def _bundle_text(d: dict[str, Any]) -> list[str]:
     lines.append("  bands:    scene band -> input (raw-unit mean / std)")
     for name, idx, m, sd in zip(d["bands"], d["band_indexes"], d["mean"], d["std"], strict=True):
         lines.append(f"            {idx:>3} -> {name:<16} {_fmt(m, 6)} / {_fmt(sd, 6)}")
+    pre = d.get("pretrained")
+    if pre:
+        digest = f", sha256 {pre['sha256'][:12]}" if pre.get("sha256") else ""
+        lines.append(f"  encoder:  started from {pre['file']}{digest}"
+                     + (f"; pretrained on {pre['pretrained_on']}" if pre.get("pretrained_on") else ""))
+        if pre.get("matched"):
+            lines.append("            bands: " + ", ".join(f"{b} <- {m or 'initialised'}"
+                                                         for b, m in zip(d["bands"], pre["matched"], strict=False)))
     lines.append("  classes:  id  name                 colour")
     for c in d["classes"]:
         lines.append(f"            {c['id']:>3}  {c['name']:<20} #{''.join(f'{v:02x}' for v in c['color'])}")
