@@ -14,6 +14,21 @@ learn from the same training side and are scored on the same held-out pixels, in
   a ``--sparse-size`` px square around its inner point, as a user digitises a few small patches; all else
   unlabelled, ``background_class: null``), scored on every other labelled pixel of the whole scene.
 
+- ``amazon``: Bragagnolo et al.'s Amazon forest tiles (``amazon_forest``: 30 RGB uint8 tiles of 512 x 512 px,
+  classes 1 forest, 2 non-forest). A split of tiles, fixed by id: the tiles sorted by their id's two numbers,
+  every third one (positions 2, 5, 8...) held out, so 20 train and 10 are scored. geoseg trains on the 20 tiles
+  (one scene each, its defaults split them into train and validation blocks) and ``geoseg predict`` maps the
+  10 held-out tiles; the score is the paper's (John & Zhang 2022): accuracy per held-out tile, then their mean,
+  beside IoU per class over all held-out pixels. The published table (their 15 validation tiles, which we do
+  not have): U-Net 0.947, Attention U-Net 0.953, ResNet50-SegNet 0.947, FCN32-VGG16 0.898.
+
+Pretrained encoders: ``--weights FILE...`` runs every case from scratch and once with each file named as
+``model.encoder_weights`` (the encoder comes from the file's metadata); a file that shares no band with a case
+(an RGB encoder on Slovenia's NDVI) is reported as such. The single-band SpaceNet scenes are named ``pan``
+(``data.band_names``), so an RGB encoder serves them with smp's one-band rule. ``--seeds 0 1 2`` repeats each
+run per seed (the config seed, the forest's and the sparse polygon choice) and reports the median and the
+spread (min-max) over seeds.
+
 The halves are written as GeoTIFFs (each window's own transform; label masks get the image's CRS) into
 ``--work``, so geoseg sees ordinary files. geoseg runs as a user runs it, in subprocesses:
 ``geoseg train CONFIG -o RUN`` with a config that names only the classes, the scene, the seed and
@@ -39,6 +54,8 @@ whole command's) and epochs run. The issue's aim is 20 CPU-minutes for SpaceNet 
     python benchmarks/bench_training.py --cases slovenia --max-seconds 20   # a quick look (~1 min)
     python benchmarks/bench_training.py --cases buildings --max-seconds 1200 --json /tmp/b.json
     python benchmarks/bench_training.py --set loss=dice --set epochs=50 --work /tmp/gs-train
+    python benchmarks/bench_training.py --cases amazon --max-seconds 1200 --seeds 0 1 2 \
+        --weights /path/mobilenet_v2-imagenet.safetensors /path/csmask-4b-l2a.safetensors
 """
 
 from __future__ import annotations
@@ -82,9 +99,11 @@ class Case:
     background_class: int | None = None
     sparse: bool = False
     needs: tuple[tuple[str, Any], ...] = ()  # config keys the defaults cannot do without here (before --set)
+    tiles: bool = False  # a folder of tiles <stem>.tif + <stem>.labels.tif, split by tile (AMAZON_HELD_OUT)
 
 
-SPACENET = dict(label_values={0: 0, 255: 1}, background_class=0)
+SPACENET = dict(label_values={0: 0, 255: 1}, background_class=0, needs=(("data.band_names", ["pan"]),))
+PAPER_AMAZON = {"U-Net": 0.947, "Attention U-Net": 0.953, "ResNet50-SegNet": 0.947, "FCN32-VGG16": 0.898}
 SLOVENIA_CLASSES = ((1, "cultivated"), (2, "forest"), (3, "grassland"), (4, "shrubland"), (8, "artificial"))
 # the default 256 px chip cannot fit a 50 x 101 half ("no training chip of 256 px passes the rules"); 32 is the
 # smallest chip the default encoder depth (5: a multiple of 32) allows
@@ -96,6 +115,8 @@ CASES = {c.name: c for c in [
     Case("slovenia", "slovenia_lulc", "MAX_NDVI_from_npy.tif", "LULC_from_npy.tif", SLOVENIA_CLASSES, label_nodata=0),
     Case("slovenia-sparse", "slovenia_lulc", "MAX_NDVI_from_npy.tif", "LULC_from_npy.tif", SLOVENIA_CLASSES,
          label_nodata=0, sparse=True),
+    Case("amazon", "amazon_forest", "Amazon_*.tif", "*.labels.tif", ((1, "forest"), (2, "non-forest")),
+         label_nodata=0, tiles=True),
 ]}
 
 
@@ -244,6 +265,93 @@ def make_split(case: Case, folder: Path, sparse_polygons: int, sparse_size: int,
                  valid_all[:, :half], valid_all, note)
 
 
+@dataclass
+class TileSplit:
+    """A case of many tiles: (image, labels) pairs to train on and to score, held out by id."""
+
+    train: list[tuple[Path, Path]]
+    test: list[tuple[Path, Path]]
+    note: str
+
+
+def _tile_id(path: Path) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", path.name.split(".")[0]))
+
+
+def make_tile_split(case: Case) -> TileSplit:
+    """The tiles sorted by id; every third one (positions 2, 5, 8...) held out."""
+    src = REAL / case.folder
+    images = sorted((p for p in src.glob(case.image) if not p.name.endswith(".labels.tif")), key=_tile_id)
+    if not images:
+        raise SystemExit(f"{src}: no tiles {case.image}")
+    pairs = [(p, p.with_name(p.name[: -len(".tif")] + ".labels.tif")) for p in images]
+    train = [t for i, t in enumerate(pairs) if i % 3 != 2]
+    test = [t for i, t in enumerate(pairs) if i % 3 == 2]
+    return TileSplit(train, test, f"{len(train)} tiles to train on, {len(test)} held out (every third by id: "
+                                  f"{', '.join(p.stem for p, _ in test)})")
+
+
+def _read_tile(image: Path, labels: Path, case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import rasterio
+
+    with rasterio.open(image) as ds:
+        x, nodata = ds.read().astype(np.float32), ds.nodata
+    with rasterio.open(labels) as ds:
+        raw = ds.read(1).astype(np.int64)
+    if case.label_nodata is not None:
+        raw[raw == case.label_nodata] = -1
+    return x, _class_index(raw, case), _valid(x, nodata)
+
+
+def _tile_scores(preds: list[np.ndarray], truths: list[np.ndarray], case: Case) -> dict[str, Any]:
+    """IoU per class over all held-out pixels (geoseg's scores) and the paper's figure: accuracy per tile,
+    then the mean over tiles."""
+    from geoseg.learn.metrics import ConfusionMatrix, scores
+
+    cm = ConfusionMatrix(len(case.classes))
+    per_tile = []
+    for pred, true in zip(preds, truths, strict=True):
+        cm.update(true, pred)
+        ok = true >= 0
+        per_tile.append(float((pred[ok] == true[ok]).mean()) if ok.any() else math.nan)
+    res = scores(cm.matrix, [n for _, n in case.classes])
+    res["tile_accuracy"] = per_tile
+    res["mean_tile_accuracy"] = float(np.nanmean(per_tile))
+    return res
+
+
+def random_forest_tiles(split: TileSplit, case: Case, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The forest on the training tiles (a stratified sample of each), scored per held-out tile."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    tiles = [_read_tile(i, lab, case) for i, lab in split.train]
+    pooled = np.concatenate([x[:, v] for x, _, v in tiles], axis=1)
+    mean, std = pooled.mean(axis=1).astype(np.float64), np.maximum(pooled.std(axis=1), 1e-6).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    per_tile = max(1, args.rf_samples // len(tiles))
+    for x, y, v in tiles:
+        f = features(x, mean, std, v)
+        yy = y.reshape(-1)
+        keep = np.flatnonzero((yy >= 0) & v.reshape(-1))
+        keep = keep[stratified_sample(yy[keep], per_tile, rng, floor=min(1000, per_tile))]
+        xs.append(f[keep])
+        ys.append(yy[keep])
+    rf = RandomForestClassifier(n_estimators=args.rf_trees, n_jobs=-1, random_state=seed)
+    t0 = time.perf_counter()
+    rf.fit(np.concatenate(xs), np.concatenate(ys))
+    preds, truths = [], []
+    for image, labels in split.test:
+        x, y, v = _read_tile(image, labels, case)
+        preds.append(rf.predict(features(x, mean, std, v)).reshape(y.shape).astype(np.int64))
+        truths.append(np.where(v, y, UNLABELLED))
+    seconds = time.perf_counter() - t0
+    n = int(sum(len(y) for y in ys))
+    return {"metrics": _tile_scores(preds, truths, case), "seconds": seconds, "train_pixels": n,
+            "labelled_train_pixels": int(sum(((y >= 0) & v).sum() for _, y, v in tiles)),
+            "features": int(xs[0].shape[1])}
+
+
 # ----------------------------------------------------------------------------------- baseline
 
 
@@ -278,7 +386,7 @@ def stratified_sample(y: np.ndarray, n: int, rng: np.random.Generator, floor: in
     return np.sort(np.concatenate(out))
 
 
-def random_forest(split: Split, case: Case, args: argparse.Namespace) -> dict[str, Any]:
+def random_forest(split: Split, case: Case, args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
     from sklearn.ensemble import RandomForestClassifier
 
     from geoseg.learn.metrics import ConfusionMatrix, scores
@@ -289,9 +397,10 @@ def random_forest(split: Split, case: Case, args: argparse.Namespace) -> dict[st
     xtr = features(split.train_x, mean, std, v)
     ytr = split.train_y.reshape(-1)
     keep = np.flatnonzero((ytr >= 0) & v.reshape(-1))
-    keep = keep[stratified_sample(ytr[keep], args.rf_samples, np.random.default_rng(args.seed))]
+    seed = args.seed if seed is None else seed
+    keep = keep[stratified_sample(ytr[keep], args.rf_samples, np.random.default_rng(seed))]
     xte = features(split.test_x, mean, std, split.test_valid)
-    rf = RandomForestClassifier(n_estimators=args.rf_trees, n_jobs=-1, random_state=args.seed)
+    rf = RandomForestClassifier(n_estimators=args.rf_trees, n_jobs=-1, random_state=seed)
     t0 = time.perf_counter()
     rf.fit(xtr[keep], ytr[keep])
     pred = rf.predict(xte).reshape(split.test_y.shape).astype(np.int64)
@@ -332,18 +441,25 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
         cur[last] = value
 
 
-def make_config(case: Case, split: Split, args: argparse.Namespace) -> dict[str, Any]:
-    scene: dict[str, Any] = {"image": str(split.train_image), "labels": str(split.train_labels)}
-    if split.label_column:
-        scene["label_column"] = split.label_column
+def make_config(case: Case, split: Split | TileSplit, args: argparse.Namespace, seed: int | None = None,
+                weights: str | None = None) -> dict[str, Any]:
+    if isinstance(split, TileSplit):
+        scenes: list[dict[str, Any]] = [{"image": str(i), "labels": str(lab)} for i, lab in split.train]
+    else:
+        scene: dict[str, Any] = {"image": str(split.train_image), "labels": str(split.train_labels)}
+        if split.label_column:
+            scene["label_column"] = split.label_column
+        scenes = [scene]
     cfg: dict[str, Any] = {
         "name": f"bench-{case.name}",
         "classes": [{"id": cid, "name": n} for cid, n in case.classes],
         "background_class": None if case.sparse else case.background_class,
-        "data": {"scenes": [scene]},
+        "data": {"scenes": scenes},
         "max_seconds": args.max_seconds,
-        "seed": args.seed,
+        "seed": args.seed if seed is None else seed,
     }
+    if weights:  # the file alone: its metadata names the encoder
+        cfg["model"] = {"encoder_weights": weights}
     for key, value in [*case.needs, *args.set]:
         set_key(cfg, key, value)
     return cfg
@@ -369,10 +485,12 @@ def _geoseg(cmd: list[str], log: Path) -> tuple[int, float, list[str]]:
     return rc, seconds, notable
 
 
-def run_geoseg(case: Case, split: Split, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_geoseg(case: Case, split: Split | TileSplit, folder: Path, args: argparse.Namespace, seed: int | None = None,
+               weights: str | None = None) -> dict[str, Any]:
     import yaml
 
-    cfg = make_config(case, split, args)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = make_config(case, split, args, seed, weights)
     cfg_path = folder / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run, ev = folder / "run", folder / "evaluation"
@@ -389,6 +507,28 @@ def run_geoseg(case: Case, split: Split, folder: Path, args: argparse.Namespace)
         out["history"] = rows
     if rc != 0:
         out["error"] = f"geoseg train exited {rc}: " + " | ".join(notes[-3:])
+        if any("share none" in n for n in notes):
+            out["no_shared_band"] = True
+        return out
+    if isinstance(split, TileSplit):  # every held-out tile mapped by one command, scored per tile
+        cmd = ["predict", *[str(i) for i, _ in split.test], "-m", str(run / "model"), "-o", str(ev), "--no-vector",
+               "--no-quicklook", "--overwrite"]
+        rc, secs, notes = _geoseg(cmd, folder / "predict.log")
+        out.update(evaluate_seconds=secs, evaluate_notes=notes)
+        maps = [ev / f"{i.stem}.classes.tif" for i, _ in split.test]
+        if rc != 0 or not all(m.exists() for m in maps):
+            out["error"] = f"geoseg predict exited {rc}: " + " | ".join(notes[-3:])
+            return out
+        import rasterio
+
+        preds, truths = [], []
+        for m, (image, labels) in zip(maps, split.test, strict=True):
+            with rasterio.open(m) as ds:
+                ids = ds.read(1).astype(np.int64)
+            _, y, v = _read_tile(image, labels, case)
+            preds.append(_class_index(ids, case))
+            truths.append(np.where(v, y, UNLABELLED))
+        out["metrics"] = _tile_scores(preds, truths, case)
         return out
     cmd = ["evaluate", str(split.test_image), "-m", str(run / "model"), "-l", str(split.test_labels),
            "-o", str(ev), "--overwrite"]
@@ -446,40 +586,76 @@ def patience_replay(history: list[dict[str, str]], patiences: tuple[int, ...] = 
     return "; ".join(parts)
 
 
+def _spread(values: list[float]) -> str:
+    """``median [min-max]`` of the seeds' values (the median alone for one seed)."""
+    if not values:
+        return "-"
+    med = float(np.median(values))
+    return f"{med:.4f}" if len(values) == 1 else f"{med:.4f} [{min(values):.3f}-{max(values):.3f}]"
+
+
+def _summary(runs: dict[int, dict[str, Any]], case: Case, rf: bool = False) -> dict[str, Any]:
+    """Median and spread over seeds of the mean IoU, each class's IoU and (tiles) the mean per-tile accuracy."""
+    ok = {seed: (r if rf else r.get("metrics")) for seed, r in runs.items()}
+    ok = {seed: (m["metrics"] if rf else m) for seed, m in ok.items() if m}
+    mious = [v for m in ok.values() if (v := _mean_iou(m)) is not None]
+    out: dict[str, Any] = {"seeds": sorted(ok), "mean_iou": mious,
+                           "mean_iou_median": float(np.median(mious)) if mious else None,
+                           "classes": {n: [v for m in ok.values() if (v := _iou(m, n)[0]) is not None]
+                                       for _, n in case.classes}}
+    if case.tiles:
+        acc = [m["mean_tile_accuracy"] for m in ok.values() if "mean_tile_accuracy" in m]
+        out.update(mean_tile_accuracy=acc, mean_tile_accuracy_median=float(np.median(acc)) if acc else None)
+    return out
+
+
 def report(results: dict[str, dict[str, Any]], header: dict[str, Any], json_path: Path | None) -> None:
-    print(f"\n{'case':<16} {'class':<12} {'pixels':>9} {'geoseg IoU':>10} {'RF IoU':>8} {'margin':>8}")
+    """Per case, one line per method: from scratch, with each pretrained encoder, and the forest; each figure
+    the median over seeds with its spread, the margin the median mean IoU over the forest's."""
+    seeds = header["seeds"]
+    print(f"\nmedian over seeds {seeds} [min-max]; margin: median mean IoU - the forest's")
+    print(f"{'case':<16} {'method':<34} {'mean IoU':>24} {'margin':>8}  per class IoU / mean tile accuracy")
     for name, r in results.items():
         case = CASES[name]
-        gm, fm = r["geoseg"].get("metrics"), r["rf"]["metrics"]
-        rows = []
-        for _, cname in case.classes:
-            g, gs = _iou(gm, cname)
-            f, fs = _iou(fm, cname)
-            support = fs if gs is None or gs == fs else f"{gs}/{fs}"  # the two should agree
-            margin = None if g is None or f is None else g - f
-            rows.append((cname, support, g, f, margin))
-            r.setdefault("classes", {})[cname] = {"pixels": fs, "geoseg_pixels": gs, "geoseg_iou": g, "rf_iou": f,
-                                                   "margin": margin}
-        g, f = _mean_iou(gm), _mean_iou(fm)
-        r["mean_iou"] = {"geoseg": g, "rf": f, "margin": None if g is None or f is None else g - f}
-        for i, (cname, support, g_, f_, m_) in enumerate(rows):
-            print(f"{name if i == 0 else '':<16} {cname:<12} {support!s:>9} {_f(g_):>10} {_f(f_):>8} "
-                  f"{_f(m_, '+.4f'):>8}")
-        mi = r["mean_iou"]
-        print(f"{'':<16} {'mean IoU':<12} {'':>9} {_f(mi['geoseg']):>10} {_f(mi['rf']):>8} "
-              f"{_f(mi['margin'], '+.4f'):>8}")
-        gs_ = r["geoseg"]
-        print(f"{'':<16} geoseg: train {_f(gs_.get('train_seconds'), '.0f')} s over {gs_.get('epochs_run', '-')} "
-              f"epoch(s) (command {_f(gs_.get('train_wall_seconds'), '.0f')} s), evaluate "
-              f"{_f(gs_.get('evaluate_seconds'), '.0f')} s; RF fit + predict {r['rf']['seconds']:.1f} s on "
-              f"{r['rf']['train_pixels']} pixels; case {r['seconds']:.0f} s")
-        if gs_.get("history"):
-            print(f"{'':<16} early stopping replayed: {patience_replay(gs_['history'])}")
-        if "error" in gs_:
-            print(f"{'':<16} geoseg FAILED: {gs_['error']}")
+        rf = _summary(r["rf"], case, rf=True)
+        r["summary"] = {"rf": rf}
+        lines = []
+        for variant, runs in r["runs"].items():
+            sm = _summary(runs, case)
+            r["summary"][variant] = sm
+            failed = [f"seed {sd}: {g['error']}" for sd, g in runs.items() if "error" in g]
+            if all(g.get("no_shared_band") for g in runs.values()):
+                lines.append((variant, "shares no band with this case", "", ""))
+                continue
+            margin = None if sm["mean_iou_median"] is None or rf["mean_iou_median"] is None \
+                else sm["mean_iou_median"] - rf["mean_iou_median"]
+            sm["margin"] = margin
+            lines.append((variant, _spread(sm["mean_iou"]), _f(margin, "+.4f"), _details(sm, case)
+                          + ("; FAILED " + " | ".join(failed) if failed else "")))
+        lines.append(("random forest", _spread(rf["mean_iou"]), "", _details(rf, case)))
+        for i, (method, miou, margin, details) in enumerate(lines):
+            print(f"{name if i == 0 else '':<16} {method:<34} {miou:>24} {margin:>8}  {details}")
+        if case.tiles:
+            print(f"{'':<16} the paper (its 15 validation tiles): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in PAPER_AMAZON.items()))
+        for variant, runs in r["runs"].items():
+            for seed, g in runs.items():
+                print(f"{'':<16} {variant} seed {seed}: train {_f(g.get('train_seconds'), '.0f')} s over "
+                      f"{g.get('epochs_run', '-')} epoch(s) (command {_f(g.get('train_wall_seconds'), '.0f')} s), "
+                      f"evaluate {_f(g.get('evaluate_seconds'), '.0f')} s"
+                      + (f"; early stopping replayed: {patience_replay(g['history'])}" if g.get("history") else ""))
+        print(f"{'':<16} RF fit + predict " + ", ".join(f"{v['seconds']:.1f} s" for v in r["rf"].values())
+              + f" on {next(iter(r['rf'].values()))['train_pixels']} pixels; case {r['seconds']:.0f} s")
     if json_path:
         json_path.write_text(json.dumps({**header, "cases": results}, indent=1, default=str) + "\n")
         print(f"\nwrote {json_path}")
+
+
+def _details(sm: dict[str, Any], case: Case) -> str:
+    parts = [f"{n} {_spread(v)}" for n, v in sm["classes"].items()]
+    if case.tiles:
+        parts.append(f"tile accuracy {_spread(sm.get('mean_tile_accuracy') or [])}")
+    return "; ".join(parts)
 
 
 def main() -> None:
@@ -489,9 +665,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (dotted path, YAML value), e.g. --set loss=dice "
                          "--set model.encoder=resnet18 --set data.chip_size=64; repeatable")
+    ap.add_argument("--weights", nargs="+", default=[], metavar="FILE",
+                    help="pretrained weights files: every case also runs once with each as model.encoder_weights")
+    ap.add_argument("--no-scratch", action="store_true", help="with --weights: skip the runs from scratch")
     ap.add_argument("--work", type=Path, default=None, help="keep the halves, configs, runs and logs here")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=0, help="config seed, RF seed, sparse polygon choice")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run each case and method at each of these seeds; report the median and spread")
     ap.add_argument("--sparse-polygons", type=int, default=3, help="polygons per class of the sparse case")
     ap.add_argument("--sparse-size", type=int, default=10,
                     help="sparse case: keep a square of this many pixels a side of each polygon (0: whole polygons)")
@@ -505,6 +686,12 @@ def main() -> None:
             ap.error(f"--set {item!r}: give KEY=VALUE")
         sets.append((key.strip(), parse_value(value)))
     args.set = sets
+    seeds = args.seeds or [args.seed]
+    for w in args.weights:
+        if not Path(w).is_file():
+            ap.error(f"--weights {w}: no such file")
+    variants: list[tuple[str, str | None]] = [] if args.no_scratch and args.weights else [("scratch", None)]
+    variants += [(Path(w).stem, str(Path(w).resolve())) for w in args.weights]
     if not REAL.is_dir():
         raise SystemExit(f"real data folder {REAL} is absent; set GEOSEG_REAL_DATA to it")
 
@@ -515,11 +702,13 @@ def main() -> None:
 
     header = {"machine": cpu_features().describe(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "sklearn": sklearn.__version__, "command": shlex.join([sys.executable, *sys.argv]),
-              "max_seconds": args.max_seconds, "set": {k: v for k, v in args.set}, "seed": args.seed}
+              "max_seconds": args.max_seconds, "set": {k: v for k, v in args.set}, "seeds": seeds,
+              "weights": {name: w for name, w in variants if w}}
     print(f"machine: {header['machine']}; os.cpu_count() {header['cpus']}; torch {header['torch']}, "
           f"scikit-learn {header['sklearn']}")
     print(f"command: {header['command']}")
-    print(f"data: {REAL}; geoseg max_seconds {args.max_seconds:g} per case; overrides: {header['set'] or 'none'}")
+    print(f"data: {REAL}; geoseg max_seconds {args.max_seconds:g} per case; overrides: {header['set'] or 'none'}; "
+          f"seeds {seeds}; methods: {', '.join(n for n, _ in variants)}")
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="geoseg-train-bench-") as d:
@@ -527,22 +716,36 @@ def main() -> None:
         for name in args.cases:
             case = CASES[name]
             t0 = time.perf_counter()
-            folder = work / name
-            split = make_split(case, folder / "data", args.sparse_polygons, args.sparse_size, args.seed)
-            needs = "".join(f"; needs {k}={v}" for k, v in case.needs)
-            print(f"\n[{name}] {split.note}{needs}; train {split.train_image.name} {split.train_x.shape[2]}x"
-                  f"{split.train_x.shape[1]}, held out {split.test_image.name} {split.test_x.shape[2]}x"
-                  f"{split.test_x.shape[1]}", flush=True)
-            g = run_geoseg(case, split, folder, args)
-            for ln in g.get("train_notes", []) + g.get("evaluate_notes", []):
-                print(f"  geoseg: {ln}")
-            print(f"  geoseg: {g.get('epochs_run', 0)} epoch(s), train {g.get('train_wall_seconds', 0):.0f} s, "
-                  f"evaluate {g.get('evaluate_seconds', 0):.0f} s" + (f"; {g['error']}" if "error" in g else ""),
-                  flush=True)
-            rf = random_forest(split, case, args)
-            print(f"  RF: {rf['features']} features, {rf['train_pixels']} of {rf['labelled_train_pixels']} labelled "
-                  f"pixels, fit + predict {rf['seconds']:.1f} s", flush=True)
-            results[name] = {"note": split.note, "geoseg": g, "rf": rf, "seconds": time.perf_counter() - t0}
+            runs: dict[str, dict[int, dict[str, Any]]] = {v: {} for v, _ in variants}
+            forest: dict[int, dict[str, Any]] = {}
+            note = ""
+            for seed in seeds:
+                folder = work / name / f"seed{seed}"
+                split: Split | TileSplit
+                if case.tiles:
+                    split = make_tile_split(case)
+                    shape = f"{len(split.train)} tiles, held out {len(split.test)}"
+                else:
+                    split = make_split(case, folder / "data", args.sparse_polygons, args.sparse_size, seed)
+                    shape = (f"train {split.train_image.name} {split.train_x.shape[2]}x{split.train_x.shape[1]}, "
+                             f"held out {split.test_image.name} {split.test_x.shape[2]}x{split.test_x.shape[1]}")
+                note = split.note
+                needs = "".join(f"; needs {k}={v}" for k, v in case.needs)
+                print(f"\n[{name} seed {seed}] {split.note}{needs}; {shape}", flush=True)
+                for variant, weights in variants:
+                    g = run_geoseg(case, split, folder / variant, args, seed, weights)
+                    runs[variant][seed] = g
+                    for ln in g.get("train_notes", []) + g.get("evaluate_notes", []):
+                        print(f"  geoseg {variant}: {ln}")
+                    print(f"  geoseg {variant}: {g.get('epochs_run', 0)} epoch(s), train "
+                          f"{g.get('train_wall_seconds', 0):.0f} s, evaluate {g.get('evaluate_seconds', 0):.0f} s"
+                          + (f"; {g['error']}" if "error" in g else ""), flush=True)
+                rf = random_forest_tiles(split, case, seed, args) if isinstance(split, TileSplit) \
+                    else random_forest(split, case, args, seed)
+                forest[seed] = rf
+                print(f"  RF: {rf['features']} features, {rf['train_pixels']} of {rf['labelled_train_pixels']} "
+                      f"labelled pixels, fit + predict {rf['seconds']:.1f} s", flush=True)
+            results[name] = {"note": note, "runs": runs, "rf": forest, "seconds": time.perf_counter() - t0}
         report(results, header, args.json)
 
 

@@ -407,8 +407,8 @@ def input_band_names(data: Any, first: SceneInfo | None = None) -> list[str]:
         return list(data.band_names)
     info = first or inspect_scene(data.scenes[0].image)
     bands = list(data.bands) if data.bands else list(range(1, info.count + 1))
-    return [(info.descriptions[b - 1] if b - 1 < len(info.descriptions) and info.descriptions[b - 1] else f"band{b}")
-            for b in bands]
+    names = [info.descriptions[b - 1] if b - 1 < len(info.descriptions) else None for b in bands]
+    return [name or f"band{b}" for name, b in zip(names, bands, strict=True)]
 
 
 def prepare_data(cfg: Any, progress: Callable[[str, int, int], None] | None = None) -> PreparedData:

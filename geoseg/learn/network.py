@@ -70,15 +70,15 @@ def check_network(cfg: TrainConfig) -> None:
         close = difflib.get_close_matches(encoder, names, n=4, cutoff=0.6)
         raise ConfigError(f"model.encoder {encoder!r} is not an encoder of segmentation-models-pytorch"
                           + (f"; did you mean {', '.join(close)}?" if close else "; see smp's encoder list"))
-    in_ch = len(cfg.data.bands) if cfg.data.bands else None
+    in_ch: int | None = len(cfg.data.bands) if cfg.data.bands else None
     out_ch = 1 if cfg.model.activation == "sigmoid" else len(cfg.classes)
     chip = cfg.data.chip_size
     local = cfg.model.encoder_weights if cfg.model.encoder_weights and is_local_file(cfg.model.encoder_weights) \
         else None  # a local file is read here, so a wrong one fails before the run folder is made
-    names = input_band_names(cfg.data) if local else None  # (a header read) to match the file's bands
-    in_ch = len(names) if names else in_ch
+    bands = input_band_names(cfg.data) if local else None  # (a header read) to match the file's bands
+    in_ch = len(bands) if bands else in_ch
     try:
-        net = create_network(spec, in_ch or 3, out_ch, local, names).eval()
+        net = create_network(spec, in_ch or 3, out_ch, local, bands).eval()
         with torch.no_grad():
             shape = tuple(first_output(net(torch.zeros(1, in_ch or 3, chip, chip))).shape)
     except ConfigError:

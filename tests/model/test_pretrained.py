@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from geoseg.errors import ConfigError
 from geoseg.model.contract import ArchSpec
 from geoseg.model.networks import create_network
-from geoseg.model.pretrained import band_key, first_conv_for_bands, match_bands, read_encoder_file
+from geoseg.model.pretrained import band_key, first_conv_for_bands, read_encoder_file
 
 SIX = ["blue", "green", "red", "nir", "swir16", "swir22"]
 SMALL = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
