@@ -139,3 +139,20 @@ def test_normalisation_the_weights_expect(tmp_path):
     side = write_weights(tmp_path, "network", bands=["blue", "green"])
     side.with_suffix(".json").write_text(json.dumps({"mean": [0.1, 0.2], "std": [0.3, 0.4]}))
     assert read_encoder_file(str(side), tensors=False).std == [0.3, 0.4]
+
+
+def test_imagenet_is_still_smps_download_and_is_recorded(monkeypatch):
+    import segmentation_models_pytorch as smp
+
+    asked: list[str | None] = []
+    real = smp.create_model
+
+    def offline(*args, encoder_weights=None, **kwargs):  # no network here: record what smp would download
+        asked.append(encoder_weights)
+        return real(*args, encoder_weights=None, **kwargs)
+
+    monkeypatch.setattr(smp, "create_model", offline)
+    net = create_network(ArchSpec(encoder="resnet18", params=SMALL), 3, 2, "imagenet", ["red", "green", "blue"])
+    assert asked == ["imagenet"]
+    src = net.geoseg_pretrained  # type: ignore[attr-defined]
+    assert src.file == "imagenet" and src.encoder == "resnet18" and "smp download" in (src.pretrained_on or "")
