@@ -87,7 +87,8 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.tta = tta
-        self.overflowed = 0  # batches whose logits held inf or NaN
+        self.overflowed = 0  # batches whose logits held inf or NaN (on a GPU: once check_overflow has read them)
+        self._bad: list[torch.Tensor] = []  # on a GPU: per batch, whether its logits overflowed (not read yet)
         net = model.module.to(self.device).eval()
         self.channels_last = self.device.type in ("cpu", "cuda")
         if self.channels_last:
@@ -121,16 +122,54 @@ class Predictor:
 
         +-inf become the largest finite float32 values and NaN the smallest, so the softmax stays a
         probability distribution (sums to 1) and the arg max a class; said once per predictor.
+
+        On a GPU the check must not wait for the device (a host sync per batch would stall the model
+        thread until the batch is computed, so it could not prepare the next one meanwhile): the logits
+        are always passed through ``nan_to_num`` (which leaves finite values as they are), and the count of
+        overflowed forwards is read later (:meth:`take_overflow`, :meth:`check_overflow`).
         """
+        big = torch.finfo(torch.float32).max
+        if logits.device.type != "cpu":
+            bad = (~torch.isfinite(logits)).any()
+            self._bad.append(bad)
+            if len(self._bad) > 64:  # nobody reads them (a bare forward loop): keep the list short
+                self.check_overflow()
+            return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
         if bool(torch.isfinite(logits).all()):
             return logits
-        if not self.overflowed:
+        self._overflowed(1)
+        return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+
+    def _overflowed(self, batches: int) -> None:
+        if batches and not self.overflowed:
             log.warning("the network's outputs overflowed (inf or NaN) under %s; those pixels take the largest "
                         "finite logit. If the class map looks wrong, run with --precision fp32 and check the "
                         "scene's values against the model's normalisation", self.precision)
-        self.overflowed += 1
-        big = torch.finfo(torch.float32).max
-        return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+        self.overflowed += batches
+
+    def check_overflow(self) -> int:
+        """Count (and say once) the forwards on a GPU whose logits overflowed since the last call; returns
+        :attr:`overflowed`. Waits for the device."""
+        bad, self._bad = self._bad, []
+        if bad:
+            self._overflowed(int(torch.stack(bad).sum()))
+        return self.overflowed
+
+    def take_overflow(self) -> torch.Tensor | None:
+        """On a GPU: how many forwards since the last call overflowed, as a pinned host scalar that the device
+        fills when its work gets there (pass it to :meth:`count_overflow` once the batch is done, so reading
+        it waits for nothing); ``None`` when there is nothing to count."""
+        bad, self._bad = self._bad, []
+        if not bad:
+            return None
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(torch.stack(bad).sum(), non_blocking=True)
+        return host
+
+    def count_overflow(self, counted: torch.Tensor | None) -> None:
+        """Add a :meth:`take_overflow` count, read after its batch is done (saying once that logits overflowed)."""
+        if counted is not None:
+            self._overflowed(int(counted))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits -> probabilities for one device batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` float32."""
@@ -287,11 +326,12 @@ class ModelServer:
             k = probs.shape[1]
             host_out = self._pinned(self._host_out, slot, (self.batch_size, k, *batch.shape[2:]))
             host_out.copy_(probs, non_blocking=True)
+            overflow = pred.take_overflow()
             done = torch.cuda.Event()
             done.record()
             dt = time.perf_counter() - t0
             self.seconds += dt
-            return (host_out, n, done, dt)
+            return (host_out, n, done, dt, overflow)
 
     def _pinned(self, pool: list[torch.Tensor], slot: int, shape: tuple[int, ...]) -> torch.Tensor:
         full = (self.batch_size, *shape[1:])
@@ -304,12 +344,13 @@ class ModelServer:
     def _finish(self, items: list[_Item], launched: Any) -> None:
         try:
             if self._cuda:
-                host_out, n, done, dt = launched
+                host_out, n, done, dt, overflow = launched
                 t1 = time.perf_counter()
                 done.synchronize()
                 self.seconds += time.perf_counter() - t1
                 dt += time.perf_counter() - t1
                 probs = host_out[:n].numpy().copy()  # the pinned buffer is reused two batches later
+                self.predictor.count_overflow(overflow)  # filled before `done`: no wait
             else:
                 probs, dt = launched
         except BaseException as exc:
