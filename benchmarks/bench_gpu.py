@@ -546,6 +546,9 @@ def run_predict(label: str, scene: str, bundle: str, out: Path, options: dict[st
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rpath = out / "report.json"
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     with Sampler(label.replace(" ", "_")) as smp_, Instrument(variant) as ins:
         t0 = time.perf_counter()
         if cli is not None:
@@ -561,6 +564,8 @@ def run_predict(label: str, scene: str, bundle: str, out: Path, options: dict[st
             run = predict_scenes([scene], bundle, out, overwrite=True, vector_format=None, **options)
             rep = run_report(run)
         wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     mpix = rep["megapixels"]
     res: dict[str, Any] = {
         "wall_s": round(wall, 2), "mpix": mpix, "mpix_per_s": round(mpix / wall, 2),
@@ -569,6 +574,7 @@ def run_predict(label: str, scene: str, bundle: str, out: Path, options: dict[st
             "batch_size", "precision", "device", "amp", "workers", "panel_width", "unit_rows", "tile_size",
             "overlap", "scheduler")},
         "chips": rep["outputs"][0]["chips_computed"], "status": rep["status"],
+        "host_cpu_s": round(cpu_s, 1), "host_cores_busy": round(cpu_s / wall, 2),
         "peak_gpu_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         **smp_.summary(), **ins.summary(),
     }
@@ -580,7 +586,7 @@ def run_predict(label: str, scene: str, bundle: str, out: Path, options: dict[st
         f"GPU busy {res['gpu_busy_of_model_span']} of the model span ({res['gpu_network_s']} s of "
         f"{res['model_span_s']} s), smi {res.get('smi_util_mean')} %; model thread {res['model_thread_seconds']}; "
         f"batches {res['batches']} (mean fill {res['mean_batch_fill']}); peak GPU {res['peak_gpu_allocated_mib']} MiB, "
-        f"host {res['host_rss_peak_mb']} MB")
+        f"host {res['host_rss_peak_mb']} MB, {res['host_cores_busy']} cores busy")
     return res
 
 

@@ -17,7 +17,6 @@ PY=${PY:-python3}
 mkdir -p "$DEST/benchmarks" "$DEST/tests" "$DEST/data" "$DEST/whl"
 rm -rf "$DEST/geoseg"
 cp -r "$SRC/geoseg" "$DEST/geoseg"
-find "$DEST/geoseg" -name __pycache__ -prune -exec rm -rf {} +
 cp "$SRC/pyproject.toml" "$DEST/"
 cp "$SRC/benchmarks/bench_gpu.py" "$SRC/benchmarks/gpu_check.sh" "$DEST/benchmarks/"
 cp "$SRC"/tests/{__init__,conftest,test_predict,test_backends,test_hardware,test_inference,test_numerics}.py "$DEST/tests/"
@@ -52,4 +51,5 @@ with rasterio.open(sys.argv[1]) as ds:
 with rasterio.open(sys.argv[2], "w", **profile) as dst:
     dst.write(data)
 EOF
+find "$DEST" -name __pycache__ -prune -exec rm -rf {} +
 du -sh "$DEST"
