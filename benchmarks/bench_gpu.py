@@ -132,6 +132,8 @@ def step_agree(args: argparse.Namespace) -> None:
         runs = {"cpu fp32": (cpu, time.perf_counter() - t0)}
         for label, prec, tf32 in (("cuda fp32", "fp32", True), ("cuda fp32 no-tf32", "fp32", False),
                                   ("cuda bf16", "bf16", True)):
+            if args.agree_variants and label not in args.agree_variants:
+                continue
             old = torch.backends.cudnn.allow_tf32
             torch.backends.cudnn.allow_tf32 = tf32
             try:
@@ -257,12 +259,14 @@ def step_bare(args: argparse.Namespace) -> None:
     pred = Predictor(loaded, "cuda", "bf16")
     t0 = time.perf_counter()
     res["auto_batch_bf16"] = hw.gpu_batch_size(pred, 512, 3)
+    res["cudnn_allow_tf32_after"] = torch.backends.cudnn.allow_tf32
     res["auto_batch_probe_seconds"] = round(time.perf_counter() - t0, 2)
     say(f"--batch-size auto on this GPU (bf16, 512 px): {res['auto_batch_bf16']}")
     deadline = time.perf_counter() + args.budget
     preds = {prec: Predictor(loaded, "cuda", prec) for prec in ("bf16", "fp32")}
-    for prec, b in (("bf16", 32), ("bf16", 8), ("bf16", 16), ("fp32", 32), ("bf16", 64), ("bf16", 1), ("fp32", 8),
-                    ("bf16", 4)):
+    plan = [(p.split(":")[0], int(p.split(":")[1])) for p in args.bare_plan] if args.bare_plan else [
+        ("bf16", 32), ("bf16", 8), ("bf16", 16), ("fp32", 32), ("bf16", 64), ("bf16", 1), ("fp32", 8), ("bf16", 4)]
+    for prec, b in plan:
         if time.perf_counter() > deadline:
             break
         pred = preds[prec]
@@ -388,71 +392,66 @@ def _before_finite(pred: Any, logits: Any) -> Any:
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
-def _v2_launch(server: Any, items: Any, slot: int) -> Any:
-    """A candidate ``ModelServer._launch`` on CUDA: the chips are stacked straight into the pinned input
-    buffer (no stacked copy, no padded copy), and each batch's probabilities come back into a pinned block of
-    its own from PyTorch's caching host allocator, handed to the chips as views (see :func:`_v2_finish`)."""
-    import numpy as np
-    import torch
-
-    if not server._cuda:
-        return _SAVED["launch"](server, items, slot)
-    t0 = time.perf_counter()
-    pred = server.predictor
-    n = len(items)
-    host_in = server._pinned(server._host_in, slot, (server.batch_size, *items[0].data.shape))
-    buf = host_in.numpy()
-    np.stack([it.data for it in items], out=buf[:n])
-    if n < server.batch_size:
-        buf[n:] = 0
-    with torch.inference_mode():
-        with torch.cuda.stream(server._copy_stream):
-            x = host_in.to(pred.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        cur = torch.cuda.current_stream(pred.device)
-        cur.wait_stream(server._copy_stream)
-        x.record_stream(cur)
-        probs = pred.forward(x)
-        host_out = torch.empty((n, *probs.shape[1:]), dtype=torch.float32, pin_memory=True)
-        host_out.copy_(probs[:n], non_blocking=True)
-        overflow = pred.take_overflow()
-        done = torch.cuda.Event()
-        done.record()
-    dt = time.perf_counter() - t0
-    server.seconds += dt
-    return (host_out, n, done, dt, overflow)
-
-
-def _v2_finish(server: Any, items: Any, launched: Any) -> None:
-    """With :func:`_v2_launch`: no copy out; the chips' arrays are views of their batch's pinned block, which
-    goes back to the allocator's cache once the last of them is blended."""
-    if not server._cuda:
-        return _SAVED["finish"](server, items, launched)
-    try:
-        host_out, n, done, dt, overflow = launched
-        t1 = time.perf_counter()
-        done.synchronize()
-        server.seconds += time.perf_counter() - t1
-        dt += time.perf_counter() - t1
-        server.predictor.count_overflow(overflow)
-        probs = host_out.numpy()
-    except BaseException as exc:
-        server._fail(items, exc)
-        return
-    server.batches += 1
-    server.chips += len(items)
-    share = dt / len(items)
-    for i, it in enumerate(items):
-        it.future.set_result((probs[i], share))
-
-
 _SAVED: dict[str, Any] = {}
+
+
+class StackSampler:
+    """Where each group of threads is, every ``interval`` s: the innermost geoseg line of its stack (a thread
+    in a C call that released the GIL, GDAL's read or a numpy loop, shows the line that called it)."""
+
+    def __init__(self, on: bool, interval: float = 0.02):
+        self.on, self.interval = on, interval
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.samples = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> StackSampler:
+        if self.on:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="stack-sampler")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            self._stop.set()
+            self._thread.join()
+
+    def _run(self) -> None:
+        import re
+
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            self.samples += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                group = re.sub(r"[_-]\d+$", "", names.get(ident, "?"))
+                f: Any = frame
+                where = None
+                while f is not None:
+                    name = f.f_code.co_filename
+                    if "/geoseg/" in name:
+                        where = f"{Path(name).name}:{f.f_code.co_name}:{f.f_lineno}"
+                        break
+                    f = f.f_back
+                if where is None:
+                    where = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+                self.counts[group][where] += 1
+
+    def summary(self, top: int = 8) -> dict[str, Any]:
+        return {g: {"thread_samples": sum(c.values()),
+                    "top": {k: round(v / sum(c.values()), 3) for k, v in c.most_common(top)}}
+                for g, c in self.counts.items() if g.startswith(("geoseg", "Main"))}
 
 
 class Instrument:
     """Times the model thread's work and the GPU's, by wrapping :class:`~geoseg.inference.ModelServer`."""
 
     def __init__(self, variant: str = "branch"):
-        self.variant = variant  # "branch": the code as it is; "before": _finite as before issue 25; "v2": candidate
+        # "branch": the code as it is; "before": _finite as before issue 25 (a host sync per batch);
+        # "slots8": 8 batches of chips in flight instead of 3
+        self.variant = variant
         self.t = collections.Counter()
         self.events: list[tuple[Any, Any]] = []
         self.batches: list[int] = []
@@ -468,8 +467,6 @@ class Instrument:
                        inf.Predictor.forward, inf.Predictor._finite)
         gather, launch, finish, forward, finite = self._saved
         _SAVED.update(launch=launch, finish=finish)
-        if self.variant == "v2":
-            launch, finish = _v2_launch, _v2_finish
         me = self
 
         def _gather(server: Any) -> Any:
@@ -515,6 +512,17 @@ class Instrument:
         inf.Predictor.forward = _forward  # type: ignore[method-assign]
         if self.variant == "before":
             inf.Predictor._finite = _before_finite  # type: ignore[method-assign]
+        from geoseg import engine
+
+        self._runtime_init = engine.Runtime.__init__
+        if self.variant == "slots8":
+            init = self._runtime_init
+
+            def _init(rt: Any, model: Any, options: Any) -> None:
+                init(rt, model, options)
+                rt.slots = threading.Semaphore(8 * rt.server.batch_size)
+
+            engine.Runtime.__init__ = _init  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -522,6 +530,9 @@ class Instrument:
 
         (inf.ModelServer._gather, inf.ModelServer._launch, inf.ModelServer._finish, inf.Predictor.forward,
          inf.Predictor._finite) = self._saved
+        from geoseg import engine
+
+        engine.Runtime.__init__ = self._runtime_init  # type: ignore[method-assign]
 
     def summary(self) -> dict[str, Any]:
         import torch
@@ -538,7 +549,7 @@ class Instrument:
 
 
 def run_predict(label: str, scene: str, bundle: str, out: Path, options: dict[str, Any], variant: str = "branch",
-                cli: list[str] | None = None) -> dict[str, Any]:
+                cli: list[str] | None = None, profile: bool = False) -> dict[str, Any]:
     import torch
 
     from geoseg.report import run_report
@@ -549,7 +560,7 @@ def run_predict(label: str, scene: str, bundle: str, out: Path, options: dict[st
     import resource
 
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    with Sampler(label.replace(" ", "_")) as smp_, Instrument(variant) as ins:
+    with Sampler(label.replace(" ", "_")) as smp_, Instrument(variant) as ins, StackSampler(profile) as stacks:
         t0 = time.perf_counter()
         if cli is not None:
             from geoseg.cli import main
@@ -578,6 +589,11 @@ def run_predict(label: str, scene: str, bundle: str, out: Path, options: dict[st
         "peak_gpu_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         **smp_.summary(), **ins.summary(),
     }
+    if profile:
+        res["stack_profile"] = stacks.summary()
+        res["stack_samples"] = stacks.samples
+        for g, v in res["stack_profile"].items():
+            say(f"  profile {g}: {json.dumps(v['top'])}")
     if res["chips"] and res["gpu_network_s"]:
         res["model_stage_mpix_per_s_gpu_time"] = round(res["chips"] * 512 * 512 / 1e6 / res["gpu_network_s"], 1)
     if res["chips"] and res["model_span_s"]:
@@ -597,15 +613,17 @@ def step_speed(args: argparse.Namespace) -> None:
     plan: list[tuple[str, dict[str, Any], str, list[str] | None]] = [
         ("cli defaults", {}, "branch", ["--device", DEVICE]),
         ("wide", {"device": DEVICE, **wide}, "branch", None),
+        ("wide, 8 batches in flight", {"device": DEVICE, **wide}, "slots8", None),
+        ("wide, profiled", {"device": DEVICE, **wide}, "branch", None),
+        ("defaults", {"device": DEVICE}, "branch", None),
         ("wide, sync per batch (before)", {"device": DEVICE, **wide}, "before", None),
-        ("wide, v2 model thread", {"device": DEVICE, **wide}, "v2", None),
         ("wide batch 8", {"device": DEVICE, "batch_size": 8, **wide}, "branch", None),
         ("wide fp32", {"device": DEVICE, "precision": "fp32", **wide}, "branch", None),
         ("defaults, sync per batch (before)", {"device": DEVICE}, "before", None),
         ("wide batch 16", {"device": DEVICE, "batch_size": 16, **wide}, "branch", None),
     ]
     if args.only:
-        plan = [p for p in plan if p[0] in args.only]
+        plan = sorted((p for p in plan if p[0] in args.only), key=lambda p: args.only.index(p[0]))
     deadline = time.perf_counter() + args.budget
     results: dict[str, Any] = {}
     last = 0.0
@@ -617,7 +635,7 @@ def step_speed(args: argparse.Namespace) -> None:
             continue
         try:
             r = run_predict(label, scene, bundle, work / "out" / label.replace(" ", "_").replace(",", ""), opts,
-                            variant, cli)
+                            variant, cli, profile="profiled" in label)
         except Exception as exc:  # one failing configuration must not lose the others' figures
             say(f"{label} FAILED: {type(exc).__name__}: {exc}")
             r = {"error": f"{type(exc).__name__}: {exc}"}
@@ -652,28 +670,46 @@ def step_cpu(args: argparse.Namespace) -> None:
             results[sched] = {"skipped": f"budget ({left:.0f} s left)"}
             say(f"skipped {sched}: {left:.0f} s left")
             continue
-        with Sampler(f"cpu-{sched.replace(':', '')}") as s:
-            t0 = time.perf_counter()
-            try:
-                run = predict_scenes(scenes, bundle, work / "cpu" / sched.replace(":", ""), overwrite=True,
-                                     vector_format=None, device="cpu", scheduler=sched, quicklook=False)
-            except Exception as exc:
-                results[sched] = {"error": f"{type(exc).__name__}: {exc}"}
-                say(f"{sched} FAILED: {exc}")
+        t_start = time.perf_counter()
+        client: Any = sched
+        dask_sched = None
+        if args.warm and sched != "threads":
+            from geoseg.schedule import open_dask
+
+            dask_sched = open_dask(sched)
+            client = dask_sched.client
+        started = time.perf_counter() - t_start
+        try:
+            for rep in range(2 if args.warm else 1):
+                with Sampler(f"cpu-{sched.replace(':', '')}-{rep}") as s:
+                    t0 = time.perf_counter()
+                    try:
+                        run = predict_scenes(scenes, bundle, work / "cpu" / f"{sched.replace(':', '')}-{rep}",
+                                             overwrite=True, vector_format=None, device="cpu", scheduler=client,
+                                             quicklook=False)
+                    except Exception as exc:
+                        results[sched] = {"error": f"{type(exc).__name__}: {exc}"}
+                        say(f"{sched} FAILED: {exc}")
+                        save("cpu", results)
+                        break
+                    wall = time.perf_counter() - t0
+                mpix = run.pixels / 1e6
+                last = wall + started
+                chips = sum(x.chips_computed for x in run.scenes)
+                key = sched if not args.warm else f"{sched} {'cold' if rep == 0 else 'warm'}"
+                results[key] = {"wall_s": round(wall, 2), "mpix_per_s": round(mpix / wall, 3), "chips": chips,
+                                "cluster_start_s": round(started, 2) if dask_sched is not None else None,
+                                "workers": run.workers, "precision": run.options.precision,
+                                "batch_size": run.options.batch_size, "machine": run.machine,
+                                "stage_seconds": {k: round(v, 2) for k, v in run.stage_seconds.items()},
+                                "driver_rss_peak_mb": s.summary()["host_rss_peak_mb"]}
+                say(f"cpu {key}: {wall:.1f} s (+{started:.1f} s to start the cluster), {mpix / wall:.2f} Mpix/s, "
+                    f"{chips} chips, {run.options.precision} batch {run.options.batch_size}, "
+                    f"stages {results[key]['stage_seconds']}")
                 save("cpu", results)
-                continue
-            wall = time.perf_counter() - t0
-        mpix = run.pixels / 1e6
-        last = wall
-        chips = sum(x.chips_computed for x in run.scenes)
-        results[sched] = {"wall_s": round(wall, 2), "mpix_per_s": round(mpix / wall, 3), "chips": chips,
-                          "workers": run.workers, "precision": run.options.precision,
-                          "batch_size": run.options.batch_size, "machine": run.machine,
-                          "stage_seconds": {k: round(v, 2) for k, v in run.stage_seconds.items()},
-                          "driver_rss_peak_mb": s.summary()["host_rss_peak_mb"]}
-        say(f"cpu {sched}: {wall:.1f} s, {mpix / wall:.2f} Mpix/s, {chips} chips, "
-            f"{run.options.precision} batch {run.options.batch_size}, stages {results[sched]['stage_seconds']}")
-        save("cpu", results)
+        finally:
+            if dask_sched is not None:
+                dask_sched.close()
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -691,6 +727,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=120.0, help="seconds this step may start runs in")
     ap.add_argument("--only", nargs="*", default=None, help="speed: only these runs (labels)")
     ap.add_argument("--agree-batch", type=int, default=8)
+    ap.add_argument("--agree-variants", nargs="*", default=None, help="agree: only these CUDA runs (labels)")
+    ap.add_argument("--bare-plan", nargs="*", default=None, help="bare: PRECISION:BATCH pairs, in order")
+    ap.add_argument("--warm", action="store_true", help="cpu: start each cluster once, time a cold then a warm job")
     ap.add_argument("--demo-bundle")
     ap.add_argument("--demo-scene")
     ap.add_argument("--spacenet-bundle")

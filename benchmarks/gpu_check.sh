@@ -10,7 +10,9 @@
 # cannot take the rest with it. Everything lands in $OUT: gpu_check.log (this whole log), results.json (every
 # figure, written as it is measured), smi.csv (nvidia-smi samples of every run), stages.txt.
 # BENCH_DEVICE=cpu SIZE=2048 CPU_SIZE=1024 NO_WHEELS=1 rehearses the stages on a machine without a GPU
-# (PY=python of an environment with the packages the wheels would bring).
+# (PY=python of an environment with the packages the wheels would bring). A shorter, targeted run: SKIP_ENV=1,
+# PYTEST_NODES="...", AGREE_VARIANTS="cuda_fp32;cuda_bf16", SPEED_ONLY="label;label" (bench_gpu.py's
+# labels, in that order), BARE_PLAN="fp32:32 bf16:32", CPU_NS="8", CPU_WARM=1 (cold and warm job per cluster).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,23 +52,34 @@ else
 fi
 nvidia-smi || true
 nproc; free -g | head -2
-stage env 45 320 $PY benchmarks/bench_gpu.py env
+[ -z "${SKIP_ENV:-}" ] && stage env 45 320 $PY benchmarks/bench_gpu.py env
 
 # correctness: the CUDA tests, the backend tests, the auto-batch probe, the overflow count without a sync
-stage pytest 100 260 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs \
-    "tests/test_predict.py::test_cuda_path_matches_the_cpu" tests/test_backends.py tests/test_hardware.py \
-    tests/test_inference.py "tests/test_numerics.py::test_logits_that_overflow_stay_a_distribution_and_are_reported"
-stage agree 70 230 $PY benchmarks/bench_gpu.py agree --work "$WORK" --agree-batch 8 \
+# shellcheck disable=SC2206
+nodes=(${PYTEST_NODES:-tests/test_predict.py::test_cuda_path_matches_the_cpu tests/test_backends.py \
+    tests/test_hardware.py tests/test_inference.py \
+    tests/test_numerics.py::test_logits_that_overflow_stay_a_distribution_and_are_reported})
+stage pytest 100 260 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs "${nodes[@]}"
+# shellcheck disable=SC2206
+agree=(${AGREE_VARIANTS:+--agree-variants} ${AGREE_VARIANTS//;/ })
+agree=("${agree[@]//_/ }")  # AGREE_VARIANTS="cuda_fp32;cuda_bf16"
+stage agree 70 230 $PY benchmarks/bench_gpu.py agree --work "$WORK" --agree-batch 8 "${agree[@]}" \
     --demo-bundle data/demo-model --demo-scene data/demo_scene_1024.tif \
     --spacenet-bundle data/spacenet-model --spacenet-scene data/sample_geotiff.tif
 
 # speed: the scenes and bundle made here, then the big scene through the GPU, the bare network, the CPU path
 stage make 90 200 $PY benchmarks/bench_gpu.py make --work "$WORK" --size "$SIZE" --cpu-size "$CPU_SIZE"
 budget=$(( $(left) - 150 )); (( budget > 160 )) && budget=160
-stage speed $(( budget + 50 )) 110 $PY benchmarks/bench_gpu.py speed --work "$WORK" --size "$SIZE" --budget "$budget"
-stage bare 45 70 $PY benchmarks/bench_gpu.py bare --work "$WORK" --budget 30
+only=()
+if [ -n "${SPEED_ONLY:-}" ]; then IFS=';' read -r -a only <<< "$SPEED_ONLY"; only=(--only "${only[@]}"); fi
+stage speed $(( budget + 50 )) 110 $PY benchmarks/bench_gpu.py speed --work "$WORK" --size "$SIZE" --budget "$budget" \
+    "${only[@]}"
+# shellcheck disable=SC2086
+stage bare 45 70 $PY benchmarks/bench_gpu.py bare --work "$WORK" --budget 30 ${BARE_PLAN:+--bare-plan $BARE_PLAN}
 budget=$(( $(left) - 25 )); (( budget > 90 )) && budget=90
-stage cpu $(( budget + 25 )) 0 $PY benchmarks/bench_gpu.py cpu --work "$WORK" --cpu-size "$CPU_SIZE" --budget "$budget"
+# shellcheck disable=SC2086
+stage cpu $(( budget + 25 )) 0 $PY benchmarks/bench_gpu.py cpu --work "$WORK" --cpu-size "$CPU_SIZE" --budget "$budget" \
+    --ns ${CPU_NS:-1 2 4 8} ${CPU_WARM:+--warm}
 
 for f in "$GPU_SMI_DIR"/*.csv; do [ -e "$f" ] && sed "s|^|$(basename "$f" .csv),|" "$f"; done > "$OUT/smi.csv"
 $PY - <<'EOF' || true
