@@ -44,7 +44,7 @@ stage() {
 }
 
 if [ -z "${NO_WHEELS:-}" ] && ls whl/*.whl >/dev/null 2>&1; then
-    stage wheels 60 330 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    stage wheels 60 0 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site whl/*.whl
     export PYTHONPATH=$ROOT:/tmp/site
 else
