@@ -4,9 +4,10 @@ Run by ``benchmarks/gpu_check.sh`` on a machine with an NVIDIA GPU (each step it
 stuck step cannot take the others with it); every step adds its figures to ``OUT/results.json``:
 
 - ``env``: GPU, driver, versions, CPU, ONNX Runtime's providers.
-- ``agree``: class maps of trained bundles (the demo's, the SpaceNet buildings U-Net) on CUDA fp32, fp32
-  with TF32 convolutions off, and bf16, against the CPU's fp32 at the same batch size: share of identical
-  pixels and, where they differ, the CPU's top-two probability margin there (a last-bit flip is a near tie).
+- ``agree``: class maps of trained bundles (the demo's, the SpaceNet buildings U-Net) on CUDA fp32 (with
+  cuDNN's global TF32 flag as it comes; geoseg turns it off around an fp32 forward), fp32 with the flag off,
+  and bf16, against the CPU's fp32 at the same batch size: share of identical pixels and, where they differ,
+  the CPU's top-two probability margin there (a flip at a near tie).
 - ``make``: the scenes: a 16384 x 16384 3-band uint8 COG (deflate, 512 px tiles, overviews) and a smaller one
   for the CPU, 64 px parcels plus noise; a U-Net resnet34 bundle with random weights (6 classes, 512 px
   chips, 128 px overlap, as ``bench_pipeline.py`` but resnet34).
@@ -16,10 +17,14 @@ stuck step cannot take the others with it); every step adds its figures to ``OUT
   wall time, Mpix/s, the run report's stage seconds, GPU busy (CUDA events around each batch's network, and
   ``nvidia-smi`` sampled every 200 ms), peak GPU memory (allocator and ``nvidia-smi``), peak host memory
   (RSS sampled every 50 ms), and the model thread's own time: waiting for chips (the GPU starved), preparing
-  batches on the host, waiting for the GPU, copying results out. Runs go in priority order until
-  ``--budget`` seconds are spent.
+  batches on the host, waiting for the GPU, copying results out; a ``profiled`` run also samples every
+  thread's stack every 20 ms (where each group of threads spends its time). Variants patch the engine for an
+  A/B in the same process: ``before`` (a host sync per batch for the overflow check, as before issue 25),
+  ``slots8`` (8 batches of chips in flight instead of 3). Runs go in priority order (``--only`` picks and
+  orders them) until ``--budget`` seconds are spent.
 - ``cpu``: the CPU path, one job of 8 scenes (links to the smaller scene, one unit each), ``--scheduler
-  local:N`` for N = 1, 2, 4, 8, then the threads scheduler.
+  local:N`` for N = 1, 2, 4, 8, then the threads scheduler; ``--warm`` starts each cluster once and times a
+  cold then a warm job on it.
 
     OUT=/tmp/gpu-out python benchmarks/bench_gpu.py env      # then agree, make, bare, speed, cpu
     BENCH_DEVICE=cpu python benchmarks/bench_gpu.py make --size 2048 --cpu-size 1024   # a CPU rehearsal
