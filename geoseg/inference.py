@@ -88,8 +88,8 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.tta = tta
-        self.overflowed = 0  # batches whose logits held inf or NaN (on a GPU: once check_overflow has read them)
-        self._bad: list[torch.Tensor] = []  # on a GPU: per batch, whether its logits overflowed (not read yet)
+        self.overflowed = 0  # forwards whose logits held inf or NaN (on a GPU: counted once read, see _finite)
+        self._bad: list[torch.Tensor] = []  # on a GPU: per forward, whether its logits overflowed (not read yet)
         net = model.module.to(self.device).eval()
         self.channels_last = self.device.type in ("cpu", "cuda")
         if self.channels_last:
