@@ -6,7 +6,8 @@ network returns a tuple or list). A backend other than eager is converted from t
 ``prepare``, run on it once, and checked there against eager float32: the arg max of the logits must agree
 on ``MIN_AGREEMENT`` of the example's pixels, or ``prepare`` refuses it.
 
-- ``eager``: PyTorch as it is, with autocast when ``amp_dtype`` is given; CPU and CUDA. The default.
+- ``eager``: PyTorch as it is, with autocast when ``amp_dtype`` is given; CPU and CUDA. The default. Without
+  autocast on CUDA the convolutions run in float32, not cuDNN's default TF32.
 - ``onnxruntime``: the network exported to ONNX (``geoseg.model.export``'s exporter: batch, height and width stay
   dynamic) and run by ONNX Runtime's CPU provider, full graph optimisation, as many intra-op threads as
   torch has, no spinning between runs; float32 on the CPU only. About 0.6-0.7x eager's time per 512 px
@@ -20,10 +21,11 @@ better than ONNX Runtime on this CPU: ``benchmarks/bench_backends.py`` measures 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,10 +45,29 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.auto
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
+@contextlib.contextmanager
+def _ieee_fp32(on: bool) -> Iterator[None]:
+    """float32 convolutions in float32: cuDNN runs them in TF32 (10-bit mantissas) unless told not to, which
+    flipped classes against the CPU's near ties (35 of 810,000 pixels of the SpaceNet bundle on an H200,
+    benchmarks/RESULTS.md, GPU). A process-wide cuDNN flag, set around the forward (one model thread runs it)."""
+    if not on:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    old = cudnn.allow_tf32
+    cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = old
+
+
 def _eager(net: torch.nn.Module, device: torch.device, example: torch.Tensor,
            amp_dtype: torch.dtype | None) -> Forward:
+    ieee = device.type == "cuda" and amp_dtype is None  # --precision fp32 means float32 on a GPU too
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), _autocast(device, amp_dtype):
+        with torch.inference_mode(), _autocast(device, amp_dtype), _ieee_fp32(ieee):
             return first_output(net(x)).float()
 
     return forward

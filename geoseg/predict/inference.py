@@ -4,7 +4,8 @@ Readers submit chips (``(C, H, W)`` float32, already normalised) from any thread
 chip's probabilities ``(K, H, W)`` float32. A single thread owns the network: it gathers chips into
 batches of ``batch_size`` (or fewer when no chip has arrived for ``max_wait`` seconds), runs them and
 resolves the futures. On CUDA it uses pinned host buffers, a side stream for host-to-device copies and
-mixed precision, and prepares batch k+1 while the device computes batch k.
+mixed precision, prepares batch k+1 while the device computes batch k, and hands each chip a view of its
+batch's pinned output block rather than a copy.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.tta = tta
-        self.overflowed = 0  # batches whose logits held inf or NaN
+        self.overflowed = 0  # forwards whose logits held inf or NaN (on a GPU: counted once read, see _finite)
+        self._bad: list[torch.Tensor] = []  # on a GPU: per forward, whether its logits overflowed (not read yet)
         net = model.module.to(self.device).eval()
         self.channels_last = self.device.type in ("cpu", "cuda")
         if self.channels_last:
@@ -134,16 +136,54 @@ class Predictor:
 
         +-inf become the largest finite float32 values and NaN the smallest, so the softmax stays a
         probability distribution (sums to 1) and the arg max a class; said once per predictor.
+
+        On a GPU the check must not wait for the device (a host sync per batch would stall the model
+        thread until the batch is computed, so it could not prepare the next one meanwhile): the logits
+        are always passed through ``nan_to_num`` (which leaves finite values as they are), and the count of
+        overflowed forwards is read later (:meth:`take_overflow`, :meth:`check_overflow`).
         """
+        big = torch.finfo(torch.float32).max
+        if logits.device.type != "cpu":
+            bad = (~torch.isfinite(logits)).any()
+            self._bad.append(bad)
+            if len(self._bad) > 64:  # nobody reads them (a bare forward loop): keep the list short
+                self.check_overflow()
+            return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
         if bool(torch.isfinite(logits).all()):
             return logits
-        if not self.overflowed:
+        self._overflowed(1)
+        return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+
+    def _overflowed(self, batches: int) -> None:
+        if batches and not self.overflowed:
             log.warning("the network's outputs overflowed (inf or NaN) under %s; those pixels take the largest "
                         "finite logit. If the class map looks wrong, run with --precision fp32 and check the "
                         "scene's values against the model's normalisation", self.precision)
-        self.overflowed += 1
-        big = torch.finfo(torch.float32).max
-        return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+        self.overflowed += batches
+
+    def check_overflow(self) -> int:
+        """Count (and say once) the forwards on a GPU whose logits overflowed since the last call; returns
+        :attr:`overflowed`. Waits for the device."""
+        bad, self._bad = self._bad, []
+        if bad:
+            self._overflowed(int(torch.stack(bad).sum()))
+        return self.overflowed
+
+    def take_overflow(self) -> torch.Tensor | None:
+        """On a GPU: how many forwards since the last call overflowed, as a pinned host scalar that the device
+        fills when its work gets there (pass it to :meth:`count_overflow` once the batch is done, so reading
+        it waits for nothing); ``None`` when there is nothing to count."""
+        bad, self._bad = self._bad, []
+        if not bad:
+            return None
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(torch.stack(bad).sum(), non_blocking=True)
+        return host
+
+    def count_overflow(self, counted: torch.Tensor | None) -> None:
+        """Add a :meth:`take_overflow` count, read after its batch is done (saying once that logits overflowed)."""
+        if counted is not None:
+            self._overflowed(int(counted))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits -> probabilities for one device batch ``(N, C, H, W)`` -> ``(N, K, H, W)`` float32."""
@@ -191,8 +231,7 @@ class ModelServer:
         cuda = predictor.device.type == "cuda"
         self._cuda = cuda
         self._copy_stream = torch.cuda.Stream(predictor.device) if cuda else None
-        self._host_in: list[torch.Tensor] = []
-        self._host_out: list[torch.Tensor] = []
+        self._host_in: list[torch.Tensor] = []  # pinned input buffers, two (one batch computes, one fills)
 
     def __enter__(self) -> ModelServer:
         self._thread.start()
@@ -272,39 +311,47 @@ class ModelServer:
     def _launch(self, items: list[_Item], slot: int) -> Any:
         """Start a batch; on CUDA this returns before the device is done."""
         t0 = time.perf_counter()
-        batch = np.stack([it.data for it in items])
-        if len(items) < self.batch_size:
-            # a fixed batch shape: kernels chosen by shape (and their sums' order) must not depend on how
-            # many chips happened to arrive together, so a chip's probabilities are the same in any run
-            pad = np.zeros((self.batch_size - len(items), *batch.shape[1:]), dtype=batch.dtype)
-            batch = np.concatenate([batch, pad])
         pred = self.predictor
-        with torch.inference_mode():
-            if not self._cuda:
+        n = len(items)
+        if not self._cuda:
+            batch = np.stack([it.data for it in items])
+            if n < self.batch_size:
+                # a fixed batch shape: kernels chosen by shape (and their sums' order) must not depend on how
+                # many chips happened to arrive together, so a chip's probabilities are the same in any run
+                pad = np.zeros((self.batch_size - n, *batch.shape[1:]), dtype=batch.dtype)
+                batch = np.concatenate([batch, pad])
+            with torch.inference_mode():
                 x = torch.from_numpy(batch)
                 if pred.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 probs = pred.forward(x).contiguous()  # (N, K, H, W) rows for the blend, whatever the layout
-                dt = time.perf_counter() - t0
-                self.seconds += dt
-                return probs.numpy(), dt
-            n = len(items)
-            host_in = self._pinned(self._host_in, slot, batch.shape)
-            host_in.copy_(torch.from_numpy(batch))
+            dt = time.perf_counter() - t0
+            self.seconds += dt
+            return probs.numpy(), dt
+        # the chips go straight into the pinned input buffer, zeros after them (the fixed batch shape)
+        host_in = self._pinned(self._host_in, slot, (self.batch_size, *items[0].data.shape))
+        buf = host_in.numpy()
+        np.stack([it.data for it in items], out=buf[:n])
+        buf[n:] = 0.0
+        with torch.inference_mode():
             assert self._copy_stream is not None
             with torch.cuda.stream(self._copy_stream):
                 x = host_in.to(pred.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             torch.cuda.current_stream(pred.device).wait_stream(self._copy_stream)
             x.record_stream(torch.cuda.current_stream(pred.device))
             probs = pred.forward(x)
-            k = probs.shape[1]
-            host_out = self._pinned(self._host_out, slot, (self.batch_size, k, *batch.shape[2:]))
-            host_out.copy_(probs, non_blocking=True)
+            # each batch's probabilities come back into a pinned block of their own, from PyTorch's caching
+            # host allocator: the chips get views of it (the model thread copies nothing), and the block goes
+            # back to the allocator once the last of them is blended. Copying them out of one reused buffer
+            # took 4.4 s of the model thread's 10.5 s on a 16384 x 16384 scene (benchmarks/RESULTS.md, GPU)
+            host_out = torch.empty((n, *probs.shape[1:]), dtype=torch.float32, pin_memory=True)
+            host_out.copy_(probs[:n], non_blocking=True)
+            overflow = pred.take_overflow()
             done = torch.cuda.Event()
             done.record()
-            dt = time.perf_counter() - t0
-            self.seconds += dt
-            return (host_out, n, done, dt)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        return (host_out, n, done, dt, overflow)
 
     def _pinned(self, pool: list[torch.Tensor], slot: int, shape: tuple[int, ...]) -> torch.Tensor:
         full = (self.batch_size, *shape[1:])
@@ -317,12 +364,13 @@ class ModelServer:
     def _finish(self, items: list[_Item], launched: Any) -> None:
         try:
             if self._cuda:
-                host_out, n, done, dt = launched
+                host_out, n, done, dt, overflow = launched
                 t1 = time.perf_counter()
                 done.synchronize()
                 self.seconds += time.perf_counter() - t1
                 dt += time.perf_counter() - t1
-                probs = host_out[:n].numpy().copy()  # the pinned buffer is reused two batches later
+                probs = host_out.numpy()  # this batch's own block: views, no copy (see _launch)
+                self.predictor.count_overflow(overflow)  # filled before `done`: no wait
             else:
                 probs, dt = launched
         except BaseException as exc:

@@ -77,3 +77,30 @@ def test_cli_batch_size_takes_auto_or_a_number(tmp_path):
                                   "--batch-size", "auto", "--device", "cpu", "--no-vector"])
     assert r.exit_code == 0, r.output
     assert "(fp32, batch 32)" in r.output or "(bf16, batch 32)" in r.output
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
+def test_gpu_batch_probe_measures_real_memory_and_the_batch_runs(tmp_path):
+    """--batch-size auto on a real GPU: a power of two within MAX_BATCH, resolved once with bf16 (or fp16)
+    where the device has it, and a batch of that size runs within the memory share it was sized for."""
+    import torch
+
+    from geoseg.model.bundle import load_model
+    from geoseg.predict.inference import Predictor
+
+    loaded = load_model(make_bundle(tmp_path / "m", n_bands=3, n_classes=4, chip=128, architecture="unet"))
+    settings = hw.resolve_settings(PredictOptions(device="cuda"), 128, 3, load=lambda: loaded)
+    assert settings.device.startswith("cuda") and "CUDA" in settings.machine
+    assert settings.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    b = settings.batch_size
+    assert 1 <= b <= hw.MAX_BATCH and b & (b - 1) == 0
+    pred = Predictor(loaded, "cuda", settings.precision)
+    free, _ = torch.cuda.mem_get_info()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    x = torch.randn(b, 3, 128, 128, device="cuda").contiguous(memory_format=torch.channels_last)
+    probs = pred.forward(x)
+    torch.cuda.synchronize()
+    assert probs.shape == (b, 4, 128, 128) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(1), torch.ones(1, device="cuda"), atol=1e-5)
+    assert torch.cuda.max_memory_allocated() - start <= hw.GPU_MEMORY_SHARE * free

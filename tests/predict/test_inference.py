@@ -4,6 +4,7 @@ chips batched with it (short batches are padded to a fixed shape)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from geoseg.model.weights import load_model
@@ -34,3 +35,28 @@ def test_a_chip_gets_the_same_probabilities_whatever_it_is_batched_with(tmp_path
     for (p_all, seconds), (p_one, _) in zip(together, alone[::-1]):
         assert seconds > 0 and p_all.shape == (4, 64, 64) and p_all.flags.c_contiguous
         np.testing.assert_array_equal(p_all, p_one)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_overflow_is_counted_once_its_batch_is_done_and_the_results_match_the_cpu(tmp_path, caplog):
+    """On a GPU the overflow check waits for nothing (no host sync per batch): the count is read when the
+    batch's results are, and the probabilities are the CPU's."""
+    import logging
+
+    loaded = load_model(make_bundle(tmp_path / "m", n_bands=3, n_classes=4, chip=64, architecture="unet"))
+    chips = np.random.default_rng(2).normal(size=(6, 3, 64, 64)).astype(np.float32)
+    with ModelServer(Predictor(loaded, "cpu", "fp32"), batch_size=2) as server:
+        want = [f.result()[0] for f in [server.submit(c) for c in chips]]
+    pred = Predictor(load_model(tmp_path / "m"), "cuda", "fp32")
+    with ModelServer(pred, batch_size=2) as server:
+        got = [f.result()[0] for f in [server.submit(c) for c in chips]]
+    assert pred.overflowed == 0 and not pred._bad
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-3)
+    with torch.no_grad():
+        for p in pred.net.parameters():
+            p.mul_(1e38)  # logits past float32's range
+    with caplog.at_level(logging.WARNING), ModelServer(pred, batch_size=2) as server:
+        probs = [f.result()[0] for f in [server.submit(c) for c in chips[:4]]]
+    assert pred.overflowed >= 1 and "overflowed" in caplog.text
+    assert all(np.isfinite(p).all() and np.allclose(p.sum(0), 1, atol=1e-5) for p in probs)

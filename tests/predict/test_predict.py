@@ -282,8 +282,9 @@ def test_cuda_path_matches_the_cpu(tmp_path, tiny_unet):
     """Pinned buffers, side-stream copies and autocast give the CPU's class map (run where a GPU is lent)."""
     data = np.random.default_rng(13).normal(size=(3, 300, 420)).astype(np.float32)
     scene = write_raster(tmp_path / "s.tif", data)
-    kw = dict(probabilities=True, probabilities_dtype="float32", batch_size=4)
-    cpu = predict_scene(scene, tiny_unet, tmp_path / "cpu", device="cpu", **kw)
+    kw = dict(probabilities=True, probabilities_dtype="float32", batch_size=4, vector_format=None)
+    # the CPU reference in float32 (auto is bf16 on a CPU with AMX, as the H200 machine's Xeon has)
+    cpu = predict_scene(scene, tiny_unet, tmp_path / "cpu", device="cpu", precision="fp32", **kw)
     fp32 = predict_scene(scene, tiny_unet, tmp_path / "fp32", device="cuda", precision="fp32", **kw)
     amp = predict_scene(scene, tiny_unet, tmp_path / "amp", device="cuda", precision="auto", **kw)
     c_cpu, p_cpu = _read(cpu.classes_path)[0], _read(cpu.probabilities_path)[0]
