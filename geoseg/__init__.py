@@ -10,6 +10,7 @@ The public API is imported lazily, so ``import geoseg`` stays fast and does not 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 __version__ = "0.1.0"
@@ -35,7 +36,19 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'geoseg' has no attribute {name!r}")
+def lazy_attributes(module: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that imports each of ``names`` (name -> defining module) on first use.
+
+    The package and its rooms re-export their public names this way, so that importing them stays fast and
+    imports no torch until a name that needs it is used.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(names[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -4,8 +4,7 @@ mosaics of many maps. Needs no model.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geoseg import lazy_attributes
 
 _LAZY = {
     "vectorize_raster": "geoseg.gis.vectorize",
@@ -14,9 +13,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    # lazy, so that importing the room does not import torch
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'geoseg.gis' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

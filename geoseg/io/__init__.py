@@ -6,8 +6,7 @@ The bottom room: it imports nothing else of geoseg but :mod:`geoseg.errors`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geoseg import lazy_attributes
 
 _LAZY = {
     "inspect_scene": "geoseg.io.raster",
@@ -18,9 +17,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    # lazy, so that importing the room does not import torch
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'geoseg.io' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -5,8 +5,7 @@ the offline demo.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geoseg import lazy_attributes
 
 _LAZY = {
     "train": "geoseg.learn.train",
@@ -16,9 +15,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    # lazy, so that importing the room does not import torch
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'geoseg.learn' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

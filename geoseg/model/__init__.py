@@ -6,8 +6,7 @@ formats, loading and saving bundles, export (ONNX, TorchScript) and STAC MLM met
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geoseg import lazy_attributes
 
 _LAZY = {
     "Contract": "geoseg.model.contract",
@@ -19,9 +18,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    # lazy, so that importing the room does not import torch
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'geoseg.model' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -6,8 +6,7 @@ manifests and job files, and the run report. :mod:`.api` is the entry point.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geoseg import lazy_attributes
 
 _LAZY = {
     "predict_scene": "geoseg.predict.api",
@@ -17,9 +16,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    # lazy, so that importing the room does not import torch
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'geoseg.predict' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
