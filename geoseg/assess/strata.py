@@ -28,7 +28,7 @@ from rasterio.windows import Window
 from geoseg.errors import InputError
 from geoseg.gis.vectorize.plan import class_names_from_tags
 from geoseg.io.geodesy import distorts
-from geoseg.io.raster import gdal_env, inspect_scene, open_scene
+from geoseg.io.raster import gdal_env, inspect_class_map, open_scene
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +66,6 @@ class MapStrata:
 
     def name(self, class_id: int) -> str:
         return self.names.get(class_id, f"class {class_id}")
-
-
-def check_class_map(path: str) -> Any:
-    """The map's :class:`~geoseg.io.raster.SceneInfo` after checking it is one band of integer class ids.
-
-    Raises:
-        InputError: unreadable, several bands, or not integers.
-    """
-    info = inspect_scene(path)
-    if info.count != 1:
-        raise InputError(f"{path}: has {info.count} bands; a class map has one band of class ids (give the class "
-                         "map that geoseg predict writes)")
-    if np.dtype(info.dtype).kind not in "iu":
-        raise InputError(f"{path}: band 1 is {info.dtype}; a class map holds integer class ids (convert it, e.g. "
-                         "gdal_translate -ot Byte, or give geoseg predict's class map)")
-    return info
 
 
 def windows(ds: rasterio.DatasetReader) -> Iterator[Window]:
@@ -152,7 +136,7 @@ def read_strata(path: str | os.PathLike[str]) -> MapStrata:
         InputError: the file is not a one-band integer raster, or holds no mapped pixel.
     """
     p = os.fspath(path)
-    info = check_class_map(p)
+    info = inspect_class_map(p)
     method, row_areas = pixel_row_areas(info.crs, info.transform, info.width, info.height)
     counts: dict[int, int] = {}
     areas: dict[int, float] = {}
@@ -190,5 +174,5 @@ def ha(m2: float | None) -> float | None:
     return None if m2 is None or not math.isfinite(m2) else m2 / 1e4
 
 
-__all__ = ["WINDOW_PIXELS", "MapStrata", "check_class_map", "count_values", "pixel_row_areas", "read_classes", "read_strata",
+__all__ = ["WINDOW_PIXELS", "MapStrata", "count_values", "pixel_row_areas", "read_classes", "read_strata",
            "windows"]

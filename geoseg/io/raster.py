@@ -196,6 +196,22 @@ def inspect_scene(path: str | os.PathLike[str]) -> SceneInfo:
         )
 
 
+def inspect_class_map(path: str | os.PathLike[str]) -> SceneInfo:
+    """:func:`inspect_scene` of a class raster, after checking it is one band of integer class ids.
+
+    Raises:
+        InputError: unreadable, several bands, or not integers.
+    """
+    info = inspect_scene(path)
+    if info.count != 1:
+        raise InputError(f"{os.fspath(path)}: has {info.count} bands; a class map has one band of class ids "
+                         "(give the class map that geoseg predict writes)")
+    if np.dtype(info.dtype).kind not in "iu":
+        raise InputError(f"{os.fspath(path)}: band 1 is {info.dtype}; a class map holds integer class ids "
+                         "(convert it, e.g. gdal_translate -ot Byte, or give geoseg predict's class map)")
+    return info
+
+
 def band_validity(data: np.ndarray, ds: rasterio.DatasetReader, indexes: Sequence[int], window: Window,
                   kind: str) -> np.ndarray:
     """Per-band validity ``(bands, rows, cols)`` of ``data`` read from ``window`` of ``ds``.

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyproj
 from affine import Affine
 from rasterio.windows import Window
@@ -19,7 +18,7 @@ from rasterio.windows import Window
 from geoseg.errors import InputError
 from geoseg.gis.vectorize.quantities import Quantity, parse_min_area, parse_simplify
 from geoseg.io.geodesy import areal_scale, distorts
-from geoseg.io.raster import gdal_env, inspect_scene, open_scene
+from geoseg.io.raster import gdal_env, inspect_class_map, open_scene
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +92,7 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
     check_connectivity(connectivity)
     if not isinstance(block_size, int) or block_size < 4:
         raise InputError(f"--block-size must be an integer of at least 4 pixels, got {block_size!r}")
-    info = inspect_scene(path)
-    if info.count != 1:
-        raise InputError(f"{path}: has {info.count} bands; a class raster has one band of class ids "
-                         "(give the class map that geoseg predict writes)")
-    if np.dtype(info.dtype).kind not in "iu":
-        raise InputError(f"{path}: band 1 is {info.dtype}; a class raster holds integer class ids "
-                         "(convert it, e.g. gdal_translate -ot Byte, or give geoseg predict's class map)")
+    info = inspect_class_map(path)
     try:
         skip = tuple(sorted({int(c) for c in skip_classes}))
     except (TypeError, ValueError):
