@@ -38,6 +38,17 @@ def parse_min_area(value: float | int | str | Quantity | None) -> Quantity | Non
     return _parse(value, _AREA_UNITS, "px", "--min-area", "40px, 200m2, 0.5ha or 1km2")
 
 
+def parse_mmu(value: float | int | str | Quantity | None) -> Quantity | None:
+    """Parse a minimum mapping unit (the sieve's threshold): ``"12px"``, ``"5000m2"``, ``"0.5ha"``, ``"1km2"``.
+
+    The same units as :func:`parse_min_area`; a plain number is pixels.
+
+    Raises:
+        InputError: not a non-negative number with a known unit.
+    """
+    return _parse(value, _AREA_UNITS, "px", "--mmu", "12px, 5000m2, 0.5ha or 1km2")
+
+
 def parse_simplify(value: float | int | str | Quantity | None) -> Quantity | None:
     """Parse a simplification tolerance: ``"1m"``, ``"0.5px"``, or a plain number in CRS units.
 

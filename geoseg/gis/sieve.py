@@ -1,0 +1,489 @@
+"""A minimum mapping unit: GDAL's sieve (``rasterio.features.sieve``) of a whole class map, streamed in strips.
+
+What GDAL's ``GDALSieveFilter`` (alg/gdalsievefilter.cpp, GDAL 2.1 to 3.10) does, which this module
+reproduces pixel for pixel:
+
+* **Regions.** A region is a connected set of valid pixels of one value (``GDALRasterPolygonEnumerator``,
+  4- or 8-connectivity). Pixels the mask marks invalid (nodata) belong to no region: they never change,
+  never count in a size, and are nobody's neighbour. Its size is its pixel count, over the whole raster.
+* **Largest neighbour.** Two regions are neighbours when two of their pixels are adjacent in the same
+  connectivity (diagonals only with 8). Every region's largest neighbour is the neighbour with the most
+  pixels; sizes are the regions' own, whether or not they are small themselves. Ties: GDAL scans the
+  raster row by row, left to right, and at each pixel compares it with the pixel above, then (8 only) above
+  left, above right, then left; a neighbour replaces the current one only when it is strictly larger, so
+  among equally large neighbours the one met first in that order wins.
+* **Which regions go.** Those with fewer than ``threshold`` pixels (``size < threshold``; threshold 1 or
+  less changes nothing). Each follows the chain of largest neighbours (its largest neighbour, that one's
+  largest neighbour, ...) to the first region of at least ``threshold`` pixels and takes that region's
+  value. A small region whose chain comes back to a region already visited (a cycle of small regions),
+  and a small region with no neighbour at all (surrounded by nodata or the raster's edge), keep their
+  value. Decisions are taken on the original regions all at once (no region grows during the sieve, so
+  the order in which GDAL walks them does not matter): a chain of small regions all go into the big region
+  at its end, not into each other.
+* Masked pixels are written back unchanged. GDAL reads values as Int32 and caps sizes at 2**31 - 1 pixels;
+  class maps here are integers within Int32, and no region reaches that size on rasters geoseg writes.
+
+``rasterio.features.sieve(data, threshold, mask=valid, connectivity=c)`` runs exactly that on an array;
+the nodata value (or the dataset's mask) is what ``valid`` says, so masking it out is part of the call.
+
+**Streaming.** The raster is read in strips of whole rows, twice:
+
+1. *Scan.* Each strip is labelled (SciPy, per class) into *pieces* with provisional ids; pieces of one
+   value that touch across the seam with the strip above are joined (union-find as a sparse graph, solved
+   at the end with connected components), so that regions may span any number of strips. Per piece:
+   value and size. Per pair of adjacent pieces of different values (seams included): the scan position
+   of the first contact, kept only from the side of a piece with fewer than ``threshold`` pixels (only
+   such a piece can belong to a small region). After the scan, regions are the connected components of
+   pieces; sizes add up; every small region gets its largest neighbour by (size, first contact) exactly as
+   above; chains are resolved by pointer doubling; each piece gets its output value.
+2. *Apply.* Each strip is labelled again (the same labels: same strips, same code) and written with the
+   pieces' output values.
+
+Memory holds one strip (``strip_rows`` x width) and a few numbers per piece (about 20 bytes) and per
+contact pair of a small piece; it never holds the raster. Like GDAL (24 bytes per region), the bookkeeping
+grows with the number of regions, not with the pixels; on a land-cover map that is a small fraction of
+the raster (measured in ``benchmarks/bench_sieve.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from geoseg.errors import InputError
+from geoseg.geodesy import ground_pixel_area
+from geoseg.raster import band_validity, check_writable, gdal_env, inspect_scene, open_scene
+from geoseg.store import Store
+from geoseg.vectorize.plan import check_connectivity
+from geoseg.vectorize.quantities import Quantity, parse_mmu
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+STRIP_PIXELS = 1 << 21  # pixels per strip by default (~2 M: some 60 MB of working arrays)
+
+_STRUCTURES = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+
+def mmu_pixels(mmu: float | int | str | Quantity, *, crs: Any, transform: Any,
+               bounds: tuple[float, float, float, float], path: str = "the raster") -> int:
+    """The sieve threshold in pixels for a minimum mapping unit: regions with fewer pixels are merged.
+
+    ``mmu`` is ``"12px"``, ``"5000m2"``, ``"0.5ha"``, ``"1km2"`` or a plain number of pixels. A ground area
+    is divided by the ground area of one pixel (:func:`geoseg.geodesy.ground_pixel_area`: planar where the
+    CRS keeps areas, geodesic at the scene's centre on a geographic CRS or a distorting projection, as
+    polygon areas are measured). Rounding: a region goes when its area is below the unit, ``n * a < mmu``,
+    that is ``n < mmu / a``, so the threshold is ``ceil(mmu / a)`` (``0.5ha`` on 10 m pixels: 50, a region
+    of 49 pixels goes, one of 50 stays; on 9.9 m pixels: ``ceil(51.02) = 52``).
+
+    Raises:
+        InputError: not an area, or an area in square metres on a raster without a CRS.
+    """
+    q = parse_mmu(mmu)
+    assert q is not None
+    if q.unit == "px":
+        px = q.value
+    else:
+        if crs is None:
+            raise InputError(f"{path}: has no CRS, so --mmu {mmu!r} in square metres cannot be measured; give it "
+                             "in pixels (e.g. 12px) or assign a CRS")
+        px = q.value / ground_pixel_area(crs, transform, bounds)
+    return max(0, math.ceil(px - 1e-9 * max(1.0, px)))  # 0.5 ha / 100 m2 may come out as 50.000000001
+
+
+# ---------------------------------------------------------------------------------------------- the sieve
+
+def _label(values: np.ndarray, valid: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces of a strip: ``(labels, piece_values)``; ``labels`` int32 ``(rows, cols)``, 0 = invalid,
+    pieces ``1..n`` with values ``piece_values[i - 1]``."""
+    labels = np.zeros(values.shape, dtype=np.int32)
+    if values.dtype.itemsize <= 2 and values.dtype.kind in "iu":
+        lo = int(np.iinfo(values.dtype).min)
+        counts = np.bincount((values[valid].astype(np.int64) - lo), minlength=1)
+        classes = np.flatnonzero(counts) + lo
+    else:
+        classes = np.unique(values[valid])
+    piece_values: list[np.ndarray] = []
+    n = 0
+    lab = np.empty(values.shape, dtype=np.int32)
+    for c in classes.tolist():
+        k = ndimage.label((values == c) & valid, structure=structure, output=lab)
+        if k:
+            lab[lab > 0] += n
+            labels += lab
+            piece_values.append(np.full(k, c, dtype=np.int64))
+            n += k
+    return labels, (np.concatenate(piece_values) if piece_values else np.zeros(0, dtype=np.int64))
+
+
+def _first_contacts(s: np.ndarray, n: np.ndarray, key: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per distinct ``(s, n)`` pair, with its smallest ``key``."""
+    if not len(s):
+        return s, n, key
+    order = np.lexsort((key, n, s))
+    s, n, key = s[order], n[order], key[order]
+    first = np.ones(len(s), dtype=bool)
+    first[1:] = (s[1:] != s[:-1]) | (n[1:] != n[:-1])
+    return s[first], n[first], key[first]
+
+
+@dataclass
+class SieveStats:
+    """What a sieve found: ``regions`` (all), ``small`` (fewer pixels than the threshold), ``merged`` (small
+    regions that took a neighbour's value; the others had no neighbour or only a cycle of small ones)."""
+
+    regions: int = 0
+    small: int = 0
+    merged: int = 0
+
+
+class StripSieve:
+    """GDAL's sieve over strips of rows fed in order: :meth:`scan` each strip, :meth:`decide`, then
+    :meth:`apply` each strip again (the same strips) to get its sieved values.
+
+    Strips are ``(rows, width)`` arrays of integer values with a boolean validity of the same shape.
+    """
+
+    def __init__(self, width: int, threshold: int, connectivity: int = 4):
+        self.width = int(width)
+        self.threshold = int(threshold)
+        self.connectivity = check_connectivity(connectivity)
+        self.structure = _STRUCTURES[connectivity]
+        self.base = 0
+        self.strips: list[tuple[int, int, int]] = []  # (row0, rows, pieces) of each scanned strip
+        self._values: list[np.ndarray] = []
+        self._sizes: list[np.ndarray] = []
+        self._joins: list[tuple[np.ndarray, np.ndarray]] = []
+        self._contacts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._prev: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None  # last row: ids, values, sizes, base
+        self._out: np.ndarray | None = None
+        self._applied = 0
+        self.stats = SieveStats()
+
+    # -- pass 1
+    def scan(self, row0: int, values: np.ndarray, valid: np.ndarray) -> None:
+        """Label one strip (the next one down) and record its pieces, seam joins and contacts."""
+        if self._out is not None:
+            raise RuntimeError("scan after decide")
+        rows, w = values.shape
+        expected = self.strips[-1][0] + self.strips[-1][1] if self.strips else 0
+        if w != self.width or row0 != expected:
+            raise ValueError(f"strip at row {row0} of width {w}: expected row {expected}, width {self.width}")
+        labels, pvals = _label(values, valid, self.structure)
+        n = len(pvals)
+        base = self.base
+        gid = labels.astype(np.int64) + (base - 1)
+        gid[labels == 0] = -1
+        psize = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
+        self._values.append(pvals)
+        self._sizes.append(psize)
+        self.strips.append((row0, rows, n))
+        self.base += n
+        if self.threshold > 1:
+            self._record(row0, gid, values, psize, base)
+        self._prev = (gid[-1].copy(), values[-1].astype(np.int64), psize, base)
+
+    def _record(self, row0: int, gid: np.ndarray, values: np.ndarray, psize: np.ndarray, base: int) -> None:
+        w = self.width
+        prev = self._prev
+        vals = values.astype(np.int64, copy=False)
+        if prev is not None:
+            ext_id = np.vstack([prev[0][None], gid])
+            ext_val = np.vstack([prev[1][None], vals])
+            y_first = row0  # the row of ext[1]
+            self._join_seam(prev[0], prev[1], gid[0], vals[0])
+        else:
+            ext_id, ext_val, y_first = gid, vals, row0 + 1
+
+        def size_of(ids: np.ndarray) -> np.ndarray:
+            out = np.empty(len(ids), dtype=np.int64)
+            cur = ids >= base
+            out[cur] = psize[ids[cur] - base]
+            if prev is not None and (~cur).any():
+                out[~cur] = prev[2][ids[~cur] - prev[3]]
+            return out
+
+        parts_a, parts_b, parts_k = [], [], []
+        # (this pixel, other pixel, dy of this row in the extended array, dx of other, GDAL's order)
+        below, above = (slice(1, None), slice(None, -1))
+        moves = [(ext_id[below], ext_id[above], ext_val[below], ext_val[above], 0, 0, y_first)]
+        if self.connectivity == 8 and w > 1:
+            moves.append((ext_id[below, 1:], ext_id[above, :-1], ext_val[below, 1:], ext_val[above, :-1], 1, 1,
+                          y_first))  # above left
+            moves.append((ext_id[below, :-1], ext_id[above, 1:], ext_val[below, :-1], ext_val[above, 1:], 2, 0,
+                          y_first))  # above right
+        if w > 1:
+            moves.append((gid[:, 1:], gid[:, :-1], vals[:, 1:], vals[:, :-1], 3, 1, row0))  # left
+        for a, b, va, vb, k, x0, y0 in moves:
+            hit = (a >= 0) & (b >= 0) & (va != vb)
+            yy, xx = np.nonzero(hit)
+            if not len(yy):
+                continue
+            parts_a.append(a[yy, xx])
+            parts_b.append(b[yy, xx])
+            parts_k.append(((yy + y0) * w + (xx + x0)) * 4 + k)
+        if not parts_a:
+            return
+        a = np.concatenate(parts_a)
+        b = np.concatenate(parts_b)
+        key = np.concatenate(parts_k)
+        s = np.concatenate([a, b])
+        nb = np.concatenate([b, a])
+        key = np.concatenate([key, key])
+        small = size_of(s) < self.threshold  # a piece this large lies in a region this large
+        self._contacts.append(_first_contacts(s[small], nb[small], key[small]))
+
+    def _join_seam(self, up_id: np.ndarray, up_val: np.ndarray, id0: np.ndarray, val0: np.ndarray) -> None:
+        pairs = [(slice(None), slice(None))]
+        if self.connectivity == 8 and self.width > 1:
+            pairs += [(slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))]
+        for su, sd in pairs:
+            u, d = up_id[su], id0[sd]
+            hit = (u >= 0) & (d >= 0) & (up_val[su] == val0[sd])
+            if hit.any():
+                self._joins.append((u[hit], d[hit]))
+
+    # -- decision
+    def decide(self) -> SieveStats:
+        """Join pieces into regions and decide every region's output value (after the last :meth:`scan`)."""
+        n = self.base
+        values = np.concatenate(self._values) if self._values else np.zeros(0, dtype=np.int64)
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, dtype=np.int64)
+        self._values, self._sizes = [], []
+        if self._joins:
+            u = np.concatenate([j[0] for j in self._joins])
+            d = np.concatenate([j[1] for j in self._joins])
+            graph = coo_matrix((np.ones(len(u), dtype=np.int8), (u, d)), shape=(n, n)).tocsr()
+            ncomp, comp = connected_components(graph, directed=False)
+            comp = comp.astype(np.int64)
+        else:
+            ncomp, comp = n, np.arange(n, dtype=np.int64)
+        self._joins = []
+        region_size = np.bincount(comp, weights=sizes, minlength=ncomp).astype(np.int64)
+        region_value = np.zeros(ncomp, dtype=np.int64)
+        region_value[comp] = values
+        small = region_size < self.threshold
+        nxt = np.arange(ncomp, dtype=np.int64)  # regions of threshold size or more stay themselves
+        nxt[small] = -1
+        if self._contacts and self.threshold > 1:
+            s = comp[np.concatenate([c[0] for c in self._contacts])]
+            nb = comp[np.concatenate([c[1] for c in self._contacts])]
+            key = np.concatenate([c[2] for c in self._contacts])
+            keep = small[s]
+            s, nb, key = s[keep], nb[keep], key[keep]
+            if len(s):
+                order = np.lexsort((key, -region_size[nb], s))  # largest neighbour, first met among equals
+                s, nb = s[order], nb[order]
+                first = np.ones(len(s), dtype=bool)
+                first[1:] = s[1:] != s[:-1]
+                nxt[s[first]] = nb[first]
+        self._contacts = []
+        # follow the chains of largest neighbours by pointer doubling: big regions are fixed points, a
+        # chain that reaches one ends there, a cycle of small regions never does
+        steps = 1
+        while steps <= ncomp:
+            nn = np.where(nxt >= 0, nxt[np.maximum(nxt, 0)], -1)
+            if np.array_equal(nn, nxt):
+                break
+            nxt = nn
+            steps *= 2
+        ok = nxt >= 0
+        ok[ok] = ~small[nxt[ok]]
+        out = np.where(ok, region_value[np.maximum(nxt, 0)], region_value)
+        self._out = out[comp]
+        self.stats = SieveStats(regions=int(ncomp), small=int(small.sum()), merged=int((ok & small).sum()))
+        return self.stats
+
+    # -- pass 2
+    def apply(self, row0: int, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """The sieved values of a strip, fed again in the order of :meth:`scan` (same strips)."""
+        if self._out is None:
+            raise RuntimeError("apply before decide")
+        if self._applied >= len(self.strips) or self.strips[self._applied][:2] != (row0, values.shape[0]):
+            raise ValueError(f"strip at row {row0} ({values.shape[0]} rows) was not scanned in this order")
+        labels, pvals = _label(values, valid, self.structure)
+        _, _, n = self.strips[self._applied]
+        if len(pvals) != n:
+            raise InputError(f"strip at row {row0} changed between the two reads of the sieve ({len(pvals)} "
+                             f"pieces, {n} before); do not write the class map while it is sieved")
+        base = sum(s[2] for s in self.strips[: self._applied])
+        self._applied += 1
+        out = values.copy()
+        sel = labels > 0
+        out[sel] = self._out[labels[sel].astype(np.int64) + (base - 1)].astype(values.dtype)
+        return out
+
+
+def _strips(height: int, rows: int) -> Iterator[tuple[int, int]]:
+    for r0 in range(0, height, rows):
+        yield r0, min(rows, height - r0)
+
+
+def sieve_array(data: np.ndarray, threshold: int, *, connectivity: int = 4, mask: np.ndarray | None = None,
+                strip_rows: int = 256) -> np.ndarray:
+    """GDAL's sieve of a ``(rows, cols)`` integer array, computed in strips of ``strip_rows`` rows.
+
+    Equal to ``rasterio.features.sieve(data, threshold, mask=mask, connectivity=connectivity)`` for
+    ``threshold >= 1`` (and to ``data`` for ``threshold <= 1``), whatever ``strip_rows``. ``mask``: True
+    where valid (default: all). For in-memory arrays; :func:`sieve_raster` streams a file.
+    """
+    if data.ndim != 2 or data.dtype.kind not in "iu":
+        raise InputError(f"sieve: expected a 2-D integer array, got {data.ndim}-D {data.dtype}")
+    valid = np.ones(data.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if strip_rows < 1:
+        raise InputError(f"sieve: strip_rows must be at least 1, got {strip_rows}")
+    sv = StripSieve(data.shape[1], threshold, connectivity)
+    if threshold <= 1 or data.size == 0:
+        return data.copy()
+    for r0, h in _strips(data.shape[0], strip_rows):
+        sv.scan(r0, data[r0:r0 + h], valid[r0:r0 + h])
+    sv.decide()
+    out = np.empty_like(data)
+    for r0, h in _strips(data.shape[0], strip_rows):
+        out[r0:r0 + h] = sv.apply(r0, data[r0:r0 + h], valid[r0:r0 + h])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rasters
+
+@dataclass
+class SieveResult:
+    """What :func:`sieve_raster` wrote: the ``path``, the ``threshold`` in pixels, the ``connectivity``,
+    region counts (:class:`SieveStats`), pixels changed, strips and seconds."""
+
+    path: Path
+    threshold: int
+    connectivity: int
+    stats: SieveStats
+    pixels_changed: int = 0
+    strips: int = 0
+    seconds: float = 0.0
+
+
+def default_strip_rows(width: int, block_rows: int = 1) -> int:
+    """Rows per strip: about :data:`STRIP_PIXELS` pixels, a whole number of the source's block rows."""
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    if block_rows > 1 and rows > block_rows:
+        rows -= rows % block_rows
+    return rows
+
+
+def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: float | int | str | Quantity,
+                 connectivity: int = 4, *, strip_rows: int | None = None, overwrite: bool = False,
+                 progress: Progress | None = None) -> SieveResult:
+    """Sieve a class raster to a minimum mapping unit, strip by strip; equal to GDAL's whole-raster sieve.
+
+    Every region (connected pixels of one class) smaller than ``mmu`` takes the class of its largest
+    neighbour, exactly as ``rasterio.features.sieve(band, threshold, mask=valid, connectivity=...)`` on the
+    whole raster does (see the module's description; nodata and masked pixels stay as they are and are no
+    one's neighbour).
+
+    Args:
+        src: one-band integer class raster (e.g. the class map of ``geoseg predict``).
+        dst: the cleaned GeoTIFF (same grid, dtype, nodata, tags and colour table as ``src``); written to a
+            temporary name beside it and renamed when complete.
+        mmu: the minimum mapping unit: ``"0.5ha"``, ``"5000m2"``, ``"12px"``, or a number of pixels
+            (:func:`mmu_pixels` says how ground units become pixels).
+        connectivity: 4 or 8, for regions and for neighbours.
+        strip_rows: rows per strip (default: about two million pixels a strip); the result does not
+            depend on it.
+        overwrite: replace an existing ``dst``.
+        progress: called as ``progress(done, total)`` after each strip of each of the two reads.
+
+    Raises:
+        InputError: unreadable raster, not one integer band, or a bad ``mmu`` / ``connectivity``.
+        OutputExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    t0 = time.perf_counter()
+    path = os.fspath(src)
+    check_connectivity(connectivity)
+    info = inspect_scene(path)
+    if info.count != 1:
+        raise InputError(f"{path}: has {info.count} bands; a class raster has one band of class ids")
+    if np.dtype(info.dtype).kind not in "iu":
+        raise InputError(f"{path}: band 1 is {info.dtype}; the sieve needs integer class ids (convert it, e.g. "
+                         "gdal_translate -ot Byte)")
+    threshold = mmu_pixels(mmu, crs=info.crs, transform=info.transform, bounds=info.bounds, path=path)
+    out_path = Path(os.fspath(dst))
+    check_writable(out_path, overwrite, elsewhere="another DST")
+    rows = strip_rows or default_strip_rows(info.width, info.block_shapes[0][0])
+    if rows < 1:
+        raise InputError(f"sieve: strip_rows must be at least 1, got {rows}")
+    strips = list(_strips(info.height, rows))
+    sv = StripSieve(info.width, threshold, connectivity)
+    result = SieveResult(out_path, threshold, connectivity, SieveStats(), strips=len(strips))
+    store = Store(out_path.parent)
+    store.prepare()
+    with gdal_env(), open_scene(path) as ds:
+        def read(r0: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+            win = Window(0, r0, info.width, h)
+            data = ds.read(1, window=win)
+            return data, band_validity(data[None], ds, [1], win, info.mask)[0]
+
+        total = 2 * len(strips)
+        if threshold > 1:
+            for i, (r0, h) in enumerate(strips, start=1):
+                sv.scan(r0, *read(r0, h))
+                if progress is not None:
+                    progress(i, total)
+            result.stats = sv.decide()
+        profile = _profile(ds)
+        with store.staged_file(out_path.name) as tmp:
+            import rasterio
+
+            with rasterio.open(tmp, "w", **profile) as out:
+                _copy_metadata(ds, out)
+                for i, (r0, h) in enumerate(strips, start=len(strips) + 1):
+                    data, valid = read(r0, h)
+                    cleaned = sv.apply(r0, data, valid) if threshold > 1 else data
+                    result.pixels_changed += int(np.count_nonzero(cleaned != data))
+                    out.write(cleaned, 1, window=Window(0, r0, info.width, h))
+                    if progress is not None:
+                        progress(i, total)
+            check_writable(out_path, overwrite, elsewhere="another DST")
+    result.seconds = time.perf_counter() - t0
+    log.info("sieved %s to %s: threshold %d px (%s), %d-connected, %d of %d small regions merged, %d pixels "
+             "changed, %.1f s", path, out_path, threshold, mmu, connectivity, result.stats.merged,
+             result.stats.small, result.pixels_changed, result.seconds)
+    return result
+
+
+def _profile(ds: Any) -> dict[str, Any]:
+    profile = dict(ds.profile)
+    profile.update(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, BIGTIFF="IF_SAFER")
+    if ds.width < 512 or ds.height < 512:
+        profile.update(tiled=False, blockxsize=None, blockysize=None)
+        profile = {k: v for k, v in profile.items() if v is not None}
+    profile.setdefault("compress", "deflate")
+    return profile
+
+
+def _copy_metadata(ds: Any, out: Any) -> None:
+    out.update_tags(**ds.tags())
+    out.update_tags(1, **ds.tags(1))
+    try:
+        out.write_colormap(1, ds.colormap(1))
+    except ValueError:  # no colour table
+        pass
+    if ds.descriptions[0]:
+        out.set_band_description(1, ds.descriptions[0])
+
+
+__all__ = ["STRIP_PIXELS", "SieveResult", "SieveStats", "StripSieve", "default_strip_rows", "mmu_pixels",
+           "sieve_array", "sieve_raster"]
