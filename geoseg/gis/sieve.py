@@ -47,6 +47,7 @@ the raster (measured in ``benchmarks/bench_sieve.py``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -477,10 +478,8 @@ def _profile(ds: Any) -> dict[str, Any]:
 def _copy_metadata(ds: Any, out: Any) -> None:
     out.update_tags(**ds.tags())
     out.update_tags(1, **ds.tags(1))
-    try:
+    with contextlib.suppress(ValueError):  # no colour table
         out.write_colormap(1, ds.colormap(1))
-    except ValueError:  # no colour table
-        pass
     if ds.descriptions[0]:
         out.set_band_description(1, ds.descriptions[0])
 
