@@ -51,6 +51,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -465,6 +466,22 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
     return result
 
 
+@contextlib.contextmanager
+def sieved_source(src: str | os.PathLike[str], mmu: float | int | str | Quantity | None, connectivity: int,
+                  folder: str | os.PathLike[str]) -> Iterator[str]:
+    """``src`` itself when there is no ``mmu``; otherwise ``src`` sieved (:func:`sieve_raster`) into a hidden
+    temporary folder in ``folder``, removed on the way out, for a step that reads the cleaned map."""
+    if mmu is None:
+        yield os.fspath(src)
+        return
+    parent = Path(os.fspath(folder))
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sieve-", dir=parent) as tmp:
+        out = Path(tmp) / (Path(os.fspath(src)).stem + ".sieved.tif")
+        sieve_raster(src, out, mmu, connectivity)
+        yield os.fspath(out)
+
+
 def _profile(ds: Any) -> dict[str, Any]:
     profile = dict(ds.profile)
     profile.update(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, BIGTIFF="IF_SAFER")
@@ -485,4 +502,4 @@ def _copy_metadata(ds: Any, out: Any) -> None:
 
 
 __all__ = ["STRIP_PIXELS", "SieveResult", "SieveStats", "StripSieve", "default_strip_rows", "mmu_pixels",
-           "sieve_array", "sieve_raster"]
+           "sieve_array", "sieve_raster", "sieved_source"]

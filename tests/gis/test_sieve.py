@@ -241,3 +241,46 @@ def test_real_maps_equal_gdal(real_data: Path, tmp_path: Path, name: str, thresh
                 sieve_array(data, t, connectivity=connectivity, mask=valid, strip_rows=rows), ref)
     res = sieve_raster(real_data / name, tmp_path / "s.tif", f"{thresholds[-1]}px", connectivity, strip_rows=33)
     np.testing.assert_array_equal(_read_masked(res.path)[0], gdal_sieve(data, thresholds[-1], connectivity, valid))
+
+
+# ------------------------------------------------------------------------------------------- vectorize --mmu
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_vectorize_mmu_polygonises_the_sieved_map(make_raster: Callable[..., Path], tmp_path: Path,
+                                                  connectivity: int) -> None:
+    from geoseg.vectorize import polygonize, vectorize_raster
+
+    rng = np.random.default_rng(5)
+    field = ndimage.gaussian_filter(rng.normal(size=(200, 150)), 3)
+    data = (np.digitize(field, np.quantile(field, [0.3, 0.6])) + 1).astype(np.uint8)
+    salt = rng.random(data.shape) < 0.03
+    data[salt] = rng.integers(1, 4, int(salt.sum()))
+    data[:20, :20] = 0
+    t = from_origin(500_000.0, 5_100_000.0, 10.0, 10.0)
+    src = make_raster(data, nodata=0, transform=t)
+    cleaned = make_raster(gdal_sieve(data, 50, connectivity, data != 0), name="cleaned.tif", nodata=0, transform=t)
+    res = vectorize_raster(src, tmp_path / "mmu.gpkg", mmu="0.5ha", connectivity=connectivity, block_size=64)
+    ref = vectorize_raster(cleaned, tmp_path / "ref.gpkg", connectivity=connectivity, block_size=64)
+    assert res.features == ref.features < vectorize_raster(src, tmp_path / "raw.gpkg",
+                                                           connectivity=connectivity).features
+    assert res.class_counts == ref.class_counts
+    assert res.class_areas_m2 == pytest.approx(ref.class_areas_m2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the sieved raster is gone
+    gdf = polygonize(src, mmu="50px", connectivity=connectivity)
+    assert len(gdf) == ref.features
+
+
+def test_cli_vectorize_mmu(make_raster: Callable[..., Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from geoseg.cli import main
+
+    data = np.ones((40, 40), np.uint8)
+    data[10:12, 10:12] = 2
+    src = make_raster(data, transform=from_origin(500_000.0, 5_100_000.0, 10.0, 10.0))
+    out = tmp_path / "p.gpkg"
+    r = CliRunner().invoke(main, ["vectorize", str(src), str(out), "--mmu", "0.05ha"])
+    assert r.exit_code == 0, r.output
+    assert "1 polygons" in r.output
+    r = CliRunner().invoke(main, ["vectorize", str(src), str(tmp_path / "q.gpkg"), "--mmu", "4 acres"])
+    assert r.exit_code != 0 and "--mmu" in r.output
