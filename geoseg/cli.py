@@ -264,6 +264,7 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
 @click.option("--merge-vectors", is_flag=True, help="Also write the polygons of all scenes as one layer, <name>.gpkg.")
 @click.option("--quicklook/--no-quicklook", default=True, show_default=True,
               help="Write <stem>.quicklook.png: the map in its colours with a legend and a scale bar.")
+@opt_mmu
 @opt_min_area
 @opt_simplify
 @opt_connectivity

@@ -134,6 +134,9 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
     from geoseg.vectorize.plan import check_connectivity
 
     check_connectivity(opts.connectivity)
+    from geoseg.vectorize.quantities import parse_mmu
+
+    parse_mmu(opts.mmu)
     if opts.vector_format is not None:
         from geoseg.vectorize import get_format, parse_min_area, parse_simplify
 
