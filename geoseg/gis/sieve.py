@@ -77,6 +77,7 @@ Progress = Callable[[int, int], None]
 
 STRIP_PIXELS = 1 << 21  # pixels per strip by default (~2 M: some 60 MB of working arrays)
 
+_NOTHING = np.zeros((2, 0), dtype=np.int64)
 _STRUCTURES = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}
 
 
@@ -113,36 +114,63 @@ def mmu_pixels(mmu: float | int | str | Quantity, *, crs: Any, transform: Any,
 def _label(values: np.ndarray, valid: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pieces of a strip: ``(labels, piece_values)``; ``labels`` int32 ``(rows, cols)``, 0 = invalid,
     pieces ``1..n`` with values ``piece_values[i - 1]``."""
-    labels = np.zeros(values.shape, dtype=np.int32)
-    if values.dtype.itemsize <= 2 and values.dtype.kind in "iu":
+    everywhere = bool(valid.all())
+    if values.dtype.itemsize <= 2:
         lo = int(np.iinfo(values.dtype).min)
-        counts = np.bincount((values[valid].astype(np.int64) - lo), minlength=1)
+        counts = np.bincount((values.ravel().astype(np.int32) - lo), minlength=1)
+        if not everywhere:
+            off = np.bincount(values[~valid].astype(np.int32) - lo)
+            counts[: len(off)] -= off
         classes = np.flatnonzero(counts) + lo
     else:
-        classes = np.unique(values[valid])
+        classes = np.unique(values if everywhere else values[valid])
+    labels = np.zeros(values.shape, dtype=np.int32)
+    lab = np.empty(values.shape, dtype=np.int32)
     piece_values: list[np.ndarray] = []
     n = 0
-    lab = np.empty(values.shape, dtype=np.int32)
     for c in classes.tolist():
-        k = ndimage.label((values == c) & valid, structure=structure, output=lab)
-        if k:
-            lab[lab > 0] += n
-            labels += lab
-            piece_values.append(np.full(k, c, dtype=np.int64))
-            n += k
+        m = values == c
+        if not everywhere:
+            m &= valid
+        k = ndimage.label(m, structure=structure, output=lab)
+        if n:
+            np.add(lab, n, out=lab, where=m)
+        labels += lab
+        piece_values.append(np.full(k, c, dtype=np.int64))
+        n += k
     return labels, (np.concatenate(piece_values) if piece_values else np.zeros(0, dtype=np.int64))
 
 
-def _first_contacts(s: np.ndarray, n: np.ndarray, key: np.ndarray
+def _first_contacts(s: np.ndarray, n: np.ndarray, key: np.ndarray, span: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One row per distinct ``(s, n)`` pair, with its smallest ``key``."""
+    """One row per distinct ``(s, n)`` pair (ids below ``span``), with its smallest ``key``."""
     if not len(s):
         return s, n, key
-    order = np.lexsort((key, n, s))
-    s, n, key = s[order], n[order], key[order]
+    pair = s.astype(np.int64) * span + n
+    order = np.lexsort((key, pair))
+    pair = pair[order]
+    first = np.ones(len(pair), dtype=bool)
+    first[1:] = pair[1:] != pair[:-1]
+    keep = order[first]
+    return s[keep], n[keep], key[keep]
+
+
+def _best(s: np.ndarray, nb: np.ndarray, key: np.ndarray, size: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per region ``s``, its contact with the largest region ``nb``, the one of smallest ``key`` among
+    equals (GDAL's strict ``>`` in scan order)."""
+    order = np.lexsort((key, -size[nb], s))
+    s, nb, key = s[order], nb[order], key[order]
     first = np.ones(len(s), dtype=bool)
-    first[1:] = (s[1:] != s[:-1]) | (n[1:] != n[:-1])
-    return s[first], n[first], key[first]
+    first[1:] = s[1:] != s[:-1]
+    return s[first], nb[first], key[first]
+
+
+def _runs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where a run of equal consecutive ``(a, b)`` pairs starts (contacts along one boundary repeat)."""
+    first = np.ones(len(a), dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return first
 
 
 @dataclass
@@ -162,7 +190,8 @@ class StripSieve:
     Strips are ``(rows, width)`` arrays of integer values with a boolean validity of the same shape.
     """
 
-    def __init__(self, width: int, threshold: int, connectivity: int = 4):
+    def __init__(self, width: int, threshold: int, connectivity: int = 4,
+                 spill: str | os.PathLike[str] | None = None):
         self.width = int(width)
         self.threshold = int(threshold)
         self.connectivity = check_connectivity(connectivity)
@@ -173,9 +202,15 @@ class StripSieve:
         self._sizes: list[np.ndarray] = []
         self._joins: list[tuple[np.ndarray, np.ndarray]] = []
         self._contacts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._prev: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None  # last row: ids, values, sizes, base
+        # the last row scanned: piece labels, values, the sizes of its strip's pieces, and their first id
+        self._prev: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
         self._out: np.ndarray | None = None
         self._applied = 0
+        # per strip, the pixels of its small pieces (the only ones that can change): (flat index, label),
+        # kept in memory, or in files in the folder ``spill``
+        self._spill = None if spill is None else Path(os.fspath(spill))
+        self._changeable: list[np.ndarray | Path] = []
+        self._applied_base = 0
         self.stats = SieveStats()
 
     # -- pass 1
@@ -190,76 +225,93 @@ class StripSieve:
         labels, pvals = _label(values, valid, self.structure)
         n = len(pvals)
         base = self.base
-        gid = labels.astype(np.int64) + (base - 1)
-        gid[labels == 0] = -1
         psize = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
         self._values.append(pvals)
         self._sizes.append(psize)
         self.strips.append((row0, rows, n))
         self.base += n
         if self.threshold > 1:
-            self._record(row0, gid, values, psize, base)
-        self._prev = (gid[-1].copy(), values[-1].astype(np.int64), psize, base)
+            self._record(row0, labels, values, psize, base)
+            self._keep_changeable(labels, psize)
+        self._prev = (labels[-1].copy(), values[-1].copy(), psize, base)
 
-    def _record(self, row0: int, gid: np.ndarray, values: np.ndarray, psize: np.ndarray, base: int) -> None:
-        w = self.width
+    def _record(self, row0: int, labels: np.ndarray, values: np.ndarray, psize: np.ndarray, base: int) -> None:
+        """Seam joins with the strip above, and first contacts of small pieces (strip-local ids: this strip's
+        pieces ``1..n``, the last row above ``n+1..``; 0 = invalid)."""
+        w, n, small_at = self.width, len(psize), self.threshold
         prev = self._prev
-        vals = values.astype(np.int64, copy=False)
         if prev is not None:
-            ext_id = np.vstack([prev[0][None], gid])
-            ext_val = np.vstack([prev[1][None], vals])
-            y_first = row0  # the row of ext[1]
-            self._join_seam(prev[0], prev[1], gid[0], vals[0])
+            p_lab, p_val, p_size, p_base = prev
+            self._join_seam(p_lab, p_val, p_base, labels[0], values[0], base)
+            top = np.where(p_lab > 0, p_lab + n, 0).astype(np.int32)
+            ext_id = np.vstack([top[None], labels])
+            ext_val = np.vstack([p_val[None], values])
+            small = np.concatenate([[False], psize < small_at, p_size < small_at])
+            y_first = row0  # the image row of ext_id[1]
         else:
-            ext_id, ext_val, y_first = gid, vals, row0 + 1
-
-        def size_of(ids: np.ndarray) -> np.ndarray:
-            out = np.empty(len(ids), dtype=np.int64)
-            cur = ids >= base
-            out[cur] = psize[ids[cur] - base]
-            if prev is not None and (~cur).any():
-                out[~cur] = prev[2][ids[~cur] - prev[3]]
-            return out
-
+            ext_id, ext_val, y_first = labels, values, row0 + 1
+            small = np.concatenate([[False], psize < small_at])
         parts_a, parts_b, parts_k = [], [], []
-        # (this pixel, other pixel, dy of this row in the extended array, dx of other, GDAL's order)
-        below, above = (slice(1, None), slice(None, -1))
+        below, above = slice(1, None), slice(None, -1)
+        # (this pixel's ids and values, the other pixel's, GDAL's order at a pixel, column offset, image row of
+        # the strip's first row); GDAL looks above, above left and above right (8 only), then left
         moves = [(ext_id[below], ext_id[above], ext_val[below], ext_val[above], 0, 0, y_first)]
         if self.connectivity == 8 and w > 1:
             moves.append((ext_id[below, 1:], ext_id[above, :-1], ext_val[below, 1:], ext_val[above, :-1], 1, 1,
-                          y_first))  # above left
+                          y_first))
             moves.append((ext_id[below, :-1], ext_id[above, 1:], ext_val[below, :-1], ext_val[above, 1:], 2, 0,
-                          y_first))  # above right
+                          y_first))
         if w > 1:
-            moves.append((gid[:, 1:], gid[:, :-1], vals[:, 1:], vals[:, :-1], 3, 1, row0))  # left
+            moves.append((labels[:, 1:], labels[:, :-1], values[:, 1:], values[:, :-1], 3, 1, row0))
         for a, b, va, vb, k, x0, y0 in moves:
-            hit = (a >= 0) & (b >= 0) & (va != vb)
-            yy, xx = np.nonzero(hit)
-            if not len(yy):
-                continue
-            parts_a.append(a[yy, xx])
-            parts_b.append(b[yy, xx])
-            parts_k.append(((yy + y0) * w + (xx + x0)) * 4 + k)
+            yy, xx = np.nonzero(va != vb)
+            ia, ib = a[yy, xx], b[yy, xx]
+            hit = (ia > 0) & (ib > 0) & (small[ia] | small[ib])  # only a small piece's contacts matter
+            hit[hit] = _runs(ia[hit], ib[hit])  # row-major order: the first of a run is met first
+            if hit.any():
+                parts_a.append(ia[hit])
+                parts_b.append(ib[hit])
+                parts_k.append(((yy[hit].astype(np.int64) + y0) * w + (xx[hit] + x0)) * 4 + k)
         if not parts_a:
             return
         a = np.concatenate(parts_a)
         b = np.concatenate(parts_b)
         key = np.concatenate(parts_k)
-        s = np.concatenate([a, b])
-        nb = np.concatenate([b, a])
-        key = np.concatenate([key, key])
-        small = size_of(s) < self.threshold  # a piece this large lies in a region this large
-        self._contacts.append(_first_contacts(s[small], nb[small], key[small]))
+        sa, sb = small[a], small[b]
+        s = np.concatenate([a[sa], b[sb]])
+        nb = np.concatenate([b[sa], a[sb]])
+        key = np.concatenate([key[sa], key[sb]])
+        s, nb, key = _first_contacts(s, nb, key, len(small))
 
-    def _join_seam(self, up_id: np.ndarray, up_val: np.ndarray, id0: np.ndarray, val0: np.ndarray) -> None:
+        def to_global(ids: np.ndarray) -> np.ndarray:
+            ids = ids.astype(np.int64)
+            return np.where(ids <= n, base + ids - 1, (prev[3] - n - 1 if prev is not None else 0) + ids)
+
+        self._contacts.append((to_global(s), to_global(nb), key))
+
+    def _keep_changeable(self, labels: np.ndarray, psize: np.ndarray) -> None:
+        small = np.zeros(len(psize) + 1, dtype=bool)
+        small[1:] = psize < self.threshold
+        flat = labels.ravel()
+        idx = np.flatnonzero(small[flat])
+        pixels = np.stack([idx.astype(np.int64), flat[idx].astype(np.int64)])
+        if self._spill is None:
+            self._changeable.append(pixels)
+        else:
+            path = self._spill / f"strip{len(self._changeable)}.npy"
+            np.save(path, pixels)
+            self._changeable.append(path)
+
+    def _join_seam(self, up_lab: np.ndarray, up_val: np.ndarray, up_base: int, lab0: np.ndarray,
+                   val0: np.ndarray, base: int) -> None:
         pairs = [(slice(None), slice(None))]
         if self.connectivity == 8 and self.width > 1:
             pairs += [(slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))]
         for su, sd in pairs:
-            u, d = up_id[su], id0[sd]
-            hit = (u >= 0) & (d >= 0) & (up_val[su] == val0[sd])
+            u, d = up_lab[su], lab0[sd]
+            hit = (u > 0) & (d > 0) & (up_val[su] == val0[sd])
             if hit.any():
-                self._joins.append((u[hit], d[hit]))
+                self._joins.append((u[hit].astype(np.int64) + (up_base - 1), d[hit].astype(np.int64) + (base - 1)))
 
     # -- decision
     def decide(self) -> SieveStats:
@@ -273,7 +325,6 @@ class StripSieve:
             d = np.concatenate([j[1] for j in self._joins])
             graph = coo_matrix((np.ones(len(u), dtype=np.int8), (u, d)), shape=(n, n)).tocsr()
             ncomp, comp = connected_components(graph, directed=False)
-            comp = comp.astype(np.int64)
         else:
             ncomp, comp = n, np.arange(n, dtype=np.int64)
         self._joins = []
@@ -284,18 +335,17 @@ class StripSieve:
         nxt = np.arange(ncomp, dtype=np.int64)  # regions of threshold size or more stay themselves
         nxt[small] = -1
         if self._contacts and self.threshold > 1:
-            s = comp[np.concatenate([c[0] for c in self._contacts])]
-            nb = comp[np.concatenate([c[1] for c in self._contacts])]
-            key = np.concatenate([c[2] for c in self._contacts])
-            keep = small[s]
-            s, nb, key = s[keep], nb[keep], key[keep]
-            if len(s):
-                order = np.lexsort((key, -region_size[nb], s))  # largest neighbour, first met among equals
-                s, nb = s[order], nb[order]
-                first = np.ones(len(s), dtype=bool)
-                first[1:] = s[1:] != s[:-1]
-                nxt[s[first]] = nb[first]
-        self._contacts = []
+            # each strip's contacts, in regions, cut down to the best per small region, then the best of those
+            parts = []
+            while self._contacts:
+                cs, cn, ck = self._contacts.pop(0)
+                rs = comp[cs]
+                keep = small[rs]
+                parts.append(_best(rs[keep], comp[cn[keep]], ck[keep], region_size))
+            s, nb, _ = _best(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                             np.concatenate([p[2] for p in parts]), region_size)
+            del parts
+            nxt[s] = nb
         # follow the chains of largest neighbours by pointer doubling: big regions are fixed points, a
         # chain that reaches one ends there, a cycle of small regions never does
         steps = 1
@@ -313,22 +363,24 @@ class StripSieve:
         return self.stats
 
     # -- pass 2
-    def apply(self, row0: int, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """The sieved values of a strip, fed again in the order of :meth:`scan` (same strips)."""
+    def apply(self, row0: int, values: np.ndarray) -> np.ndarray:
+        """The sieved values of a strip, fed again in the order of :meth:`scan` (same strips, same values)."""
         if self._out is None:
             raise RuntimeError("apply before decide")
         if self._applied >= len(self.strips) or self.strips[self._applied][:2] != (row0, values.shape[0]):
             raise ValueError(f"strip at row {row0} ({values.shape[0]} rows) was not scanned in this order")
-        labels, pvals = _label(values, valid, self.structure)
         _, _, n = self.strips[self._applied]
-        if len(pvals) != n:
-            raise InputError(f"strip at row {row0} changed between the two reads of the sieve ({len(pvals)} "
-                             f"pieces, {n} before); do not write the class map while it is sieved")
-        base = sum(s[2] for s in self.strips[: self._applied])
-        self._applied += 1
+        base = self._applied_base
         out = values.copy()
-        sel = labels > 0
-        out[sel] = self._out[labels[sel].astype(np.int64) + (base - 1)].astype(values.dtype)
+        if self.threshold > 1:
+            item = self._changeable[self._applied]
+            pixels = np.load(item) if isinstance(item, Path) else item
+            self._changeable[self._applied] = _NOTHING  # not a view: that would keep the pixels
+            if isinstance(item, Path):
+                item.unlink()
+            out.ravel()[pixels[0]] = self._out[pixels[1] + (base - 1)]
+        self._applied += 1
+        self._applied_base += n
         return out
 
 
@@ -358,7 +410,7 @@ def sieve_array(data: np.ndarray, threshold: int, *, connectivity: int = 4, mask
     sv.decide()
     out = np.empty_like(data)
     for r0, h in _strips(data.shape[0], strip_rows):
-        out[r0:r0 + h] = sv.apply(r0, data[r0:r0 + h], valid[r0:r0 + h])
+        out[r0:r0 + h] = sv.apply(r0, data[r0:r0 + h])
     return out
 
 
@@ -428,11 +480,14 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
     if rows < 1:
         raise InputError(f"sieve: strip_rows must be at least 1, got {rows}")
     strips = list(_strips(info.height, rows))
-    sv = StripSieve(info.width, threshold, connectivity)
     result = SieveResult(out_path, threshold, connectivity, SieveStats(), strips=len(strips))
     store = Store(out_path.parent)
     store.prepare()
-    with gdal_env(), open_scene(path) as ds:
+    # the pixels of small pieces wait for the second read in files beside the output, not in memory
+    with gdal_env(), open_scene(path) as ds, \
+            tempfile.TemporaryDirectory(prefix=f".{out_path.name}.spill-", dir=out_path.parent) as spill:
+        sv = StripSieve(info.width, threshold, connectivity, spill=spill)
+
         def read(r0: int, h: int) -> tuple[np.ndarray, np.ndarray]:
             win = Window(0, r0, info.width, h)
             data = ds.read(1, window=win)
@@ -452,8 +507,8 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
             with rasterio.open(tmp, "w", **profile) as out:
                 _copy_metadata(ds, out)
                 for i, (r0, h) in enumerate(strips, start=len(strips) + 1):
-                    data, valid = read(r0, h)
-                    cleaned = sv.apply(r0, data, valid) if threshold > 1 else data
+                    data = ds.read(1, window=Window(0, r0, info.width, h))
+                    cleaned = sv.apply(r0, data) if threshold > 1 else data
                     result.pixels_changed += int(np.count_nonzero(cleaned != data))
                     out.write(cleaned, 1, window=Window(0, r0, info.width, h))
                     if progress is not None:

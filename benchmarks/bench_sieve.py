@@ -1,0 +1,149 @@
+"""Benchmark: geoseg's streamed sieve (``--mmu``) against rasterio's whole-map sieve, time and peak memory.
+
+Builds a ``size`` x ``size`` land-cover map from real data: the Slovenian land-use map of the shared data
+(``slovenia_lulc/LULC_from_npy.tif``, 5 classes, 10 m, nodata 0) cut into 100 x 100 tiles that are laid
+side by side with random turns and flips (seeded), optionally with classifier-like speckle (``--speckle``:
+that share of pixels set to a random class), written as a tiled, deflated GeoTIFF (EPSG:32633, 10 m).
+Each method then runs in its own process, so that its peak memory (``ru_maxrss``) is its own:
+
+- ``streamed``: :func:`geoseg.gis.sieve.sieve_raster`, file to file, in strips;
+- ``whole``: read the whole band and its mask, ``rasterio.features.sieve(band, n, mask=valid)``, write the
+  whole band (what peers do: the map in memory).
+
+Both outputs are compared pixel for pixel. ``--predict-seconds S`` prints the streamed sieve's time as a
+share of a predict run of ``S`` seconds on a scene of this size (``--predict-scene`` instead times
+``geoseg predict`` on a scene of this size with and without ``--mmu``, with a given model bundle).
+
+Usage::
+
+    python benchmarks/bench_sieve.py                      # 10000 x 10000, 0.5ha (50 px), 4-connected
+    python benchmarks/bench_sieve.py --size 4000 --speckle 0.02 --connectivity 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GEOSEG_REAL_DATA", REPO.parent / "shared" / "data"))
+
+
+def make_map(path: Path, size: int, speckle: float, seed: int = 0) -> None:
+    """The tiled Slovenian land-use map, ``size`` x ``size``, written in strips of 512 rows."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(DATA / "slovenia_lulc" / "LULC_from_npy.tif") as ds:
+        tile = ds.read(1)[:100, :100]
+    rng = np.random.default_rng(seed)
+    n = -(-size // 100)
+    profile = dict(driver="GTiff", width=size, height=size, count=1, dtype="uint8", crs="EPSG:32633",
+                   transform=from_origin(500_000.0, 5_100_000.0, 10.0, 10.0), nodata=0, tiled=True,
+                   blockxsize=512, blockysize=512, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        for r0 in range(0, n * 100, 500):
+            rows = []
+            for _ in range(5):
+                row = []
+                for _ in range(n):
+                    t = np.rot90(tile, int(rng.integers(4)))
+                    row.append(t[:, ::-1] if rng.random() < 0.5 else t)
+                rows.append(np.hstack(row))
+            block = np.vstack(rows)[:, :size]
+            if speckle:
+                hit = rng.random(block.shape) < speckle
+                block[hit & (block != 0)] = rng.choice([1, 2, 3, 4, 8], int((hit & (block != 0)).sum()))
+            h = min(500, size - r0)
+            if h > 0:
+                dst.write(block[:h], 1, window=rasterio.windows.Window(0, r0, size, h))
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_method(method: str, src: str, dst: str, mmu: str, connectivity: int) -> dict[str, float]:
+    """One method in this process: seconds and peak memory (MB, and MB after the imports)."""
+    import rasterio
+    import rasterio.features
+
+    from geoseg.gis.sieve import mmu_pixels, sieve_raster
+
+    base = _peak_mb()
+    t0 = time.perf_counter()
+    if method == "streamed":
+        res = sieve_raster(src, dst, mmu, connectivity, overwrite=True)
+        threshold = res.threshold
+    else:
+        with rasterio.open(src) as ds:
+            threshold = mmu_pixels(mmu, crs=ds.crs, transform=ds.transform, bounds=tuple(ds.bounds))
+            band, valid = ds.read(1), ds.read_masks(1) > 0
+            profile = ds.profile
+        out = rasterio.features.sieve(band, threshold, mask=valid, connectivity=connectivity)
+        with rasterio.open(dst, "w", **profile) as o:
+            o.write(out, 1)
+    return {"seconds": time.perf_counter() - t0, "peak_mb": _peak_mb(), "import_mb": base, "threshold": threshold}
+
+
+def _same(a: str, b: str) -> bool:
+    import rasterio
+
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        for _, win in x.block_windows(1):
+            if not np.array_equal(x.read(1, window=win), y.read(1, window=win)):
+                return False
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=10000)
+    ap.add_argument("--mmu", default="0.5ha")
+    ap.add_argument("--connectivity", type=int, default=4, choices=[4, 8])
+    ap.add_argument("--speckle", type=float, default=0.0, help="share of pixels set to a random class")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--predict-seconds", type=float, default=None)
+    ap.add_argument("--run", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        print(json.dumps(run_method(args.run[0], args.run[1], args.run[2], args.mmu, args.connectivity)))
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gs-sieve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"lulc_{args.size}_{args.speckle:g}.tif"
+    if not src.exists():
+        t0 = time.perf_counter()
+        make_map(src, args.size, args.speckle)
+        print(f"map: {src} ({time.perf_counter() - t0:.1f} s to build)", file=sys.stderr)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    results = {}
+    for method in ("streamed", "whole"):
+        out = subprocess.run([sys.executable, __file__, "--mmu", args.mmu, "--connectivity", str(args.connectivity),
+                              "--run", method, str(src), str(work / f"{method}.tif")],
+                             env=env, capture_output=True, text=True, check=True)
+        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    same = _same(str(work / "streamed.tif"), str(work / "whole.tif"))
+    mpix = args.size * args.size / 1e6
+    print(f"{args.size} x {args.size} land-cover map (Slovenia LULC tiles, speckle {args.speckle:g}), --mmu "
+          f"{args.mmu} = {results['streamed']['threshold']} px, {args.connectivity}-connected; identical: {same}")
+    print(f"{'method':<10} {'seconds':>8} {'MPix/s':>7} {'peak MB':>8} {'imports MB':>10} {'work MB':>8}")
+    for method, r in results.items():
+        print(f"{method:<10} {r['seconds']:>8.1f} {mpix / r['seconds']:>7.1f} {r['peak_mb']:>8.0f} "
+              f"{r['import_mb']:>10.0f} {r['peak_mb'] - r['import_mb']:>8.0f}")
+    if args.predict_seconds:
+        print(f"streamed sieve / predict: {results['streamed']['seconds'] / args.predict_seconds:.1%} "
+              f"of {args.predict_seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
