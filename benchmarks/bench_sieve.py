@@ -11,8 +11,11 @@ Each method then runs in its own process, so that its peak memory (``ru_maxrss``
   whole band (what peers do: the map in memory).
 
 Both outputs are compared pixel for pixel. ``--predict-seconds S`` prints the streamed sieve's time as a
-share of a predict run of ``S`` seconds on a scene of this size (``--predict-scene`` instead times
-``geoseg predict`` on a scene of this size with and without ``--mmu``, with a given model bundle).
+share of a predict run of ``S`` seconds on a scene of this size. ``--predict`` also times ``geoseg predict``
+with and without ``--mmu`` (its own processes): on a scene whose bands are the map's classes one-hot, with a
+1x1-convolution identity model (so that the predicted map *is* the land-cover map, and predict's time is the
+engine's, a lower bound on a real network's), and checks that ``predict --mmu`` equals rasterio's sieve of
+the plain prediction; ``--vector`` keeps the polygons in both runs.
 
 Usage::
 
@@ -68,6 +71,36 @@ def make_map(path: Path, size: int, speckle: float, seed: int = 0) -> None:
                 dst.write(block[:h], 1, window=rasterio.windows.Window(0, r0, size, h))
 
 
+def make_scene(src: Path, scene: Path, bundle: Path) -> None:
+    """A 5-band one-hot scene of the map's classes (1, 2, 3, 4, 8; nodata 0) and an identity model."""
+    import rasterio
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import make_bundle
+
+    make_bundle(bundle, n_bands=5, n_classes=5, chip=512, overlap=128)
+    with rasterio.open(src) as ds:
+        profile = dict(ds.profile, count=5, compress="deflate")
+        with rasterio.open(scene, "w", **profile) as dst:
+            for r0 in range(0, ds.height, 512):
+                win = rasterio.windows.Window(0, r0, ds.width, min(512, ds.height - r0))
+                m = ds.read(1, window=win)
+                bands = np.stack([np.where(m == k, 200, 10) for k in (1, 2, 3, 4, 8)]).astype(np.uint8)
+                bands[:, m == 0] = 0
+                dst.write(bands, window=win)
+
+
+def run_predict(scene: Path, bundle: Path, out: Path, mmu: str | None, connectivity: int,
+                vector: bool) -> float:
+    cmd = [sys.executable, "-m", "geoseg.cli", "-q", "predict", str(scene), "--model", str(bundle),
+           "--output-dir", str(out), "--no-quicklook", "--overwrite", "--connectivity", str(connectivity)]
+    cmd += [] if vector else ["--no-vector"]
+    cmd += ["--mmu", mmu] if mmu else []
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return time.perf_counter() - t0
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -113,6 +146,8 @@ def main() -> None:
     ap.add_argument("--speckle", type=float, default=0.0, help="share of pixels set to a random class")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--predict-seconds", type=float, default=None)
+    ap.add_argument("--predict", action="store_true", help="also time geoseg predict with and without --mmu")
+    ap.add_argument("--vector", action="store_true", help="with --predict: write polygons too")
     ap.add_argument("--run", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -140,6 +175,26 @@ def main() -> None:
     for method, r in results.items():
         print(f"{method:<10} {r['seconds']:>8.1f} {mpix / r['seconds']:>7.1f} {r['peak_mb']:>8.0f} "
               f"{r['import_mb']:>10.0f} {r['peak_mb'] - r['import_mb']:>8.0f}")
+    if args.predict:
+        import rasterio
+        import rasterio.features
+
+        scene, bundle = work / f"scene_{args.size}_{args.speckle:g}.tif", work / "identity5"
+        if not scene.exists():
+            make_scene(src, scene, bundle)
+        plain = run_predict(scene, bundle, work / "plain", None, args.connectivity, args.vector)
+        mmu = run_predict(scene, bundle, work / "mmu", args.mmu, args.connectivity, args.vector)
+        stem = scene.stem
+        with rasterio.open(work / "plain" / f"{stem}.classes.tif") as a, \
+                rasterio.open(work / "mmu" / f"{stem}.classes.tif") as b:
+            raw = a.read(1)
+            expected = rasterio.features.sieve(raw, results["streamed"]["threshold"], mask=a.read_masks(1) > 0,
+                                               connectivity=args.connectivity)
+            del raw
+            same_predict = bool(np.array_equal(b.read(1), expected))
+        print(f"geoseg predict (identity 1x1 model{', polygons' if args.vector else ', no polygons'}): "
+              f"{plain:.1f} s; with --mmu {args.mmu}: {mmu:.1f} s (+{mmu - plain:.1f} s, "
+              f"{(mmu - plain) / plain:+.1%}); equal to rasterio's sieve of the plain map: {same_predict}")
     if args.predict_seconds:
         print(f"streamed sieve / predict: {results['streamed']['seconds'] / args.predict_seconds:.1%} "
               f"of {args.predict_seconds:.0f} s")

@@ -117,9 +117,10 @@ def _label(values: np.ndarray, valid: np.ndarray, structure: np.ndarray) -> tupl
     everywhere = bool(valid.all())
     if values.dtype.itemsize <= 2:
         lo = int(np.iinfo(values.dtype).min)
-        counts = np.bincount((values.ravel().astype(np.int32) - lo), minlength=1)
+        shifted = values if lo == 0 else values.astype(np.int32) - lo
+        counts = np.bincount(shifted.ravel(), minlength=1)
         if not everywhere:
-            off = np.bincount(values[~valid].astype(np.int32) - lo)
+            off = np.bincount(shifted[~valid], minlength=1)
             counts[: len(off)] -= off
         classes = np.flatnonzero(counts) + lo
     else:
@@ -133,9 +134,7 @@ def _label(values: np.ndarray, valid: np.ndarray, structure: np.ndarray) -> tupl
         if not everywhere:
             m &= valid
         k = ndimage.label(m, structure=structure, output=lab)
-        if n:
-            np.add(lab, n, out=lab, where=m)
-        labels += lab
+        np.add(lab, n, out=labels, where=m)  # classes are disjoint: each pixel is written once
         piece_values.append(np.full(k, c, dtype=np.int64))
         n += k
     return labels, (np.concatenate(piece_values) if piece_values else np.zeros(0, dtype=np.int64))
@@ -439,7 +438,8 @@ def default_strip_rows(width: int, block_rows: int = 1) -> int:
 
 
 def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: float | int | str | Quantity,
-                 connectivity: int = 4, *, strip_rows: int | None = None, overwrite: bool = False,
+                 connectivity: int = 4, *, strip_rows: int | None = None, compress: str | None = "deflate",
+                 overwrite: bool = False,
                  progress: Progress | None = None) -> SieveResult:
     """Sieve a class raster to a minimum mapping unit, strip by strip; equal to GDAL's whole-raster sieve.
 
@@ -458,6 +458,7 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
         strip_rows: rows per strip (default: about two million pixels a strip); the result does not
             depend on it.
         overwrite: replace an existing ``dst``.
+        compress: GeoTIFF compression of ``dst`` (``None``: none, for a temporary file read once).
         progress: called as ``progress(done, total)`` after each strip of each of the two reads.
 
     Raises:
@@ -500,7 +501,7 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
                 if progress is not None:
                     progress(i, total)
             result.stats = sv.decide()
-        profile = _profile(ds)
+        profile = _profile(ds, compress)
         with store.staged_file(out_path.name) as tmp:
             import rasterio
 
@@ -537,13 +538,15 @@ def sieved_source(src: str | os.PathLike[str], mmu: float | int | str | Quantity
         yield os.fspath(out)
 
 
-def _profile(ds: Any) -> dict[str, Any]:
+def _profile(ds: Any, compress: str | None) -> dict[str, Any]:
     profile = dict(ds.profile)
+    profile.pop("compress", None)
     profile.update(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, BIGTIFF="IF_SAFER")
     if ds.width < 512 or ds.height < 512:
         profile.update(tiled=False, blockxsize=None, blockysize=None)
         profile = {k: v for k, v in profile.items() if v is not None}
-    profile.setdefault("compress", "deflate")
+    if compress is not None:
+        profile["compress"] = compress
     return profile
 
 
