@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--predict-seconds", type=float, default=None)
     ap.add_argument("--predict", action="store_true", help="also time geoseg predict with and without --mmu")
     ap.add_argument("--vector", action="store_true", help="with --predict: write polygons too")
+    ap.add_argument("--repeats", type=int, default=1, help="with --predict: runs of each, medians")
     ap.add_argument("--run", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -182,8 +184,11 @@ def main() -> None:
         scene, bundle = work / f"scene_{args.size}_{args.speckle:g}.tif", work / "identity5"
         if not scene.exists():
             make_scene(src, scene, bundle)
-        plain = run_predict(scene, bundle, work / "plain", None, args.connectivity, args.vector)
-        mmu = run_predict(scene, bundle, work / "mmu", args.mmu, args.connectivity, args.vector)
+        times: dict[str, list[float]] = {"plain": [], "mmu": []}
+        for _ in range(args.repeats):  # interleaved: a shared machine's load falls on both alike
+            times["plain"].append(run_predict(scene, bundle, work / "plain", None, args.connectivity, args.vector))
+            times["mmu"].append(run_predict(scene, bundle, work / "mmu", args.mmu, args.connectivity, args.vector))
+        plain, mmu = statistics.median(times["plain"]), statistics.median(times["mmu"])
         stem = scene.stem
         with rasterio.open(work / "plain" / f"{stem}.classes.tif") as a, \
                 rasterio.open(work / "mmu" / f"{stem}.classes.tif") as b:
@@ -192,7 +197,8 @@ def main() -> None:
                                                connectivity=args.connectivity)
             del raw
             same_predict = bool(np.array_equal(b.read(1), expected))
-        print(f"geoseg predict (identity 1x1 model{', polygons' if args.vector else ', no polygons'}): "
+        print(f"geoseg predict (identity 1x1 model{', polygons' if args.vector else ', no polygons'}, median of "
+              f"{args.repeats}): "
               f"{plain:.1f} s; with --mmu {args.mmu}: {mmu:.1f} s (+{mmu - plain:.1f} s, "
               f"{(mmu - plain) / plain:+.1%}); equal to rasterio's sieve of the plain map: {same_predict}")
     if args.predict_seconds:

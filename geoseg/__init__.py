@@ -26,6 +26,7 @@ _LAZY = {
     "GeoSegError": "geoseg.errors",
     "vectorize_raster": "geoseg.vectorize",
     "polygonize": "geoseg.vectorize",
+    "sieve_raster": "geoseg.gis.sieve",
     "train": "geoseg.train",
     "load_config": "geoseg.config",
     "evaluate": "geoseg.evaluate",

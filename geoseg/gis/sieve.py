@@ -1,7 +1,7 @@
 """A minimum mapping unit: GDAL's sieve (``rasterio.features.sieve``) of a whole class map, streamed in strips.
 
-What GDAL's ``GDALSieveFilter`` (alg/gdalsievefilter.cpp, GDAL 2.1 to 3.10) does, which this module
-reproduces pixel for pixel:
+What GDAL's ``GDALSieveFilter`` does (read in alg/gdalsievefilter.cpp and its polygon enumerator; checked
+against GDAL 3.10.3 as rasterio 1.4.4 ships it), which this module reproduces pixel for pixel:
 
 * **Regions.** A region is a connected set of valid pixels of one value (``GDALRasterPolygonEnumerator``,
   4- or 8-connectivity). Pixels the mask marks invalid (nodata) belong to no region: they never change,
@@ -36,13 +36,16 @@ the nodata value (or the dataset's mask) is what ``valid`` says, so masking it o
    such a piece can belong to a small region). After the scan, regions are the connected components of
    pieces; sizes add up; every small region gets its largest neighbour by (size, first contact) exactly as
    above; chains are resolved by pointer doubling; each piece gets its output value.
-2. *Apply.* Each strip is labelled again (the same labels: same strips, same code) and written with the
-   pieces' output values.
+2. *Apply.* The pixels of pieces under ``threshold`` pixels (the only ones that can change) were noted in
+   the scan, per strip, as (position, piece), in files beside the output (:func:`sieve_raster`) or in
+   memory (:func:`sieve_array`); each strip is read again and those pixels get their piece's output value.
+   No second labelling.
 
-Memory holds one strip (``strip_rows`` x width) and a few numbers per piece (about 20 bytes) and per
-contact pair of a small piece; it never holds the raster. Like GDAL (24 bytes per region), the bookkeeping
-grows with the number of regions, not with the pixels; on a land-cover map that is a small fraction of
-the raster (measured in ``benchmarks/bench_sieve.py``).
+Memory holds one strip (``strip_rows`` x width, about 2 M pixels by default) and, like GDAL (24 bytes per
+region), a few numbers per piece (value, size, region: about 30 bytes) and per contact pair of a small
+piece; it never holds the raster, but the bookkeeping grows with the number of regions the map has, not
+only with its width. On a 10000 x 10000 land-cover map of 1.16 M regions that is about 100 MB, against
+rasterio's 530 MB for the whole map (``benchmarks/bench_sieve.py``). The noted pixels wait on disk.
 """
 
 from __future__ import annotations
