@@ -173,7 +173,8 @@ def _cog(plan: ScenePlan, units: list[Unit], kind: str, spec: OutputSpec, stage:
         from geoseg.gis.sieve import sieve_raster
 
         sieved = work / f"{kind}.sieved.tif"
-        sieve_raster(vrt, sieved, sieve.mmu, sieve.connectivity, compress=None, overwrite=True)
+        sieve_raster(vrt, sieved, sieve.mmu, sieve.connectivity, compress=None, overwrite=True,
+                     workers=sieve.resolved_workers())
         whole = rasterio.windows.Window(0, 0, info.width, info.height)
         vrt.write_text(strips_vrt(info.width, info.height, info.crs, info.transform, spec, [(sieved.name, whole)]))
     cog = scratch / f"{kind}.tif"

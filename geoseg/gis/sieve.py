@@ -53,10 +53,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +72,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from geoseg.errors import InputError
+from geoseg.errors import InputError, WorkerError
 from geoseg.geodesy import ground_pixel_area
 from geoseg.raster import band_validity, check_writable, gdal_env, inspect_scene, open_scene
 from geoseg.store import Store
@@ -175,6 +180,83 @@ def _runs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return first
 
 
+def _small_lut(sizes: np.ndarray, threshold: int) -> np.ndarray:
+    """``lut[label]``: whether piece ``label`` (1..n) has fewer than ``threshold`` pixels; ``lut[0]`` False."""
+    lut = np.zeros(len(sizes) + 1, dtype=bool)
+    lut[1:] = sizes < threshold
+    return lut
+
+
+def _contacts(a: np.ndarray, b: np.ndarray, va: np.ndarray, vb: np.ndarray, small_a: np.ndarray,
+              small_b: np.ndarray, k: int, x0: int, y0: int, width: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contacts of one of GDAL's looks (``k``: 0 above, 1 above left, 2 above right, 3 left) between pixels
+    ``a`` (this one, at column ``x + x0`` of image row ``y + y0``) and ``b`` (the one looked at): the pieces
+    of both and GDAL's scan position, where the values differ, both are valid and one piece is small; the
+    first of each run of equal pairs only (row-major: it is met first)."""
+    yy, xx = np.nonzero(va != vb)
+    ia, ib = a[yy, xx], b[yy, xx]
+    hit = (ia > 0) & (ib > 0) & (small_a[ia] | small_b[ib])
+    hit[hit] = _runs(ia[hit], ib[hit])
+    return ia[hit], ib[hit], ((yy[hit].astype(np.int64) + y0) * width + (xx[hit] + x0)) * 4 + k
+
+
+@dataclass
+class StripScan:
+    """What the scan of one strip finds on its own, in strip-local piece labels ``1..n`` (0 = invalid):
+    piece values and sizes, first contacts inside the strip of small pieces ``(piece, neighbour, scan
+    position)``, the pixels of small pieces ``(2, k)`` (flat index, label) or the ``.npy`` file holding them,
+    and the labels and values of its first and last rows (for the seams)."""
+
+    rows: int
+    n: int
+    values: np.ndarray
+    sizes: np.ndarray
+    contacts: tuple[np.ndarray, np.ndarray, np.ndarray]
+    changeable: np.ndarray | Path
+    first: tuple[np.ndarray, np.ndarray]
+    last: tuple[np.ndarray, np.ndarray]
+
+
+def scan_strip(row0: int, values: np.ndarray, valid: np.ndarray, threshold: int, connectivity: int,
+               spill: Path | None = None) -> StripScan:
+    """Label a strip starting at image row ``row0`` and gather its :class:`StripScan` (no other strip
+    needed, so strips can be scanned in parallel; :meth:`StripSieve.add` then joins them in order)."""
+    labels, pvals = _label(values, valid, _STRUCTURES[connectivity])
+    n = len(pvals)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    h, w = values.shape
+    nothing = np.zeros(0, dtype=np.int32)
+    contacts: tuple[np.ndarray, np.ndarray, np.ndarray] = (nothing, nothing, np.zeros(0, dtype=np.int64))
+    changeable: np.ndarray | Path = _NOTHING
+    if threshold > 1:
+        small = _small_lut(sizes, threshold)
+        below, above = slice(1, None), slice(None, -1)
+        moves = [(labels[below], labels[above], values[below], values[above], 0, 0, row0 + 1)]
+        if connectivity == 8 and w > 1:
+            moves += [(labels[below, 1:], labels[above, :-1], values[below, 1:], values[above, :-1], 1, 1, row0 + 1),
+                      (labels[below, :-1], labels[above, 1:], values[below, :-1], values[above, 1:], 2, 0, row0 + 1)]
+        if w > 1:
+            moves.append((labels[:, 1:], labels[:, :-1], values[:, 1:], values[:, :-1], 3, 1, row0))
+        parts = [_contacts(a, b, va, vb, small, small, k, x0, y0, w) for a, b, va, vb, k, x0, y0 in moves]
+        ia = np.concatenate([q[0] for q in parts])
+        ib = np.concatenate([q[1] for q in parts])
+        key = np.concatenate([q[2] for q in parts])
+        sa, sb = small[ia], small[ib]
+        contacts = _first_contacts(np.concatenate([ia[sa], ib[sb]]), np.concatenate([ib[sa], ia[sb]]),
+                                   np.concatenate([key[sa], key[sb]]), n + 1)
+        flat = labels.ravel()
+        idx = np.flatnonzero(small[flat])
+        pixels = np.stack([idx.astype(np.int64), flat[idx].astype(np.int64)])
+        if spill is None:
+            changeable = pixels
+        else:
+            np.save(spill, pixels)
+            changeable = spill
+    return StripScan(h, n, pvals, sizes, contacts, changeable, (labels[0].copy(), values[0].copy()),
+                     (labels[-1].copy(), values[-1].copy()))
+
+
 @dataclass
 class SieveStats:
     """What a sieve found: ``regions`` (all), ``small`` (fewer pixels than the threshold), ``merged`` (small
@@ -197,7 +279,6 @@ class StripSieve:
         self.width = int(width)
         self.threshold = int(threshold)
         self.connectivity = check_connectivity(connectivity)
-        self.structure = _STRUCTURES[connectivity]
         self.base = 0
         self.strips: list[tuple[int, int, int]] = []  # (row0, rows, pieces) of each scanned strip
         self._values: list[np.ndarray] = []
@@ -218,91 +299,53 @@ class StripSieve:
     # -- pass 1
     def scan(self, row0: int, values: np.ndarray, valid: np.ndarray) -> None:
         """Label one strip (the next one down) and record its pieces, seam joins and contacts."""
+        spill = None if self._spill is None else self._spill / f"strip{len(self.strips)}.npy"
+        self.add(row0, scan_strip(row0, values, valid, self.threshold, self.connectivity, spill))
+
+    def add(self, row0: int, facts: StripScan) -> None:
+        """Record the :func:`scan_strip` of the next strip down (made here or in a worker process)."""
         if self._out is not None:
             raise RuntimeError("scan after decide")
-        rows, w = values.shape
+        rows, w = facts.rows, len(facts.first[0])
         expected = self.strips[-1][0] + self.strips[-1][1] if self.strips else 0
         if w != self.width or row0 != expected:
             raise ValueError(f"strip at row {row0} of width {w}: expected row {expected}, width {self.width}")
-        labels, pvals = _label(values, valid, self.structure)
-        n = len(pvals)
-        base = self.base
-        psize = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
-        self._values.append(pvals)
-        self._sizes.append(psize)
+        n, base = facts.n, self.base
+        self._values.append(facts.values)
+        self._sizes.append(facts.sizes)
         self.strips.append((row0, rows, n))
         self.base += n
         if self.threshold > 1:
-            self._record(row0, labels, values, psize, base)
-            self._keep_changeable(labels, psize)
-        self._prev = (labels[-1].copy(), values[-1].copy(), psize, base)
+            cs, cn, ck = facts.contacts
+            if len(cs):
+                self._contacts.append((cs.astype(np.int64) + (base - 1), cn.astype(np.int64) + (base - 1), ck))
+            self._changeable.append(facts.changeable)
+            if self._prev is not None:
+                self._seam(row0, facts, base)
+        self._prev = (facts.last[0], facts.last[1], facts.sizes, base)
 
-    def _record(self, row0: int, labels: np.ndarray, values: np.ndarray, psize: np.ndarray, base: int) -> None:
-        """Seam joins with the strip above, and first contacts of small pieces (strip-local ids: this strip's
-        pieces ``1..n``, the last row above ``n+1..``; 0 = invalid)."""
-        w, n, small_at = self.width, len(psize), self.threshold
-        prev = self._prev
-        if prev is not None:
-            p_lab, p_val, p_size, p_base = prev
-            self._join_seam(p_lab, p_val, p_base, labels[0], values[0], base)
-            top = np.where(p_lab > 0, p_lab + n, 0).astype(np.int32)
-            ext_id = np.vstack([top[None], labels])
-            ext_val = np.vstack([p_val[None], values])
-            small = np.concatenate([[False], psize < small_at, p_size < small_at])
-            y_first = row0  # the image row of ext_id[1]
-        else:
-            ext_id, ext_val, y_first = labels, values, row0 + 1
-            small = np.concatenate([[False], psize < small_at])
-        parts_a, parts_b, parts_k = [], [], []
-        below, above = slice(1, None), slice(None, -1)
-        # (this pixel's ids and values, the other pixel's, GDAL's order at a pixel, column offset, image row of
-        # the strip's first row); GDAL looks above, above left and above right (8 only), then left
-        moves = [(ext_id[below], ext_id[above], ext_val[below], ext_val[above], 0, 0, y_first)]
-        if self.connectivity == 8 and w > 1:
-            moves.append((ext_id[below, 1:], ext_id[above, :-1], ext_val[below, 1:], ext_val[above, :-1], 1, 1,
-                          y_first))
-            moves.append((ext_id[below, :-1], ext_id[above, 1:], ext_val[below, :-1], ext_val[above, 1:], 2, 0,
-                          y_first))
-        if w > 1:
-            moves.append((labels[:, 1:], labels[:, :-1], values[:, 1:], values[:, :-1], 3, 1, row0))
-        for a, b, va, vb, k, x0, y0 in moves:
-            yy, xx = np.nonzero(va != vb)
-            ia, ib = a[yy, xx], b[yy, xx]
-            hit = (ia > 0) & (ib > 0) & (small[ia] | small[ib])  # only a small piece's contacts matter
-            hit[hit] = _runs(ia[hit], ib[hit])  # row-major order: the first of a run is met first
-            if hit.any():
-                parts_a.append(ia[hit])
-                parts_b.append(ib[hit])
-                parts_k.append(((yy[hit].astype(np.int64) + y0) * w + (xx[hit] + x0)) * 4 + k)
-        if not parts_a:
-            return
-        a = np.concatenate(parts_a)
-        b = np.concatenate(parts_b)
-        key = np.concatenate(parts_k)
-        sa, sb = small[a], small[b]
-        s = np.concatenate([a[sa], b[sb]])
-        nb = np.concatenate([b[sa], a[sb]])
-        key = np.concatenate([key[sa], key[sb]])
-        s, nb, key = _first_contacts(s, nb, key, len(small))
-
-        def to_global(ids: np.ndarray) -> np.ndarray:
-            ids = ids.astype(np.int64)
-            return np.where(ids <= n, base + ids - 1, (prev[3] - n - 1 if prev is not None else 0) + ids)
-
-        self._contacts.append((to_global(s), to_global(nb), key))
-
-    def _keep_changeable(self, labels: np.ndarray, psize: np.ndarray) -> None:
-        small = np.zeros(len(psize) + 1, dtype=bool)
-        small[1:] = psize < self.threshold
-        flat = labels.ravel()
-        idx = np.flatnonzero(small[flat])
-        pixels = np.stack([idx.astype(np.int64), flat[idx].astype(np.int64)])
-        if self._spill is None:
-            self._changeable.append(pixels)
-        else:
-            path = self._spill / f"strip{len(self._changeable)}.npy"
-            np.save(path, pixels)
-            self._changeable.append(path)
+    def _seam(self, row0: int, facts: StripScan, base: int) -> None:
+        """Joins and contacts between the last row scanned and this strip's first row."""
+        assert self._prev is not None
+        p_lab, p_val, p_size, p_base = self._prev
+        lab0, val0 = facts.first
+        self._join_seam(p_lab, p_val, p_base, lab0, val0, base)
+        small = _small_lut(facts.sizes, self.threshold)
+        p_small = _small_lut(p_size, self.threshold)
+        a, b, va, vb = lab0[None], p_lab[None], val0[None], p_val[None]
+        moves = [(a, b, va, vb, 0, 0)]
+        if self.connectivity == 8 and self.width > 1:
+            moves += [(a[:, 1:], b[:, :-1], va[:, 1:], vb[:, :-1], 1, 1),
+                      (a[:, :-1], b[:, 1:], va[:, :-1], vb[:, 1:], 2, 0)]
+        parts = [_contacts(*m[:4], small, p_small, m[4], m[5], row0, self.width) for m in moves]
+        ia = np.concatenate([q[0] for q in parts])
+        ib = np.concatenate([q[1] for q in parts])
+        key = np.concatenate([q[2] for q in parts])
+        sa, sb = small[ia], p_small[ib]
+        ga, gb = ia.astype(np.int64) + (base - 1), ib.astype(np.int64) + (p_base - 1)
+        if len(ia):
+            self._contacts.append((np.concatenate([ga[sa], gb[sb]]), np.concatenate([gb[sa], ga[sb]]),
+                                   np.concatenate([key[sa], key[sb]])))
 
     def _join_seam(self, up_lab: np.ndarray, up_val: np.ndarray, up_base: int, lab0: np.ndarray,
                    val0: np.ndarray, base: int) -> None:
@@ -442,7 +485,7 @@ def default_strip_rows(width: int, block_rows: int = 1) -> int:
 
 def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: float | int | str | Quantity,
                  connectivity: int = 4, *, strip_rows: int | None = None, compress: str | None = "deflate",
-                 overwrite: bool = False,
+                 workers: int | None = None, overwrite: bool = False,
                  progress: Progress | None = None) -> SieveResult:
     """Sieve a class raster to a minimum mapping unit, strip by strip; equal to GDAL's whole-raster sieve.
 
@@ -460,13 +503,17 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
         connectivity: 4 or 8, for regions and for neighbours.
         strip_rows: rows per strip (default: about two million pixels a strip); the result does not
             depend on it.
-        overwrite: replace an existing ``dst``.
         compress: GeoTIFF compression of ``dst`` (``None``: none, for a temporary file read once).
+        workers: processes that label strips in the first read (default: the CPUs available, at most 4);
+            rasters under :data:`PROCESS_MIN_PIXELS`, ``workers=1`` and daemonic processes (dask's workers)
+            label in this process. The result is the same either way.
+        overwrite: replace an existing ``dst``.
         progress: called as ``progress(done, total)`` after each strip of each of the two reads.
 
     Raises:
         InputError: unreadable raster, not one integer band, or a bad ``mmu`` / ``connectivity``.
         OutputExistsError: ``dst`` exists and ``overwrite`` is false.
+        WorkerError: a worker process died (out of memory, killed).
     """
     t0 = time.perf_counter()
     path = os.fspath(src)
@@ -490,17 +537,14 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
     # the pixels of small pieces wait for the second read in files beside the output, not in memory
     with gdal_env(), open_scene(path) as ds, \
             tempfile.TemporaryDirectory(prefix=f".{out_path.name}.spill-", dir=out_path.parent) as spill:
-        sv = StripSieve(info.width, threshold, connectivity, spill=spill)
-
-        def read(r0: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-            win = Window(0, r0, info.width, h)
-            data = ds.read(1, window=win)
-            return data, band_validity(data[None], ds, [1], win, info.mask)[0]
-
+        sv = StripSieve(info.width, threshold, connectivity)
         total = 2 * len(strips)
         if threshold > 1:
-            for i, (r0, h) in enumerate(strips, start=1):
-                sv.scan(r0, *read(r0, h))
+            jobs = [(path, r0, h, info.width, info.mask, threshold, connectivity, Path(spill) / f"strip{i}.npy")
+                    for i, (r0, h) in enumerate(strips)]
+            nproc = _process_count(workers, len(strips), info.width * info.height)
+            for i, facts in enumerate(_scans(jobs, nproc), start=1):
+                sv.add(jobs[i - 1][1], facts)
                 if progress is not None:
                     progress(i, total)
             result.stats = sv.decide()
@@ -525,9 +569,79 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
     return result
 
 
+PROCESS_MIN_PIXELS = 16 * 2**20  # below, starting worker processes costs more than it saves
+
+
+def _process_count(workers: int | None, strips: int, pixels: int) -> int:
+    """Worker processes for the first read: 0 (this process) or at least 2."""
+    if workers is None:
+        workers = min(4, _cores())
+    if workers < 1:
+        raise InputError(f"--workers must be a positive integer, got {workers!r}")
+    n = min(workers, strips)
+    if n < 2 or pixels < PROCESS_MIN_PIXELS or multiprocessing.current_process().daemon:
+        return 0
+    return n
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _scan_file_strip(path: str, row0: int, rows: int, width: int, mask_kind: str, threshold: int,
+                     connectivity: int, spill: Path) -> StripScan:
+    """:func:`scan_strip` of one strip read from ``path`` (in a worker process, or here)."""
+    with gdal_env(), open_scene(path) as ds:
+        win = Window(0, row0, width, rows)
+        data = ds.read(1, window=win)
+        valid = band_validity(data[None], ds, [1], win, mask_kind)[0]
+    return scan_strip(row0, data, valid, threshold, connectivity, spill)
+
+
+def _scans(jobs: list[tuple[Any, ...]], processes: int) -> Iterator[StripScan]:
+    """The scans of ``jobs`` in order: here, or in ``processes`` worker processes (``spawn``; a few strips
+    ahead, so that memory stays that of a few strips)."""
+    pool = None
+    if processes:
+        try:
+            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker)
+        except (OSError, ImportError, NotImplementedError) as exc:  # e.g. no working sem_open in a sandbox
+            log.warning("cannot start sieve worker processes (%s): labelling in this process", exc)
+    if pool is None:
+        for job in jobs:
+            yield _scan_file_strip(*job)
+        return
+    try:
+        ahead: deque[Future[StripScan]] = deque()
+        nxt = 0
+        while nxt < len(jobs) and len(ahead) < 2 * processes:
+            ahead.append(pool.submit(_scan_file_strip, *jobs[nxt]))
+            nxt += 1
+        while ahead:
+            facts = ahead.popleft().result()
+            if nxt < len(jobs):
+                ahead.append(pool.submit(_scan_file_strip, *jobs[nxt]))
+                nxt += 1
+            yield facts
+    except BrokenProcessPool as exc:
+        raise WorkerError(f"{jobs[0][0]}: a sieve worker process died ({exc}); if memory ran out, lower workers; "
+                          "a script that sieves at import time must do it under `if __name__ == \"__main__\":`; "
+                          "workers=1 labels in this process") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's: it shuts the pool down
+
+
 @contextlib.contextmanager
 def sieved_source(src: str | os.PathLike[str], mmu: float | int | str | Quantity | None, connectivity: int,
-                  folder: str | os.PathLike[str]) -> Iterator[str]:
+                  folder: str | os.PathLike[str], workers: int | None = None) -> Iterator[str]:
     """``src`` itself when there is no ``mmu``; otherwise ``src`` sieved (:func:`sieve_raster`) into a hidden
     temporary folder in ``folder``, removed on the way out, for a step that reads the cleaned map."""
     if mmu is None:
@@ -537,7 +651,7 @@ def sieved_source(src: str | os.PathLike[str], mmu: float | int | str | Quantity
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".sieve-", dir=parent) as tmp:
         out = Path(tmp) / (Path(os.fspath(src)).stem + ".sieved.tif")
-        sieve_raster(src, out, mmu, connectivity)
+        sieve_raster(src, out, mmu, connectivity, compress=None, workers=workers)
         yield os.fspath(out)
 
 

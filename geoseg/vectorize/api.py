@@ -98,7 +98,7 @@ def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
     Raises:
         InputError: unreadable raster, not a one-band integer raster, or a bad option.
     """
-    with sieved_source(src, mmu, connectivity, tempfile.gettempdir()) as source:
+    with sieved_source(src, mmu, connectivity, tempfile.gettempdir(), workers) as source:
         plan = make_plan(source, connectivity=connectivity, min_area=min_area, simplify=simplify,
                          skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size)
         batches = list(_iter_features(plan, _workers(workers), progress))
@@ -155,7 +155,7 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     t0 = time.perf_counter()
     path, fmt = format_for(dst, vector_format)
     check_writable(path, overwrite, elsewhere="another DST")
-    with sieved_source(src, mmu, connectivity, path.parent) as source:
+    with sieved_source(src, mmu, connectivity, path.parent, workers) as source:
         result = _vectorize(source, path, fmt, connectivity=connectivity, min_area=min_area, simplify=simplify,
                             skip_classes=skip_classes, class_names=class_names, to_crs=to_crs,
                             block_size=block_size, workers=workers, overwrite=overwrite, progress=progress)

@@ -284,3 +284,19 @@ def test_cli_vectorize_mmu(make_raster: Callable[..., Path], tmp_path: Path) -> 
     assert "1 polygons" in r.output
     r = CliRunner().invoke(main, ["vectorize", str(src), str(tmp_path / "q.gpkg"), "--mmu", "4 acres"])
     assert r.exit_code != 0 and "--mmu" in r.output
+
+
+def test_worker_processes_give_the_same_map(make_raster: Callable[..., Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import geoseg.gis.sieve as sieve
+
+    rng = np.random.default_rng(8)
+    data = rng.integers(1, 4, (120, 90)).astype(np.uint8)
+    data[rng.random(data.shape) < 0.1] = 0
+    src = make_raster(data, nodata=0)
+    monkeypatch.setattr(sieve, "PROCESS_MIN_PIXELS", 0)
+    assert sieve._process_count(2, 12, data.size) == 2
+    res = sieve_raster(src, tmp_path / "w.tif", 5, 8, strip_rows=10, workers=2)
+    np.testing.assert_array_equal(_read_masked(res.path)[0], gdal_sieve(data, 5, 8, data != 0))
+    with pytest.raises(InputError, match="workers"):
+        sieve_raster(src, tmp_path / "w0.tif", 5, workers=0)
