@@ -91,22 +91,29 @@ def make_scene(src: Path, scene: Path, bundle: Path) -> None:
                 dst.write(bands, window=win)
 
 
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
 def run_predict(scene: Path, bundle: Path, out: Path, mmu: str | None, connectivity: int,
-                vector: bool) -> float:
+                vector: bool) -> tuple[float, float]:
+    """Wall and CPU seconds (the process and its worker processes) of one ``geoseg predict``."""
     cmd = [sys.executable, "-m", "geoseg.cli", "-q", "predict", str(scene), "--model", str(bundle),
            "--output-dir", str(out), "--no-quicklook", "--overwrite", "--connectivity", str(connectivity)]
     cmd += [] if vector else ["--no-vector"]
     cmd += ["--mmu", mmu] if mmu else []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
 
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_method(method: str, src: str, dst: str, mmu: str, connectivity: int) -> dict[str, float]:
+def run_method(method: str, src: str, dst: str, mmu: str, connectivity: int, workers: int | None
+               ) -> dict[str, float]:
     """One method in this process: seconds and peak memory (MB, and MB after the imports)."""
     import rasterio
     import rasterio.features
@@ -114,9 +121,9 @@ def run_method(method: str, src: str, dst: str, mmu: str, connectivity: int) -> 
     from geoseg.gis.sieve import mmu_pixels, sieve_raster
 
     base = _peak_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
     if method == "streamed":
-        res = sieve_raster(src, dst, mmu, connectivity, overwrite=True)
+        res = sieve_raster(src, dst, mmu, connectivity, overwrite=True, workers=workers)
         threshold = res.threshold
     else:
         with rasterio.open(src) as ds:
@@ -126,7 +133,8 @@ def run_method(method: str, src: str, dst: str, mmu: str, connectivity: int) -> 
         out = rasterio.features.sieve(band, threshold, mask=valid, connectivity=connectivity)
         with rasterio.open(dst, "w", **profile) as o:
             o.write(out, 1)
-    return {"seconds": time.perf_counter() - t0, "peak_mb": _peak_mb(), "import_mb": base, "threshold": threshold}
+    return {"seconds": time.perf_counter() - t0, "peak_mb": _peak_mb(), "import_mb": base, "threshold": threshold,
+            "cpu_s": _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - c0}
 
 
 def _same(a: str, b: str) -> bool:
@@ -150,10 +158,12 @@ def main() -> None:
     ap.add_argument("--predict", action="store_true", help="also time geoseg predict with and without --mmu")
     ap.add_argument("--vector", action="store_true", help="with --predict: write polygons too")
     ap.add_argument("--repeats", type=int, default=1, help="with --predict: runs of each, medians")
+    ap.add_argument("--workers", type=int, default=None, help="the streamed sieve's worker processes")
     ap.add_argument("--run", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
-        print(json.dumps(run_method(args.run[0], args.run[1], args.run[2], args.mmu, args.connectivity)))
+        print(json.dumps(run_method(args.run[0], args.run[1], args.run[2], args.mmu, args.connectivity,
+                                    args.workers)))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gs-sieve-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -165,18 +175,20 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     results = {}
     for method in ("streamed", "whole"):
+        extra = ["--workers", str(args.workers)] if args.workers else []
         out = subprocess.run([sys.executable, __file__, "--mmu", args.mmu, "--connectivity", str(args.connectivity),
-                              "--run", method, str(src), str(work / f"{method}.tif")],
+                              *extra, "--run", method, str(src), str(work / f"{method}.tif")],
                              env=env, capture_output=True, text=True, check=True)
         results[method] = json.loads(out.stdout.strip().splitlines()[-1])
     same = _same(str(work / "streamed.tif"), str(work / "whole.tif"))
     mpix = args.size * args.size / 1e6
     print(f"{args.size} x {args.size} land-cover map (Slovenia LULC tiles, speckle {args.speckle:g}), --mmu "
           f"{args.mmu} = {results['streamed']['threshold']} px, {args.connectivity}-connected; identical: {same}")
-    print(f"{'method':<10} {'seconds':>8} {'MPix/s':>7} {'peak MB':>8} {'imports MB':>10} {'work MB':>8}")
+    print(f"{'method':<10} {'seconds':>8} {'CPU s':>6} {'MPix/s':>7} {'peak MB':>8} {'imports MB':>10} {'work MB':>8}")
     for method, r in results.items():
-        print(f"{method:<10} {r['seconds']:>8.1f} {mpix / r['seconds']:>7.1f} {r['peak_mb']:>8.0f} "
+        print(f"{method:<10} {r['seconds']:>8.1f} {r['cpu_s']:>6.1f} {mpix / r['seconds']:>7.1f} {r['peak_mb']:>8.0f} "
               f"{r['import_mb']:>10.0f} {r['peak_mb'] - r['import_mb']:>8.0f}")
+    print("peak MB: the method's own process (ru_maxrss); CPU s: with its worker processes, if any")
     if args.predict:
         import rasterio
         import rasterio.features
@@ -184,11 +196,12 @@ def main() -> None:
         scene, bundle = work / f"scene_{args.size}_{args.speckle:g}.tif", work / "identity5"
         if not scene.exists():
             make_scene(src, scene, bundle)
-        times: dict[str, list[float]] = {"plain": [], "mmu": []}
+        times: dict[str, list[tuple[float, float]]] = {"plain": [], "mmu": []}
         for _ in range(args.repeats):  # interleaved: a shared machine's load falls on both alike
             times["plain"].append(run_predict(scene, bundle, work / "plain", None, args.connectivity, args.vector))
             times["mmu"].append(run_predict(scene, bundle, work / "mmu", args.mmu, args.connectivity, args.vector))
-        plain, mmu = statistics.median(times["plain"]), statistics.median(times["mmu"])
+        plain, mmu = (statistics.median(t[0] for t in times[k]) for k in ("plain", "mmu"))
+        plain_cpu, mmu_cpu = (statistics.median(t[1] for t in times[k]) for k in ("plain", "mmu"))
         stem = scene.stem
         with rasterio.open(work / "plain" / f"{stem}.classes.tif") as a, \
                 rasterio.open(work / "mmu" / f"{stem}.classes.tif") as b:
@@ -200,7 +213,8 @@ def main() -> None:
         print(f"geoseg predict (identity 1x1 model{', polygons' if args.vector else ', no polygons'}, median of "
               f"{args.repeats}): "
               f"{plain:.1f} s; with --mmu {args.mmu}: {mmu:.1f} s (+{mmu - plain:.1f} s, "
-              f"{(mmu - plain) / plain:+.1%}); equal to rasterio's sieve of the plain map: {same_predict}")
+              f"{(mmu - plain) / plain:+.1%}); CPU {plain_cpu:.1f} s against {mmu_cpu:.1f} s "
+              f"({(mmu_cpu - plain_cpu) / plain_cpu:+.1%}); equal to rasterio's sieve of the plain map: {same_predict}")
     if args.predict_seconds:
         print(f"streamed sieve / predict: {results['streamed']['seconds'] / args.predict_seconds:.1%} "
               f"of {args.predict_seconds:.0f} s")
