@@ -300,3 +300,20 @@ def test_worker_processes_give_the_same_map(make_raster: Callable[..., Path], tm
     np.testing.assert_array_equal(_read_masked(res.path)[0], gdal_sieve(data, 5, 8, data != 0))
     with pytest.raises(InputError, match="workers"):
         sieve_raster(src, tmp_path / "w0.tif", 5, workers=0)
+
+
+def test_mmu_in_square_metres_on_an_epsg4326_map(real_data: Path, tmp_path: Path) -> None:
+    # SpaceNet's road mask is in EPSG:4326 (2.7e-6 degrees, ~0.3 m): 20 m2 is measured on the ellipsoid
+    from pyproj import Geod
+
+    src = real_data / "spacenet_roads" / "sample_road_raster_mask.tif"
+    with rasterio.open(src) as ds:
+        t, b = ds.transform, ds.bounds
+        cx, cy = (b.left + b.right) / 2, (b.bottom + b.top) / 2
+        area, _ = Geod(ellps="WGS84").polygon_area_perimeter(
+            [cx - t.a / 2, cx + t.a / 2, cx + t.a / 2, cx - t.a / 2], [cy - t.e / 2, cy - t.e / 2, cy + t.e / 2,
+                                                                       cy + t.e / 2])
+    res = sieve_raster(src, tmp_path / "roads.tif", "20m2", 8, strip_rows=50)
+    assert res.threshold == math.ceil(20 / abs(area))
+    data, valid = _read_masked(src)
+    np.testing.assert_array_equal(_read_masked(res.path)[0], gdal_sieve(data, res.threshold, 8, valid))
