@@ -85,7 +85,7 @@ Progress = Callable[[int, int], None]
 
 STRIP_PIXELS = 1 << 21  # pixels per strip by default (~2 M: some 60 MB of working arrays)
 
-_NOTHING = np.zeros((2, 0), dtype=np.int64)
+_NOTHING = np.zeros((2, 0), dtype=np.int32)
 _STRUCTURES = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}
 
 
@@ -143,9 +143,9 @@ def _label(values: np.ndarray, valid: np.ndarray, structure: np.ndarray) -> tupl
             m &= valid
         k = ndimage.label(m, structure=structure, output=lab)
         np.add(lab, n, out=labels, where=m)  # classes are disjoint: each pixel is written once
-        piece_values.append(np.full(k, c, dtype=np.int64))
+        piece_values.append(np.full(k, c, dtype=values.dtype))
         n += k
-    return labels, (np.concatenate(piece_values) if piece_values else np.zeros(0, dtype=np.int64))
+    return labels, (np.concatenate(piece_values) if piece_values else np.zeros(0, dtype=values.dtype))
 
 
 def _first_contacts(s: np.ndarray, n: np.ndarray, key: np.ndarray, span: int
@@ -224,7 +224,7 @@ def scan_strip(row0: int, values: np.ndarray, valid: np.ndarray, threshold: int,
     needed, so strips can be scanned in parallel; :meth:`StripSieve.add` then joins them in order)."""
     labels, pvals = _label(values, valid, _STRUCTURES[connectivity])
     n = len(pvals)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int32)  # a strip < 2**31 pixels
     h, w = values.shape
     nothing = np.zeros(0, dtype=np.int32)
     contacts: tuple[np.ndarray, np.ndarray, np.ndarray] = (nothing, nothing, np.zeros(0, dtype=np.int64))
@@ -247,7 +247,7 @@ def scan_strip(row0: int, values: np.ndarray, valid: np.ndarray, threshold: int,
                                    np.concatenate([key[sa], key[sb]]), n + 1)
         flat = labels.ravel()
         idx = np.flatnonzero(small[flat])
-        pixels = np.stack([idx.astype(np.int64), flat[idx].astype(np.int64)])
+        pixels = np.stack([idx.astype(np.int32), flat[idx]])
         if spill is None:
             changeable = pixels
         else:
@@ -318,11 +318,15 @@ class StripSieve:
         if self.threshold > 1:
             cs, cn, ck = facts.contacts
             if len(cs):
-                self._contacts.append((cs.astype(np.int64) + (base - 1), cn.astype(np.int64) + (base - 1), ck))
+                self._contacts.append((self._ids(cs, base), self._ids(cn, base), ck))
             self._changeable.append(facts.changeable)
             if self._prev is not None:
                 self._seam(row0, facts, base)
         self._prev = (facts.last[0], facts.last[1], facts.sizes, base)
+
+    def _ids(self, labels: np.ndarray, base: int) -> np.ndarray:
+        """Global piece ids of strip-local labels, in int32 while they fit (halves the bookkeeping)."""
+        return (labels.astype(np.int64) + (base - 1)).astype(np.int32 if self.base < 2**31 else np.int64)
 
     def _seam(self, row0: int, facts: StripScan, base: int) -> None:
         """Joins and contacts between the last row scanned and this strip's first row."""
@@ -342,7 +346,7 @@ class StripSieve:
         ib = np.concatenate([q[1] for q in parts])
         key = np.concatenate([q[2] for q in parts])
         sa, sb = small[ia], p_small[ib]
-        ga, gb = ia.astype(np.int64) + (base - 1), ib.astype(np.int64) + (p_base - 1)
+        ga, gb = self._ids(ia, base), self._ids(ib, p_base)
         if len(ia):
             self._contacts.append((np.concatenate([ga[sa], gb[sb]]), np.concatenate([gb[sa], ga[sb]]),
                                    np.concatenate([key[sa], key[sb]])))
@@ -362,8 +366,8 @@ class StripSieve:
     def decide(self) -> SieveStats:
         """Join pieces into regions and decide every region's output value (after the last :meth:`scan`)."""
         n = self.base
-        values = np.concatenate(self._values) if self._values else np.zeros(0, dtype=np.int64)
-        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, dtype=np.int64)
+        values = np.concatenate(self._values).astype(np.int64) if self._values else np.zeros(0, dtype=np.int64)
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, dtype=np.int32)
         self._values, self._sizes = [], []
         if self._joins:
             u = np.concatenate([j[0] for j in self._joins])
@@ -423,7 +427,7 @@ class StripSieve:
             self._changeable[self._applied] = _NOTHING  # not a view: that would keep the pixels
             if isinstance(item, Path):
                 item.unlink()
-            out.ravel()[pixels[0]] = self._out[pixels[1] + (base - 1)]
+            out.ravel()[pixels[0]] = self._out[pixels[1].astype(np.int64) + (base - 1)]
         self._applied += 1
         self._applied_base += n
         return out
