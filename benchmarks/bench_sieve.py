@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -97,15 +98,18 @@ def _cpu(who: int) -> float:
 
 
 def run_predict(scene: Path, bundle: Path, out: Path, mmu: str | None, connectivity: int,
-                vector: bool) -> tuple[float, float]:
-    """Wall and CPU seconds (the process and its worker processes) of one ``geoseg predict``."""
-    cmd = [sys.executable, "-m", "geoseg.cli", "-q", "predict", str(scene), "--model", str(bundle),
+                vector: bool) -> tuple[float, float, float, float]:
+    """Wall and CPU seconds (the process and its worker processes) of one ``geoseg predict``, and of its
+    sieve (from its log; 0 without ``mmu``)."""
+    cmd = [sys.executable, "-m", "geoseg.cli", "-v", "predict", str(scene), "--model", str(bundle),
            "--output-dir", str(out), "--no-quicklook", "--overwrite", "--connectivity", str(connectivity)]
     cmd += [] if vector else ["--no-vector"]
     cmd += ["--mmu", mmu] if mmu else []
     t0, c0 = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    return time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
+    run = subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    m = re.search(r"sieved .* ([0-9.]+) s \(([0-9.]+) s CPU\)", run.stderr)
+    sieve = (float(m.group(1)), float(m.group(2))) if m else (0.0, 0.0)
+    return time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0, *sieve
 
 
 def _peak_mb() -> float:
@@ -196,12 +200,15 @@ def main() -> None:
         scene, bundle = work / f"scene_{args.size}_{args.speckle:g}.tif", work / "identity5"
         if not scene.exists():
             make_scene(src, scene, bundle)
-        times: dict[str, list[tuple[float, float]]] = {"plain": [], "mmu": []}
+        times: dict[str, list[tuple[float, float, float, float]]] = {"plain": [], "mmu": []}
         for _ in range(args.repeats):  # interleaved: a shared machine's load falls on both alike
             times["plain"].append(run_predict(scene, bundle, work / "plain", None, args.connectivity, args.vector))
             times["mmu"].append(run_predict(scene, bundle, work / "mmu", args.mmu, args.connectivity, args.vector))
         plain, mmu = (statistics.median(t[0] for t in times[k]) for k in ("plain", "mmu"))
         plain_cpu, mmu_cpu = (statistics.median(t[1] for t in times[k]) for k in ("plain", "mmu"))
+        for wall, cpu, s_wall, s_cpu in times["mmu"]:
+            print(f"predict --mmu run: {wall:.1f} s ({cpu:.1f} s CPU), of which the sieve {s_wall:.1f} s ({s_cpu:.1f} s "
+                  f"CPU): {s_wall / (wall - s_wall):.1%} over the rest of the run ({s_cpu / (cpu - s_cpu):.1%} in CPU)")
         stem = scene.stem
         with rasterio.open(work / "plain" / f"{stem}.classes.tif") as a, \
                 rasterio.open(work / "mmu" / f"{stem}.classes.tif") as b:
