@@ -270,10 +270,11 @@ class SieveStats:
 
 
 class StripSieve:
-    """GDAL's sieve over strips of rows fed in order: :meth:`scan` each strip, :meth:`decide`, then
-    :meth:`apply` each strip again (the same strips) to get its sieved values.
+    """GDAL's sieve over strips of rows fed in order: :meth:`scan` each strip (or :meth:`add` the
+    :func:`scan_strip` of each, made anywhere), :meth:`decide`, then :meth:`apply` each strip again (the
+    same strips, same values) to get its sieved values.
 
-    Strips are ``(rows, width)`` arrays of integer values with a boolean validity of the same shape.
+    Strips are ``(rows, width)`` arrays of integer values; the scan also takes their boolean validity.
     """
 
     def __init__(self, width: int, threshold: int, connectivity: int = 4,
