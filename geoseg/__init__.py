@@ -27,6 +27,7 @@ _LAZY = {
     "GeoSegError": "geoseg.errors",
     "vectorize_raster": "geoseg.gis.vectorize",
     "polygonize": "geoseg.gis.vectorize",
+    "sieve_raster": "geoseg.gis.sieve",
     "train": "geoseg.learn.train",
     "load_config": "geoseg.learn.config",
     "evaluate": "geoseg.learn.evaluate",

@@ -22,6 +22,7 @@ from geoseg.console.options import (
     opt_connectivity,
     opt_device,
     opt_min_area,
+    opt_mmu,
     opt_model,
     opt_output_dir,
     opt_overlap,
@@ -126,6 +127,7 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
 @click.option("--merge-vectors", is_flag=True, help="Also write the polygons of all scenes as one layer, <name>.gpkg.")
 @click.option("--quicklook/--no-quicklook", default=True, show_default=True,
               help="Write <stem>.quicklook.png: the map in its colours with a legend and a scale bar.")
+@opt_mmu
 @opt_min_area
 @opt_simplify
 @opt_connectivity
@@ -192,6 +194,7 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
 @click.argument("dst")
 @click.option("--vector-format", type=click.Choice(VECTOR_FORMATS), default=None,
               help="Output format [default: from DST's extension, else gpkg].")
+@opt_mmu
 @opt_min_area
 @opt_simplify
 @opt_connectivity

@@ -141,6 +141,10 @@ opt_min_area = click.option("--min-area", default=None, metavar="AREA",
                                  "200m2, 0.5ha, 1km2 (a plain number is pixels).")
 opt_simplify = click.option("--simplify", default=None, metavar="TOL",
                             help="Topology-preserving simplification: 1m, 0.5px, or CRS units.")
+opt_mmu = click.option("--mmu", default=None, metavar="AREA",
+                       help="Minimum mapping unit: regions smaller than this take the class of their largest "
+                            "neighbour first (GDAL's sieve of the whole map, streamed; same --connectivity): "
+                            "px, m2, ha or km2, e.g. 0.5ha, 5000m2, 12px (a plain number is pixels).")
 opt_connectivity = click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
                                 help="Pixel connectivity of polygons.")
 

@@ -1,5 +1,5 @@
-"""What a GIS reads: polygons of class maps (:mod:`.vectorize`), quicklooks, STAC items of the outputs and
-mosaics of many maps. Needs no model.
+"""What a GIS reads: class maps cleaned to a minimum mapping unit (:mod:`.sieve`), their polygons
+(:mod:`.vectorize`), quicklooks, STAC items of the outputs and mosaics of many maps. Needs no model.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from geoseg import lazy_attributes
 _LAZY = {
     "vectorize_raster": "geoseg.gis.vectorize",
     "polygonize": "geoseg.gis.vectorize",
+    "sieve_raster": "geoseg.gis.sieve",
 }
 
 __all__ = list(_LAZY)

@@ -31,7 +31,7 @@ MEDIA = {
 ROLES = {"classes": ["data"], "probabilities": ["data"], "quicklook": ["overview", "visual"],
          "style": ["metadata", "style"], "attributes": ["metadata"], "vector": ["data"]}
 SETTINGS = ("tile_size", "overlap", "batch_size", "precision", "backend", "blend", "tta", "bands", "min_area",
-            "simplify", "connectivity", "vector_format", "compress")
+            "simplify", "connectivity", "mmu", "vector_format", "compress")
 
 
 def _datetime(tags: dict[str, str]) -> tuple[str, str]:

@@ -66,4 +66,30 @@ def ground_pixel_size(crs: Any, transform: Any, bounds: tuple[float, float, floa
     return side / math.sqrt(a) if a is not None and abs(a - 1) > TOLERANCE else side
 
 
-__all__ = ["TOLERANCE", "areal_scale", "distorts", "ground_pixel_size"]
+def ground_pixel_area(crs: Any, transform: Any, bounds: tuple[float, float, float, float]) -> float:
+    """The ground area of one pixel at the centre of ``bounds``, in square metres, measured as polygon areas
+    are: geodesic on the CRS's ellipsoid for a geographic CRS; for a projected one, the area in CRS square
+    units (times the unit's metres squared), divided by the CRS's areal scale there where it departs from 1
+    by more than ``TOLERANCE`` (Web Mercator)."""
+    import pyproj
+
+    a, b, d, e = transform.a, transform.b, transform.d, transform.e
+    det = abs(a * e - b * d)
+    if crs.is_geographic:
+        cx, cy = (bounds[0] + bounds[2]) / 2, (bounds[1] + bounds[3]) / 2
+        corners = [(-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)]
+        lons = [cx + a * i + b * j for i, j in corners]
+        lats = [cy + d * i + e * j for i, j in corners]
+        geod = pyproj.CRS.from_user_input(crs).get_geod() or pyproj.Geod(ellps="WGS84")
+        area, _ = geod.polygon_area_perimeter(lons, lats)
+        return abs(float(area))
+    try:
+        unit_m = float(crs.linear_units_factor[1])
+    except Exception:  # no linear units declared: take them as metres
+        unit_m = 1.0
+    area = det * unit_m**2
+    scale = areal_scale(crs, bounds)
+    return area / scale if scale is not None and abs(scale - 1) > TOLERANCE else area
+
+
+__all__ = ["TOLERANCE", "areal_scale", "distorts", "ground_pixel_area", "ground_pixel_size"]

@@ -140,9 +140,12 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
 
     if opts.backend not in BACKENDS:
         raise InputError(f"--backend {opts.backend}: valid values are {', '.join(BACKENDS)}")
-    from geoseg.gis.vectorize.plan import check_connectivity
+    from geoseg.gis.quantities import check_connectivity
 
     check_connectivity(opts.connectivity)
+    from geoseg.gis.quantities import parse_mmu
+
+    parse_mmu(opts.mmu)
     if opts.vector_format is not None:
         from geoseg.gis.vectorize import get_format, parse_min_area, parse_simplify
 

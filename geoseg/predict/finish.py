@@ -80,7 +80,8 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
     try:
         with full_disk_as_error(plan.output_dir, scratch):  # measured before the partial files go
             t0 = time.perf_counter()
-            cogs = {kind: _cog(plan, units, kind, spec, stage, work, scratch, options.compress)
+            cogs = {kind: _cog(plan, units, kind, spec, stage, work, scratch, options.compress,
+                               options if kind == "classes" else None)
                     for kind, spec in specs.items()}
             result.seconds["cog"] = time.perf_counter() - t0
             if options.vector_format is not None:
@@ -144,8 +145,14 @@ def _sidecars(plan: ScenePlan, classes: Path, contract: Any, names: dict[str, st
 
 
 def _cog(plan: ScenePlan, units: list[Unit], kind: str, spec: OutputSpec, stage: Store, work: Path,
-         scratch: Path, compress: str) -> Path:
-    """The COG of output ``kind`` built from its strips; strips of a remote stage are fetched first."""
+         scratch: Path, compress: str, sieve: PredictOptions | None = None) -> Path:
+    """The COG of output ``kind`` built from its strips; strips of a remote stage are fetched first.
+
+    With ``sieve`` and its ``mmu``, the assembled map is first sieved whole (:func:`geoseg.gis.sieve.sieve_raster`,
+    streamed) and the COG is made from the sieved pixels under the same VRT metadata: the published map (and
+    the polygons, attribute table, quicklook and STAC item made from it) is GDAL's sieve of the whole
+    predicted map, whatever the units, strips, scheduler or resume point that made it.
+    """
     from geoseg.io.vrt import strips_vrt
 
     staged = {parse_strip(n) for n in stage.list(kind)}
@@ -162,10 +169,21 @@ def _cog(plan: ScenePlan, units: list[Unit], kind: str, spec: OutputSpec, stage:
     info = plan.info
     vrt = work / f"{kind}.vrt"
     vrt.write_text(strips_vrt(info.width, info.height, info.crs, info.transform, spec, sources))
+    sieved = None
+    if sieve is not None and sieve.mmu is not None:
+        from geoseg.gis.sieve import sieve_raster
+
+        sieved = work / f"{kind}.sieved.tif"
+        sieve_raster(vrt, sieved, sieve.mmu, sieve.connectivity, compress=None, overwrite=True,
+                     workers=sieve.resolved_workers())
+        whole = rasterio.windows.Window(0, 0, info.width, info.height)
+        vrt.write_text(strips_vrt(info.width, info.height, info.crs, info.transform, spec, [(sieved.name, whole)]))
     cog = scratch / f"{kind}.tif"
     with gdal_env():
         rasterio.shutil.copy(vrt, cog, **cog_options(spec, compress))
     vrt.unlink()
+    if sieved is not None:
+        sieved.unlink()
     return cog
 
 

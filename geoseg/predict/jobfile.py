@@ -77,6 +77,8 @@ class JobOptions(_Strict):
     min_area: float | str | None = Field(default=None, description="40px, 200m2, 0.5ha; a plain number is pixels")
     simplify: float | str | None = Field(default=None, description="1m, 0.5px; a plain number is CRS units")
     connectivity: Literal[4, 8] = 4
+    mmu: float | str | None = Field(default=None, description="minimum mapping unit: 0.5ha, 5000m2, 12px; a plain "
+                                    "number is pixels")
     quicklook: bool = Field(default=True, description="<stem>.quicklook.png beside every class map")
 
     @field_validator("batch_size", mode="before")
@@ -97,13 +99,14 @@ class JobOptions(_Strict):
             raise ValueError(f"band numbers are 1-based, got {v}")
         return v
 
-    @field_validator("min_area", "simplify", mode="before")
+    @field_validator("min_area", "simplify", "mmu", mode="before")
     @classmethod
     def _quantity(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, str):  # numbers are checked by the type; a unit needs the vectoriser's own parser
+            from geoseg.gis.quantities import parse_mmu
             from geoseg.gis.vectorize import parse_min_area, parse_simplify
 
-            parse = parse_min_area if info.field_name == "min_area" else parse_simplify
+            parse = {"min_area": parse_min_area, "mmu": parse_mmu}.get(info.field_name or "", parse_simplify)
             try:
                 parse(v)
             except InputError as exc:

@@ -55,6 +55,7 @@ class PredictOptions:
     min_area: float | str | None = None
     simplify: float | str | None = None
     connectivity: int = 4
+    mmu: float | str | None = None  # minimum mapping unit: the class map is sieved (GDAL's sieve) before all else
     quicklook: bool = True  # <stem>.quicklook.png beside the class map
 
     def resolved_workers(self) -> int:
@@ -173,6 +174,8 @@ def fingerprint(info: SceneInfo, band_indexes: list[int], tile: int, overlap: in
     opts = asdict(options)
     for k in ("device", "workers", "overwrite"):
         opts.pop(k)
+    if opts["mmu"] is None:  # runs without a minimum mapping unit keep the fingerprints they had before it
+        opts.pop("mmu")
     if callable(opts["blend"]):
         opts["blend"] = f"{opts['blend'].__module__}.{opts['blend'].__qualname__}"
     data = {

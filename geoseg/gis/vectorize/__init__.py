@@ -51,6 +51,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from geoseg.gis.quantities import Quantity, parse_min_area, parse_simplify
 from geoseg.gis.vectorize.formats import (
     BATCH_FEATURES,
     COLUMNS,
@@ -61,7 +62,6 @@ from geoseg.gis.vectorize.formats import (
     get_format,
 )
 from geoseg.gis.vectorize.plan import BLOCK_SIZE
-from geoseg.gis.vectorize.quantities import Quantity, parse_min_area, parse_simplify
 
 if TYPE_CHECKING:
     from geoseg.gis.vectorize.api import Progress, VectorizeResult, polygonize, vectorize_raster

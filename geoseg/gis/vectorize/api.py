@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from geoseg.errors import InputError
+from geoseg.gis.sieve import sieved_source
 from geoseg.gis.vectorize import formats
 from geoseg.gis.vectorize.blocks import iter_blocks
 from geoseg.gis.vectorize.features import (
@@ -81,10 +83,11 @@ def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
                min_area: float | str | None = None, simplify: float | str | None = None,
                skip_classes: Iterable[int] = (), class_names: Mapping[int, str] | None = None,
                to_crs: Any = None, block_size: int = BLOCK_SIZE, workers: int | None = None,
-               progress: Progress | None = None) -> gpd.GeoDataFrame:
+               progress: Progress | None = None, mmu: float | str | None = None) -> gpd.GeoDataFrame:
     """Polygons of a class raster as a GeoDataFrame, without writing a file.
 
-    Same polygons and options as :func:`vectorize_raster` (which streams them to a file instead); the
+    Same polygons and options (``mmu`` included) as :func:`vectorize_raster` (which streams them to a file
+    instead); the
     result is held in memory, so prefer :func:`vectorize_raster` for large rasters.
 
     Returns:
@@ -95,9 +98,10 @@ def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
     Raises:
         InputError: unreadable raster, not a one-band integer raster, or a bad option.
     """
-    plan = make_plan(src, connectivity=connectivity, min_area=min_area, simplify=simplify,
-                      skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size)
-    batches = list(_iter_features(plan, _workers(workers), progress))
+    with sieved_source(src, mmu, connectivity, tempfile.gettempdir(), workers) as source:
+        plan = make_plan(source, connectivity=connectivity, min_area=min_area, simplify=simplify,
+                         skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size)
+        batches = list(_iter_features(plan, _workers(workers), progress))
     if not batches:
         return empty_frame(plan)
     return to_geodataframe(plan, Features.concat(batches))
@@ -110,7 +114,8 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
                      min_area: float | str | None = None, simplify: float | str | None = None,
                      skip_classes: Iterable[int] = (), class_names: Mapping[int, str] | None = None,
                      to_crs: Any = None, block_size: int = BLOCK_SIZE, workers: int | None = None,
-                     overwrite: bool = False, progress: Progress | None = None) -> VectorizeResult:
+                     overwrite: bool = False, progress: Progress | None = None,
+                     mmu: float | str | None = None) -> VectorizeResult:
     """Polygonise a class raster block by block and stream the polygons to a vector file.
 
     Args:
@@ -133,6 +138,10 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
             calling this at import time needs ``if __name__ == "__main__":`` (the workers import it).
         overwrite: replace an existing output.
         progress: called as ``progress(done_blocks, total_blocks)`` after each block.
+        mmu: minimum mapping unit: first sieve the raster (:func:`geoseg.gis.sieve.sieve_raster`, GDAL's
+            sieve of the whole raster, streamed, with this ``connectivity``) so that every region smaller
+            than ``"0.5ha"``, ``"5000m2"`` or ``"12px"`` takes its largest neighbour's class, then polygonise
+            the cleaned raster (a temporary file in a hidden folder beside ``dst``, removed at the end).
 
     Returns:
         A :class:`VectorizeResult` (path, counts and areas per class, seconds).
@@ -146,6 +155,20 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     t0 = time.perf_counter()
     path, fmt = format_for(dst, vector_format)
     check_writable(path, overwrite, elsewhere="another DST")
+    with sieved_source(src, mmu, connectivity, path.parent, workers) as source:
+        result = _vectorize(source, path, fmt, connectivity=connectivity, min_area=min_area, simplify=simplify,
+                            skip_classes=skip_classes, class_names=class_names, to_crs=to_crs,
+                            block_size=block_size, workers=workers, overwrite=overwrite, progress=progress)
+    result.seconds = time.perf_counter() - t0
+    log.info("vectorised %s: %d polygons in %d blocks to %s (%s) in %.1f s", os.fspath(src), result.features,
+             result.blocks, path, fmt.name, result.seconds)
+    return result
+
+
+def _vectorize(src: str, path: Path, fmt: formats.VectorFormat, *, connectivity: int, min_area: Any,
+               simplify: Any, skip_classes: Iterable[int], class_names: Mapping[int, str] | None, to_crs: Any,
+               block_size: int, workers: int | None, overwrite: bool, progress: Progress | None
+               ) -> VectorizeResult:
     plan = make_plan(src, connectivity=connectivity, min_area=min_area, simplify=simplify,
                       skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size,
                       force_4326=fmt.epsg4326)
@@ -167,9 +190,6 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
         for f in sorted(tmp.parent.iterdir()):  # a shapefile is several files; the .shp goes last, on exit
             if f != tmp:
                 store.publish(f, f.name)
-    result.seconds = time.perf_counter() - t0
-    log.info("vectorised %s: %d polygons in %d blocks to %s (%s) in %.1f s", plan.path, result.features,
-             result.blocks, path, fmt.name, result.seconds)
     return result
 
 

@@ -16,7 +16,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.gis.vectorize.quantities import Quantity, parse_min_area, parse_simplify
+from geoseg.gis.quantities import Quantity, check_connectivity, parse_min_area, parse_simplify
 from geoseg.io.geodesy import areal_scale, distorts
 from geoseg.io.raster import gdal_env, inspect_class_map, open_scene
 
@@ -75,14 +75,6 @@ def class_names_from_tags(tags: Mapping[str, str]) -> dict[int, str]:
         if m:
             names.setdefault(int(m.group(1)), value)
     return names
-
-
-def check_connectivity(connectivity: int) -> int:
-    """The one check of ``--connectivity``."""
-    if connectivity not in (4, 8):
-        raise InputError(f"--connectivity {connectivity!r}: must be 4 or 8 (pixels joined by sides, or sides and "
-                         "corners)")
-    return connectivity
 
 
 def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, simplify: Any,

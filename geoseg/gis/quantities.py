@@ -1,4 +1,5 @@
-"""Lengths and areas with units, as the options ``min_area`` and ``simplify`` are given."""
+"""Lengths and areas with units, as the options ``min_area``, ``simplify`` and ``mmu`` are given, and the one
+check of ``--connectivity``: what the GIS options of predict, vectorize and the sieve mean."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def parse_min_area(value: float | int | str | Quantity | None) -> Quantity | Non
     return _parse(value, _AREA_UNITS, "px", "--min-area", "40px, 200m2, 0.5ha or 1km2")
 
 
+def parse_mmu(value: float | int | str | Quantity | None) -> Quantity | None:
+    """Parse a minimum mapping unit (the sieve's threshold): ``"12px"``, ``"5000m2"``, ``"0.5ha"``, ``"1km2"``.
+
+    The same units as :func:`parse_min_area`; a plain number is pixels.
+
+    Raises:
+        InputError: not a non-negative number with a known unit.
+    """
+    return _parse(value, _AREA_UNITS, "px", "--mmu", "12px, 5000m2, 0.5ha or 1km2")
+
+
 def parse_simplify(value: float | int | str | Quantity | None) -> Quantity | None:
     """Parse a simplification tolerance: ``"1m"``, ``"0.5px"``, or a plain number in CRS units.
 
@@ -65,3 +77,11 @@ def _parse(value: Any, units: dict[str, tuple[str, float]], default: str, what: 
     if not math.isfinite(number) or number < 0:
         raise InputError(f"{what} {value!r} must be a non-negative number; use e.g. {examples}")
     return Quantity(number * scale, unit)
+
+
+def check_connectivity(connectivity: int) -> int:
+    """The one check of ``--connectivity``."""
+    if connectivity not in (4, 8):
+        raise InputError(f"--connectivity {connectivity!r}: must be 4 or 8 (pixels joined by sides, or sides and "
+                         "corners)")
+    return connectivity
