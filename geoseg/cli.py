@@ -14,6 +14,7 @@ import click
 
 from geoseg import __version__
 from geoseg.console.options import (
+    RESAMPLING,
     VECTOR_FORMATS,
     Group,
     opt_backend,
@@ -128,6 +129,11 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
 @click.option("--quicklook/--no-quicklook", default=True, show_default=True,
               help="Write <stem>.quicklook.png: the map in its colours with a legend and a scale bar.")
 @opt_mmu
+@click.option("--resolution", type=float, default=None, metavar="SIZE",
+              help="Pixel size of STAC Items (and band-file stacks), in their CRS's units "
+                   "[default: the finest of the bands the model reads].")
+@click.option("--resampling", type=click.Choice(RESAMPLING), default="nearest", show_default=True,
+              help="How a STAC Item's bands at other resolutions are resampled onto its grid.")
 @opt_min_area
 @opt_simplify
 @opt_connectivity
@@ -137,6 +143,10 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
 @click.pass_context
 def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **given: Any) -> None:
     """Predict a class map for each SCENE (paths, URLs or globs), or for the scenes of a --job file.
+
+    A SCENE may be a STAC Item or ItemCollection (ITEM.json: a path, https:// or s3:// URL): the assets
+    named like the model's bands are stacked virtually (nothing copied) and the outputs named after the
+    Item's id.
 
     Writes OUTPUT_DIR/<stem>.classes.tif: a Cloud Optimized GeoTIFF of class ids on the scene's exact
     grid, with a colour table, class names and a QGIS style (<stem>.classes.qml) beside it, and the

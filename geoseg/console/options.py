@@ -136,6 +136,7 @@ opt_bands = click.option("--bands", callback=int_list, default=None, metavar="N,
                               "[default: from the bundle].")
 opt_overwrite = click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 VECTOR_FORMATS = ["gpkg", "shp", "geojson", "parquet"]
+RESAMPLING = ["nearest", "bilinear", "cubic", "cubicspline", "lanczos", "average", "mode"]  # geoseg.io.vrt.RESAMPLING
 opt_min_area = click.option("--min-area", default=None, metavar="AREA",
                             help="Drop smaller polygons (measured after --simplify): px, m2, ha or km2, e.g. 40px, "
                                  "200m2, 0.5ha, 1km2 (a plain number is pixels).")

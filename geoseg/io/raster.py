@@ -31,11 +31,14 @@ log = logging.getLogger(__name__)
 
 BLOCK = 512  # internal tile size of every output, and the row granularity of writes
 COMPRESSIONS = ("deflate", "zstd", "lzw")
+# a stacked scene's metadata (geoseg.io.stac_scenes): the STAC Item it was stacked from, and its datetime
+SOURCE_ITEM_TAG = "GEOSEG_SOURCE_ITEM"
+SOURCE_DATETIME_TAG = "GEOSEG_SOURCE_DATETIME"
 
 GDAL_OPTIONS: dict[str, Any] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing per open (remote scenes)
     "GDAL_CACHEMAX": 96,  # MB; bounded whatever the scene size
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.jp2,.JP2",  # .jp2: STAC assets
 }
 
 
@@ -84,6 +87,8 @@ class SceneInfo:
     compression: str | None = None
     overviews: tuple[int, ...] = ()
     acquired: str | None = None  # the header's TIFFTAG_DATETIME ("YYYY:MM:DD HH:MM:SS"), when it has one
+    source_item: str | None = None  # a stacked scene's STAC Item (geoseg.io.stac_scenes): its location
+    source_datetime: str | None = None  # ... and its datetime, as the Item gives it
 
     @property
     def pixels(self) -> int:
@@ -185,6 +190,7 @@ def inspect_scene(path: str | os.PathLike[str]) -> SceneInfo:
                              "use that")
         _check_geographic_bounds(os.fspath(path), ds)
         mask, alpha = _mask_kind(ds)
+        tags = ds.tags()
         return SceneInfo(
             path=os.fspath(path), width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0],
             crs=ds.crs, transform=ds.transform, nodata=ds.nodata, mask=mask, alpha_band=alpha,
@@ -192,7 +198,8 @@ def inspect_scene(path: str | os.PathLike[str]) -> SceneInfo:
             bounds=tuple(ds.bounds), descriptions=tuple(ds.descriptions), pixel_size_m=_pixel_size_m(ds),
             compression=ds.compression.value if ds.compression else None,
             overviews=tuple(ds.overviews(1)) if ds.count else (),
-            acquired=ds.tags().get("TIFFTAG_DATETIME") or None,
+            acquired=tags.get("TIFFTAG_DATETIME") or None, source_item=tags.get(SOURCE_ITEM_TAG) or None,
+            source_datetime=tags.get(SOURCE_DATETIME_TAG) or None,
         )
 
 

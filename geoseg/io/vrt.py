@@ -1,10 +1,12 @@
-"""GDAL VRT documents (XML text): a scene output assembled from strips, and a mosaic of many class maps.
+"""GDAL VRT documents (XML text): a scene output assembled from strips, a mosaic of many class maps, and a
+scene stacked from one raster per band.
 
 Both are written with :mod:`xml.etree.ElementTree` in GDAL's documented VRT format
 (https://gdal.org/drivers/raster/vrt.html); nothing here writes files. ``strips_vrt`` describes one
 scene raster whose pixels live in part files; GDAL's COG driver turns it into the final output, the same
 bytes as from one tiled GTiff of the whole scene. ``mosaic_vrts`` lays the class maps of a whole job on
-one grid per CRS, so that a job opens in QGIS as one layer.
+one grid per CRS, so that a job opens in QGIS as one layer. ``stack_vrt`` stacks bands of several rasters
+(a STAC Item's per-band COGs, at several resolutions) onto one grid, resampled on read, nothing copied.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from geoseg.io.store import gdal_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["mosaic_vrts", "strips_vrt"]
+__all__ = ["RESAMPLING", "StackBand", "mosaic_vrts", "stack_vrt", "strips_vrt"]
 
 # Tags of a class map that travel into its mosaic: ``CLASS_<id>`` names and the ``CLASSES`` JSON.
 _CLASS_TAG_PREFIX = "CLASS"
@@ -256,6 +258,100 @@ def _folder(source: str) -> str:
     return posixpath.dirname(_absolute(source))
 
 
+# ---------------------------------------------------------------------------------------------- stack
+
+# Resampling of a stacked band onto the stack's grid, as GDAL's VRT sources name them; nearest is
+# gdalbuildvrt's default.
+RESAMPLING = ("nearest", "bilinear", "cubic", "cubicspline", "lanczos", "average", "mode")
+
+
+@dataclass(frozen=True)
+class StackBand:
+    """One band of a stack: band ``band`` of the raster ``path``, with what its header says."""
+
+    path: str  # a local path, a URL (``s3://``, ``https://``) or a GDAL path
+    band: int
+    width: int
+    height: int
+    transform: Affine
+    dtype: str
+    nodata: float | None
+    block: tuple[int, int]  # (rows, cols) of the raster's blocks
+    description: str = ""
+
+
+def check_resampling(name: str) -> str:
+    """``name`` if it is a resampling a stack can use.
+
+    Raises:
+        InputError: naming the valid values.
+    """
+    if name not in RESAMPLING:
+        raise InputError(f"--resampling {name}: valid values are {', '.join(RESAMPLING)}")
+    return name
+
+
+def stack_vrt(bands: Sequence[StackBand], crs: Any, resolution: float | None = None, resampling: str = "nearest",
+              tags: Mapping[str, str] | None = None) -> str:
+    """A VRT stacking ``bands`` in order on one north-up grid, as ``gdalbuildvrt -separate`` does.
+
+    The grid covers the union of the bands' extents at the finest resolution among them (per axis), or at
+    ``resolution`` (CRS units, both axes); its size is the extent over the resolution, rounded. Every band
+    is drawn whole (``SrcRect`` the raster, ``DstRect`` its extent on the grid) with ``resampling``, so
+    GDAL resamples it on read exactly as ``rasterio`` reads a raster into an ``out_shape``. Bands keep their
+    nodata value (grid pixels no band covers read as it); the stack's data type is the common type of the bands'. Sources are written as absolute
+    paths or GDAL ``/vsi`` paths, and their properties are given, so GDAL opens a source only when it reads
+    from it.
+
+    Args:
+        bands: the bands in stack order, all in ``crs``.
+        crs: the CRS of every band.
+        resolution: pixel size of the grid; default the finest of the bands'.
+        resampling: one of :data:`RESAMPLING`.
+        tags: dataset metadata (``TIFFTAG_DATETIME``...).
+
+    Returns:
+        The VRT document as XML text.
+
+    Raises:
+        InputError: no band, a transform that is not north-up, a resolution that is not positive, or an
+            unknown resampling.
+    """
+    check_resampling(resampling)
+    if not bands:
+        raise InputError("a stack needs at least one band")
+    for b in bands:
+        t = b.transform
+        if t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
+            raise InputError(f"{b.path}: its transform is not north-up ({tuple(t)[:6]}); a stack lays bands on "
+                             "one north-up grid: warp it first (gdalwarp)")
+    if resolution is not None and not (resolution > 0 and math.isfinite(resolution)):
+        raise InputError(f"--resolution {resolution}: must be a positive pixel size in the CRS's units")
+    xres = resolution or min(b.transform.a for b in bands)
+    yres = resolution or min(-b.transform.e for b in bands)
+    left = min(b.transform.c for b in bands)
+    top = max(b.transform.f for b in bands)
+    right = max(b.transform.c + b.transform.a * b.width for b in bands)
+    bottom = min(b.transform.f + b.transform.e * b.height for b in bands)
+    width = max(1, int(math.floor((right - left) / xres + 0.5)))  # gdalbuildvrt's rounding
+    height = max(1, int(math.floor((top - bottom) / yres + 0.5)))
+    dtype = np.result_type(*[b.dtype for b in bands]).name
+    root = _dataset_element(width, height, crs, Affine(xres, 0.0, left, 0.0, -yres, top))
+    _metadata(root, dict(tags or {}))
+    for i, b in enumerate(bands, start=1):
+        band = _band_element(root, i, dtype, b.nodata)
+        if b.description:
+            ET.SubElement(band, "Description").text = b.description
+        ET.SubElement(band, "ColorInterp").text = "Gray" if i == 1 else "Undefined"
+        t = b.transform
+        dst = ((t.c - left) / xres, (top - t.f) / yres, b.width * t.a / xres, b.height * -t.e / yres)
+        # a SimpleSource is read as rasterio reads a band into an out_shape (GDAL's resampled RasterIO,
+        # which leaves the source's nodata pixels out of the kernels)
+        _source(band, "SimpleSource", _absolute(gdal_path(b.path)), b.band, (0, 0, b.width, b.height), dst,
+                properties=b, resampling=resampling)
+    return _to_xml(root)
+
+
 # ---------------------------------------------------------------------------------------------- XML
 
 
@@ -304,11 +400,17 @@ def _color_table(band: ET.Element, colormap: Mapping[int, Sequence[int]], dtype:
 
 
 def _source(band: ET.Element, kind: str, path: str, source_band: int,
-            src: tuple[float, float, float, float], dst: tuple[float, float, float, float]) -> ET.Element:
-    element = ET.SubElement(band, kind)
+            src: tuple[float, float, float, float], dst: tuple[float, float, float, float],
+            properties: StackBand | None = None, resampling: str | None = None) -> ET.Element:
+    element = ET.SubElement(band, kind, {"resampling": resampling} if resampling else {})
     filename, relative = _source_filename(path)
     ET.SubElement(element, "SourceFilename", relativeToVRT="1" if relative else "0").text = filename
     ET.SubElement(element, "SourceBand").text = str(source_band)
+    if properties is not None:  # GDAL need not open the source to know its size
+        p = properties
+        ET.SubElement(element, "SourceProperties", RasterXSize=str(p.width), RasterYSize=str(p.height),
+                      DataType=typename_fwd[dtype_rev[p.dtype]], BlockXSize=str(p.block[1]),
+                      BlockYSize=str(p.block[0]))
     for tag, rect in (("SrcRect", src), ("DstRect", dst)):
         ET.SubElement(element, tag, {k: _coord(v) for k, v in zip(("xOff", "yOff", "xSize", "ySize"), rect)})
     return element

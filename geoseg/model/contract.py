@@ -57,6 +57,7 @@ class InputSpec(BaseModel):
     std: list[float]
     dtype: str | None = None
     pixel_size: float | None = Field(default=None, gt=0, description="metres per pixel at training")
+    scene_bands: int | None = Field(default=None, ge=1, description="bands of the training scenes")
 
     @model_validator(mode="after")
     def _lengths(self) -> InputSpec:

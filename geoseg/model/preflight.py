@@ -26,13 +26,34 @@ def _bands_by_name(contract: Contract, scene: SceneInfo) -> list[int] | None:
     return [i for i in idx if i is not None] if all(idx) else None
 
 
-def _ambiguous_bands(contract: Contract, scene: SceneInfo) -> list[int]:
+def _training_scene_bands(contract: Contract) -> int | None:
+    """How many bands the training scenes had, when the contract says or its indexes imply it.
+
+    Recorded as ``input.scene_bands`` by training; for older bundles, recorded indexes ``1..n`` that
+    training chose by default (no ``data.bands`` in the training config) mean scenes of ``n`` bands.
+    Indexes chosen explicitly (``[4, 3, 2]``, or ``data.bands`` set) say nothing about the count.
+    """
+    spec = contract.input
+    if spec.scene_bands is not None:
+        return spec.scene_bands
+    if spec.band_indexes is None or spec.band_indexes != list(range(1, len(spec.bands) + 1)):
+        return None
+    training = contract.metadata.get("training")
+    config = training.get("config") if isinstance(training, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    if isinstance(data, dict) and data.get("bands"):
+        return None
+    return len(spec.bands)
+
+
+def _ambiguous_bands(contract: Contract, scene: SceneInfo, trained_on: int | None = None) -> list[int]:
     need = contract.in_channels
-    first = ",".join(str(i) for i in range(1, need + 1))
+    first = ",".join(str(i) for i in contract.input.default_indexes)
+    had = f", was trained on scenes of {trained_on}" if trained_on is not None else ""
     raise BundleError(
         f"{scene.path}: has {scene.count} bands but model {contract.name!r} takes {need} "
-        f"({', '.join(contract.input.bands)}) and the scene's band names do not say which; choose them with "
-        f"--bands (e.g. --bands {first}), or name the scene's bands like the model's"
+        f"({', '.join(contract.input.bands)}){had} and the scene's band names do not say which; choose them "
+        f"with --bands (e.g. --bands {first}), or name the scene's bands like the model's"
     )
 
 
@@ -64,8 +85,10 @@ def check_scene(contract: Contract, scene: SceneInfo, bands: list[int] | None = 
     else:
         idx = contract.input.default_indexes
         data_bands = scene.count - (1 if scene.alpha_band else 0)
-        if contract.input.band_indexes is None and data_bands > need:
-            idx = _bands_by_name(contract, scene) or _ambiguous_bands(contract, scene)
+        trained_on = _training_scene_bands(contract)
+        if (contract.input.band_indexes is None and data_bands > need) or (
+                trained_on is not None and data_bands > trained_on):
+            idx = _bands_by_name(contract, scene) or _ambiguous_bands(contract, scene, trained_on)
     bad = [i for i in idx if not 1 <= i <= scene.count]
     if bad:
         hint = ",".join(["1"] * need) if scene.count == 1 else ",".join(str(min(i, scene.count)) for i in idx)

@@ -21,6 +21,7 @@ from typing import Any
 
 from geoseg.errors import DiskFullError, GeoSegError, InputError
 from geoseg.io.raster import BLOCK, check_compress, check_writable, inspect_scene, scene_stem
+from geoseg.io.stac_scenes import StackedScene, stack_scenes
 from geoseg.io.store import Store
 from geoseg.model.bundle import Bundle, LoadedModel, bundle_digest, read_bundle
 from geoseg.model.contract import Contract
@@ -88,6 +89,22 @@ class RunResult:
         return bool(self.failed) and len(self.failed) < len(self.scenes)
 
 
+SceneArg = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]  # a raster, a STAC file, or band files
+
+
+def _expand(scenes: Sequence[SceneArg]) -> list[str | list[str]]:
+    """The scenes with globs expanded; a list of band files stays one scene (a list of paths)."""
+    out: list[str | list[str]] = []
+    for s in scenes:
+        if isinstance(s, list | tuple):
+            out.append([os.fspath(f) for f in s])
+        else:
+            out.extend(expand_scenes([s]))  # type: ignore[list-item]
+    if not out:
+        expand_scenes([])  # its error
+    return out
+
+
 def expand_scenes(scenes: Sequence[str | os.PathLike[str]]) -> list[str]:
     import glob
 
@@ -136,6 +153,11 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
         raise InputError(f"--unit-rows {opts.unit_rows}: must be a positive multiple of {BLOCK}; try "
                          f"{max(BLOCK, round(opts.unit_rows / BLOCK) * BLOCK)}")
     get_profile(opts.blend)
+    from geoseg.io.vrt import check_resampling
+
+    check_resampling(opts.resampling)
+    if opts.resolution is not None and not opts.resolution > 0:
+        raise InputError(f"--resolution {opts.resolution}: must be a positive pixel size in the scenes' CRS units")
     from geoseg.predict.backends import BACKENDS
 
     if opts.backend not in BACKENDS:
@@ -156,7 +178,7 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
 
 
 def predict_scenes(
-    scenes: Sequence[str | os.PathLike[str]],
+    scenes: Sequence[SceneArg],
     model: LoadedModel | Bundle | str | os.PathLike[str],
     output_dir: str | os.PathLike[str] = ".",
     *,
@@ -174,7 +196,10 @@ def predict_scenes(
     after an interruption skips finished scenes and resumes unfinished ones from their staged strips.
 
     Args:
-        scenes: paths or URLs of rasters; globs are expanded.
+        scenes: paths or URLs of rasters (globs are expanded), of STAC Items and ItemCollections (``.json``:
+            each Item is a scene, its assets chosen by the model's band names and stacked virtually; outputs
+            are named after the Item's id), or lists of band files (one scene; the files in the model's
+            band order). See :mod:`geoseg.io.stac_scenes`.
         model: a loaded model, a bundle, or a bundle path.
         output_dir: folder or URL (``s3://bucket/maps/``) for ``<stem>.classes.tif`` (+ ``.qml`` style),
             ``<stem>.probs.tif`` and the polygons.
@@ -211,7 +236,7 @@ def predict_scenes(
     tile, overlap = _validate(contract, opts)
     scheduler = resolve_scheduler(scheduler)
     check_scheduler(scheduler)
-    paths = expand_scenes(scenes)
+    paths = _expand(scenes)
     out_dir = os.fspath(output_dir)
     # workers load the model from where the job found it: the URL it was fetched from, or the local path
     ref = ModelRef(bundle.source or str(Path(bundle.path).resolve()), bundle_digest(bundle.files))
@@ -259,13 +284,19 @@ def _device_settings(opts: PredictOptions, tile: int, bands: int, ref: ModelRef,
     return settings
 
 
-def _job(paths: list[str], bundle: Bundle, loader: _Loader, ref: ModelRef, opts: PredictOptions, tile: int,
+def _job(given: list[str | list[str]], bundle: Bundle, loader: _Loader, ref: ModelRef, opts: PredictOptions, tile: int,
          overlap: int, out_dir: str, dask_sched: Any, settings: DeviceSettings, progress: ProgressCallback | None,
          name: str, merge_vectors: bool, started: float) -> RunResult:
     contract = bundle.contract
     out = Store(out_dir)
     manifest = Manifest(out_dir)
-    plans, results = _preflight(paths, contract, opts, ref, out, manifest, tile, overlap)
+    scenes = stack_scenes(given, contract.input.bands, out_dir, resolution=opts.resolution,
+                          resampling=opts.resampling)
+    paths = [s.scene for s in scenes]
+    if (opts.resolution is not None or opts.resampling != "nearest") and all(s.scene == s.source for s in scenes):
+        log.warning("--resolution and --resampling apply to STAC Items and band-file lists; rasters are read on "
+                    "their own grid")
+    plans, results = _preflight(scenes, contract, opts, ref, out, manifest, tile, overlap)
     todo = [p for p in plans if p.stem not in results]
     failed = [r for r in results.values() if r.status == "failed"]
     if failed and len(failed) == len(paths):
@@ -292,20 +323,24 @@ def _job(paths: list[str], bundle: Bundle, loader: _Loader, ref: ModelRef, opts:
                      machine=settings.machine)
 
 
-def _preflight(paths: list[str], contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store,
+def _preflight(scenes: list[StackedScene], contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store,
                manifest: Manifest, tile: int, overlap: int) -> tuple[list[ScenePlan], dict[str, SceneResult]]:
     """Plan every scene; a scene that cannot be read, breaks the contract or would overwrite fails alone."""
     plans: list[ScenePlan] = []
     results: dict[str, SceneResult] = {}
     seen: dict[str, str] = {}
-    for p in paths:
+    paths = [s.scene for s in scenes]
+    for s in scenes:
+        p = s.scene
         stem = scene_stem(p)
         if stem in seen:
-            raise InputError(f"{p}: its outputs ({stem}.*) would overwrite those of {seen[stem]}; "
-                             "predict scenes with the same file name into different --output-dir")
-        seen[stem] = p
+            raise InputError(f"{s.source}: its outputs ({stem}.*) would overwrite those of {seen[stem]}; "
+                             "predict scenes with the same file name (or Item id) into different --output-dir")
+        seen[stem] = s.source
         try:
-            plan = _plan_scene(p, contract, opts, ref, out, tile, overlap)
+            if s.error is not None:
+                raise s.error
+            plan = _plan_scene(p, contract, opts, ref, out, tile, overlap, s.band_indexes)
             if manifest.is_done(plan) and not opts.overwrite:
                 log.info("%s: finished by an earlier run; skipped", p)
                 names = output_names(stem, opts.vector_format)
@@ -329,9 +364,11 @@ def _preflight(paths: list[str], contract: Contract, opts: PredictOptions, ref: 
 
 
 def _plan_scene(p: str, contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store, tile: int,
-                overlap: int) -> ScenePlan:
+                overlap: int, stacked_bands: tuple[int, ...] | None = None) -> ScenePlan:
     info = inspect_scene(p)
-    pre = check_scene(contract, info, opts.bands)
+    # --bands wins; a stack of the model's bands (geoseg.io.stac_scenes) holds them in input order
+    pre = check_scene(contract, info, opts.bands if opts.bands is not None or stacked_bands is None
+                      else list(stacked_bands))
     if info.crs is None:
         pre.warnings.append(f"{p}: has no CRS; the outputs will carry none")
     for w in pre.warnings:

@@ -31,13 +31,15 @@ from geoseg.errors import ConfigError, InputError
 from geoseg.io.settings import format_validation_error, read_yaml_file, resolve_path
 
 # The allowed values mirror the library's registries (geoseg.predict.inference.PRECISIONS, geoseg.predict.blend.BLEND_WINDOWS,
-# geoseg.predict.api.PROBABILITY_DTYPES, geoseg.io.raster.COMPRESSIONS, geoseg.gis.vectorize.FORMATS); they are spelled
+# geoseg.predict.api.PROBABILITY_DTYPES, geoseg.io.raster.COMPRESSIONS, geoseg.gis.vectorize.FORMATS,
+# geoseg.io.vrt.RESAMPLING); they are spelled
 # out here so that reading a job file imports neither torch nor GDAL, and tests/predict/test_jobfile.py keeps them equal.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 BlendWindow = Literal["cosine", "hann", "gaussian", "uniform"]
 ProbabilitiesDtype = Literal["uint8", "float16", "float32"]
 Compression = Literal["deflate", "zstd", "lzw"]
 VectorFormat = Literal["gpkg", "shp", "geojson", "parquet"]
+Resampling = Literal["nearest", "bilinear", "cubic", "cubicspline", "lanczos", "average", "mode"]  # geoseg.io.vrt
 
 SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss")
 _LOCAL_CLUSTER = re.compile(r"^local:(\d+)$")
@@ -80,6 +82,9 @@ class JobOptions(_Strict):
     mmu: float | str | None = Field(default=None, description="minimum mapping unit: 0.5ha, 5000m2, 12px; a plain "
                                     "number is pixels")
     quicklook: bool = Field(default=True, description="<stem>.quicklook.png beside every class map")
+    resolution: float | None = Field(default=None, gt=0, description="pixel size of STAC Items and band-file "
+                                     "stacks, in CRS units; default the finest of their bands")
+    resampling: Resampling = Field(default="nearest", description="of stacked bands onto their grid")
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -122,7 +127,9 @@ class JobFile(_Strict):
     Read one with :func:`load_job`; relative paths are then absolute against the job file's folder.
     """
 
-    scenes: list[str] = Field(default_factory=list, description="paths, globs or URLs (s3://, https://)")
+    scenes: list[str | list[str]] = Field(
+        default_factory=list, description="paths, globs or URLs (s3://, https://) of rasters or STAC Items "
+                                          "(.json); a list of band files is one scene")
     scenes_file: str | None = Field(default=None, description="text file with one scene per line")
     model: str = Field(description="model bundle: path or URL")
     output_dir: str = Field(description="output folder or URL (s3://bucket/maps/)")
@@ -154,11 +161,14 @@ class JobFile(_Strict):
 
     @field_validator("scenes")
     @classmethod
-    def _resolve_scenes(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        if any(not s.strip() for s in v):
-            raise ValueError("a scene is an empty string")
+    def _resolve_scenes(cls, v: list[str | list[str]], info: ValidationInfo) -> list[str | list[str]]:
+        if any(not s for s in v) or any(not f.strip() for s in v for f in ([s] if isinstance(s, str) else s)):
+            raise ValueError("a scene is an empty string (or an empty list of band files)")
         base = (info.context or {}).get("base_dir")
-        return [resolve_path(s.strip(), base) for s in v] if base is not None else v
+        if base is None:
+            return v
+        return [resolve_path(s.strip(), base) if isinstance(s, str) else [resolve_path(f.strip(), base) for f in s]
+                for s in v]
 
     @field_validator("scenes_file", "model", "output_dir", "report")
     @classmethod
@@ -204,7 +214,7 @@ class JobFile(_Strict):
 
     # ------------------------------------------------------------------ derived values
 
-    def scene_list(self) -> list[str]:
+    def scene_list(self) -> list[str | list[str]]:
         """The scenes: ``scenes`` then the entries of ``scenes_file``, in order, with paths resolved.
 
         Globs are returned as they are (absolute), not expanded. In ``scenes_file``, blank lines and ``#``
@@ -287,7 +297,7 @@ class ProjectFile(JobFile):
     """``geoseg.yaml`` in the working folder: a job file's keys, every one optional, as the defaults of
     ``geoseg predict`` run there (what the command line sets explicitly wins)."""
 
-    scenes: list[str] = Field(default_factory=list, description="scenes when the command names none")
+    scenes: list[str | list[str]] = Field(default_factory=list, description="scenes when the command names none")
     model: str | None = Field(default=None, description="model bundle used when --model and GEOSEG_MODEL are absent")  # type: ignore[assignment]
     output_dir: str | None = Field(default=None, description="output folder or URL")  # type: ignore[assignment]
     name: str = Field(default="mosaic", description="job name: <name>.vrt mosaic, <name> vector layer")

@@ -57,6 +57,8 @@ class PredictOptions:
     connectivity: int = 4
     mmu: float | str | None = None  # minimum mapping unit: the class map is sieved (GDAL's sieve) before all else
     quicklook: bool = True  # <stem>.quicklook.png beside the class map
+    resolution: float | None = None  # pixel size of stacked scenes (STAC Items, band files); None: finest band
+    resampling: str = "nearest"  # of stacked bands onto that grid (geoseg.io.vrt.RESAMPLING)
 
     def resolved_workers(self) -> int:
         return self.workers if self.workers and self.workers > 0 else default_workers()
@@ -165,6 +167,10 @@ def plan_units(scene: ScenePlan, model: ModelRef, options: PredictOptions) -> li
             for c0, c1 in panels(width, options.panel_width, BLOCK) for r0, r1 in bands]
 
 
+# options added after fingerprints were first recorded, with the value that gives the outputs of before
+_NEWER_OPTIONS: dict[str, Any] = {"resolution": None, "resampling": "nearest", "mmu": None}
+
+
 def fingerprint(info: SceneInfo, band_indexes: list[int], tile: int, overlap: int, model: ModelRef,
                 options: PredictOptions) -> str:
     """A digest of everything that shapes a scene's outputs (not where they go, nor how fast they come).
@@ -174,8 +180,9 @@ def fingerprint(info: SceneInfo, band_indexes: list[int], tile: int, overlap: in
     opts = asdict(options)
     for k in ("device", "workers", "overwrite"):
         opts.pop(k)
-    if opts["mmu"] is None:  # runs without a minimum mapping unit keep the fingerprints they had before it
-        opts.pop("mmu")
+    for k, default in _NEWER_OPTIONS.items():  # at their defaults, scenes finished before they existed stay done
+        if opts[k] == default:
+            opts.pop(k)
     if callable(opts["blend"]):
         opts["blend"] = f"{opts['blend'].__module__}.{opts['blend'].__qualname__}"
     data = {

@@ -137,3 +137,41 @@ def test_attribute_table_areas_keep_every_digit():
     cls = [SimpleNamespace(id=3, name="bare soil", color=(214, 170, 110))]
     xml = rat_aux_xml(cls, {3: 1_684_102}, 0.25)
     assert "<F>1684102</F><F>421025.50</F>" in xml
+
+
+def test_a_full_disk_geostationary_scene_ends_cleanly_with_the_disk_as_footprint(tmp_path):
+    """GOES full disk: the scene's corners are off the Earth, so its outline cannot go to WGS 84."""
+    from rasterio.transform import from_bounds
+
+    r, n = 5_434_894.885, 128  # GOES ABI full-disk half extent, metres on the sweep-x geostationary grid
+    yy, xx = np.mgrid[0:n, 0:n]
+    on_disk = (xx - n / 2 + 0.5) ** 2 + (yy - n / 2 + 0.5) ** 2 < (n / 2 * 0.95) ** 2
+    data = np.zeros((3, n, n), np.float32)
+    data[0, :, : n // 2], data[1, :, n // 2:] = 1.0, 1.0
+    data[:, ~on_disk] = -9999
+    scene = write_raster(tmp_path / "goes.tif", data, nodata=-9999, crs="+proj=geos +h=35786023 +lon_0=-75 +sweep=x",
+                         transform=from_bounds(-r, -r, r, r, n, n))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["predict", str(scene), "-m", str(make_bundle(tmp_path / "m")), "-o", str(out),
+                                    "-q"])
+    assert res.exit_code == 0, res.output
+    item = json.loads((out / "goes.stac.json").read_text())
+    west, south, east, north = item["bbox"]
+    assert -160 < west < -145 and -5 < east < 10 and -80 < south < -60 and 60 < north < 80  # the disk, lon_0 -75
+    assert item["geometry"]["type"] in ("Polygon", "MultiPolygon")
+    with rasterio.open(out / "goes.classes.tif") as ds:
+        assert (ds.read(1)[on_disk] != ds.nodata).all()
+    assert (out / "goes.gpkg").exists()
+
+
+def test_a_scene_wholly_off_the_earth_gets_no_footprint_and_a_warning(tmp_path, caplog):
+    from rasterio.transform import from_bounds
+
+    from geoseg.gis.stac_item import _footprint
+    from geoseg.io.raster import inspect_scene
+
+    space = write_raster(tmp_path / "space.tif", np.zeros((1, 8, 8), np.uint8), crs="+proj=geos +h=35786023 "
+                         "+lon_0=-75 +sweep=x", transform=from_bounds(5.6e6, 5.6e6, 6e6, 6e6, 8, 8))
+    with caplog.at_level("WARNING", logger="geoseg.gis.stac_item"):
+        assert _footprint(inspect_scene(space)) == (None, None)
+    assert "no geometry" in caplog.text

@@ -131,3 +131,27 @@ def test_a_contract_with_extra_missing_or_mistyped_keys_is_refused_in_one_line(t
     line = r.output.strip().splitlines()[-1]
     assert r.exit_code == 1 and "model.json" in line and where in line and what in line, r.output
     assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_a_scene_with_more_bands_than_the_training_scenes_is_ambiguous(tmp_path):
+    """Indexes 1..3 recorded by training on 3-band scenes do not say which 3 of 5 unnamed bands to read."""
+    from rasterio.transform import from_origin
+
+    five = inspect_scene(write_raster(tmp_path / "five.tif", np.ones((5, 8, 8), np.uint8),
+                                      transform=from_origin(500000, 5100000, 1, 1)))
+    three = inspect_scene(write_raster(tmp_path / "three.tif", np.ones((3, 8, 8), np.uint8)))
+    spec = dict(bands=["r", "g", "b"], band_indexes=[1, 2, 3], mean=[0.0] * 3, std=[1.0] * 3)
+    for inputs, metadata in (({"scene_bands": 3}, {}), ({}, {}),  # recorded; implied by default indexes
+                             ({}, {"training": {"config": {"data": {"bands": None}}}})):
+        contract = Contract(model=ArchSpec(), input=InputSpec(**spec, **inputs), metadata=metadata,
+                            classes=[ClassInfo(id=1, name="a")])
+        with pytest.raises(BundleError, match=r"five.tif: has 5 bands .* trained on scenes of 3 .*--bands 1,2,3"):
+            check_scene(contract, five)
+        assert check_scene(contract, five, [5, 4, 3]).band_indexes == [5, 4, 3]
+        assert check_scene(contract, three).band_indexes == [1, 2, 3]
+    # indexes chosen on purpose are trusted: training on 5-band scenes, or data.bands, or [4, 3, 2]
+    for inputs, metadata in (({"scene_bands": 5}, {}), ({}, {"training": {"config": {"data": {"bands": [1, 2, 3]}}}}),
+                             ({"band_indexes": [4, 3, 2]}, {})):
+        contract = Contract(model=ArchSpec(), input=InputSpec(**{**spec, **inputs}), metadata=metadata,
+                            classes=[ClassInfo(id=1, name="a")])
+        assert check_scene(contract, five).band_indexes == contract.input.default_indexes

@@ -247,5 +247,8 @@ def test_options_match_the_library() -> None:
     assert _choices(fields["probabilities_dtype"].annotation) == set(PROBABILITY_DTYPES)
     assert _choices(fields["compress"].annotation) == set(COMPRESSIONS)
     assert _choices(fields["vector_format"].annotation) == set(FORMATS)
+    from geoseg.io.vrt import RESAMPLING
+
+    assert _choices(fields["resampling"].annotation) == set(RESAMPLING)
     # and its defaults (shown in configs/job-example.yaml) are the library's
     assert JobOptions().model_dump() == {f.name: f.default for f in dataclasses.fields(PredictOptions)}
