@@ -310,10 +310,12 @@ def _preflight(paths: list[str], contract: Contract, opts: PredictOptions, ref: 
                     plan, "skipped", files=[out.url(n) for n in manifest.scenes[stem].get("files", [])],
                     classes_path=as_location(out.url(names["classes"])),
                     probabilities_path=as_location(out.url(names["probabilities"])) if opts.probabilities else None,
+                    confidence_path=as_location(out.url(names["confidence"])) if opts.confidence else None,
                     vector_path=as_location(out.url(names["vector"])) if "vector" in names else None)
             elif not opts.overwrite and not staging_matches(plan):
                 for kind, name in output_names(stem, opts.vector_format).items():
-                    if kind != "probabilities" or opts.probabilities:
+                    if (kind != "probabilities" or opts.probabilities) and \
+                            (not kind.startswith("confidence") or opts.confidence):
                         check_writable(out.url(name), overwrite=False)
         except GeoSegError as exc:
             if len(paths) == 1:

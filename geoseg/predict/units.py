@@ -27,6 +27,9 @@ from geoseg.io.raster import BLOCK, SceneInfo
 from geoseg.io.workers import default_workers
 from geoseg.predict.tiling import ChipGrid
 
+# options added after scenes were first fingerprinted: at their default they are left out of the digest, so
+# that staging and manifests of earlier runs are still reused (a new option at its default changes nothing)
+LATER_OPTIONS = {"confidence": False}
 STAGING = ".geoseg-staging"  # hidden folder in the output folder, one sub-folder per scene being made
 SETTINGS_FILE = "settings.json"  # in a scene's staging folder: the fingerprint its strips were made with
 
@@ -46,6 +49,7 @@ class PredictOptions:
     blend: Any = "cosine"
     probabilities: bool = False
     probabilities_dtype: str = "uint8"
+    confidence: bool = False  # <stem>.confidence.tif: the blended top-class probability (uint8, 254 = 1)
     compress: str = "deflate"
     overwrite: bool = False
     tta: bool = False
@@ -132,8 +136,16 @@ class Unit:
         return len(g.rows_touching(self.r0, self.r1)) * len(g.cols_touching(self.c0, self.c1))
 
 
+STAGED_KINDS = ("classes", "probabilities", "confidence")  # outputs staged in strips, one folder each
+
+
+def staged_outputs(options: PredictOptions) -> list[str]:
+    """The outputs a run stages in strips: ``classes``, and ``probabilities`` and ``confidence`` when asked for."""
+    return ["classes"] + [k for k in STAGED_KINDS[1:] if getattr(options, k)]
+
+
 def strip_key(output: str, row: int, c0: int, c1: int) -> str:
-    """Staging key of the strip of ``output`` (``classes`` or ``probabilities``) at ``row``, columns ``[c0, c1)``."""
+    """Staging key of the strip of ``output`` (``classes``, ``probabilities`` or ``confidence``) at ``row``, columns ``[c0, c1)``."""
     return f"{output}/r{row:07d}_c{c0:07d}-{c1:07d}.tif"
 
 
@@ -173,6 +185,9 @@ def fingerprint(info: SceneInfo, band_indexes: list[int], tile: int, overlap: in
     opts = asdict(options)
     for k in ("device", "workers", "overwrite"):
         opts.pop(k)
+    for k, default in LATER_OPTIONS.items():
+        if opts[k] == default:
+            opts.pop(k)
     if callable(opts["blend"]):
         opts["blend"] = f"{opts['blend'].__module__}.{opts['blend'].__qualname__}"
     data = {

@@ -18,6 +18,7 @@ import rasterio
 import rasterio.features
 import shapely
 from affine import Affine
+from rasterio.windows import Window
 
 from geoseg.gis.vectorize.features import finalize
 from geoseg.gis.vectorize.plan import Plan
@@ -32,12 +33,13 @@ class Block:
     r: int
     c: int
     n: int  # labels 1..n
-    closed: Any  # Features (or, with simplify, (geoms_px, classes))
+    closed: Any  # Features (or, with simplify, (geoms_px, classes, conf))
     open_labels: np.ndarray  # local labels of the open pieces
     open_geoms: np.ndarray  # their geometries in pixel coordinates
     open_classes: np.ndarray
     open_bottom: np.ndarray  # bool: touches the seam with the next row of blocks
     edges: dict[str, tuple[np.ndarray, np.ndarray]]  # side -> (local labels, classes); 0 = no piece
+    open_conf: np.ndarray | None = None  # (m, 2) [confidence sum, pixels] of the open pieces (a confidence map)
 
     def __getstate__(self) -> dict[str, Any]:
         # From a worker process: one vectorised WKB encoding per array, about twice as fast as pickling
@@ -45,13 +47,13 @@ class Block:
         state = dict(self.__dict__)
         state["open_geoms"] = shapely.to_wkb(self.open_geoms)
         if isinstance(self.closed, tuple):
-            state["closed"] = (shapely.to_wkb(self.closed[0]), self.closed[1])
+            state["closed"] = (shapely.to_wkb(self.closed[0]), *self.closed[1:])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["open_geoms"] = shapely.from_wkb(state["open_geoms"])
         if isinstance(state["closed"], tuple):
-            state["closed"] = (shapely.from_wkb(state["closed"][0]), state["closed"][1])
+            state["closed"] = (shapely.from_wkb(state["closed"][0]), *state["closed"][1:])
         self.__dict__.update(state)
 
 
@@ -157,6 +159,7 @@ def process_block(plan: Plan, r: int, c: int) -> Block:
         valid &= ~np.isin(data, plan.skip)
     geoms, classes, sides = pieces(data, valid, plan.connectivity, int(win.col_off), int(win.row_off))
     del data, valid
+    conf = piece_confidence(plan, geoms, win) if plan.confidence is not None else None
     n = len(classes) - 1
     edges = {k: (v, classes[v]) for k, v in sides.items()}
     open_mask = np.zeros(n + 1, dtype=bool)
@@ -174,12 +177,37 @@ def process_block(plan: Plan, r: int, c: int) -> Block:
     open_labels = np.flatnonzero(open_mask)
     closed_labels = np.flatnonzero(~open_mask)[1:]  # [1:]: label 0 is "no piece"
     closed: Any
+    closed_conf = conf[closed_labels] if conf is not None else None
     if plan.simplify_px is not None:
-        closed = (geoms[closed_labels], classes[closed_labels])
+        closed = (geoms[closed_labels], classes[closed_labels], closed_conf)
     else:
-        closed = finalize(plan, geoms[closed_labels], classes[closed_labels])
+        closed = finalize(plan, geoms[closed_labels], classes[closed_labels], closed_conf)
     return Block(r, c, n, closed, open_labels, geoms[open_labels], classes[open_labels], bottom[open_labels],
-                 edges)
+                 edges, conf[open_labels] if conf is not None else None)
+
+
+def piece_confidence(plan: Plan, geoms: np.ndarray, win: Window) -> np.ndarray:
+    """``(n + 1, 2)`` float64 [sum of confidence values, pixels with a confidence] of each piece (row 0: none).
+
+    The block's pieces are burnt back into a label image (their edges lie on pixel edges, so each pixel
+    centre falls in exactly one piece) and the block of the confidence map is summed per label. Sums and
+    counts, not means, so that pieces joined across seams add up exactly.
+    """
+    rows, cols = int(win.height), int(win.width)
+    n = len(geoms) - 1
+    labels = np.zeros((rows, cols), dtype=np.int32)
+    if n > 0:
+        transform = Affine(1.0, 0.0, float(win.col_off), 0.0, 1.0, float(win.row_off))
+        rasterio.features.rasterize(zip(geoms[1:], range(1, n + 1), strict=True), out=labels,
+                                    transform=transform)
+    assert plan.confidence is not None
+    with gdal_env(), open_scene(plan.confidence) as ds:
+        conf = ds.read(1, window=win)
+    ok = (labels > 0) & (conf != 255)
+    out = np.zeros((n + 1, 2), dtype=np.float64)
+    out[:, 0] = np.bincount(labels[ok], weights=conf[ok], minlength=n + 1)
+    out[:, 1] = np.bincount(labels[ok], minlength=n + 1)
+    return out
 
 
 def iter_blocks(plan: Plan, workers: int) -> Generator[Block, None, None]:
