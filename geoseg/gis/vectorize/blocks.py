@@ -158,8 +158,8 @@ def process_block(plan: Plan, r: int, c: int) -> Block:
     if plan.skip:
         valid &= ~np.isin(data, plan.skip)
     geoms, classes, sides = pieces(data, valid, plan.connectivity, int(win.col_off), int(win.row_off))
+    conf = piece_confidence(plan, geoms, data, valid, win) if plan.confidence is not None else None
     del data, valid
-    conf = piece_confidence(plan, geoms, win) if plan.confidence is not None else None
     n = len(classes) - 1
     edges = {k: (v, classes[v]) for k, v in sides.items()}
     open_mask = np.zeros(n + 1, dtype=bool)
@@ -186,27 +186,44 @@ def process_block(plan: Plan, r: int, c: int) -> Block:
                  edges, conf[open_labels] if conf is not None else None)
 
 
-def piece_confidence(plan: Plan, geoms: np.ndarray, win: Window) -> np.ndarray:
+def piece_confidence(plan: Plan, geoms: np.ndarray, data: np.ndarray, valid: np.ndarray, win: Window) -> np.ndarray:
     """``(n + 1, 2)`` float64 [sum of confidence values, pixels with a confidence] of each piece (row 0: none).
 
-    The block's pieces are burnt back into a label image (their edges lie on pixel edges, so each pixel
-    centre falls in exactly one piece) and the block of the confidence map is summed per label. Sums and
-    counts, not means, so that pieces joined across seams add up exactly.
+    The block's connected regions of one class are labelled again (scipy, the connectivity of the pieces)
+    and the block of the confidence map is summed per region; each piece finds its region through the pixel
+    just inside the first edge of its outer ring (its edges lie on pixel edges, the ring's orientation says
+    which side is inside). Sums and counts, not means, so that pieces joined across seams add up exactly.
     """
-    rows, cols = int(win.height), int(win.width)
+    from scipy import ndimage
+
     n = len(geoms) - 1
-    labels = np.zeros((rows, cols), dtype=np.int32)
-    if n > 0:
-        transform = Affine(1.0, 0.0, float(win.col_off), 0.0, 1.0, float(win.row_off))
-        rasterio.features.rasterize(zip(geoms[1:], range(1, n + 1), strict=True), out=labels,
-                                    transform=transform)
+    out = np.zeros((n + 1, 2), dtype=np.float64)
+    if n == 0:
+        return out
     assert plan.confidence is not None
     with gdal_env(), open_scene(plan.confidence) as ds:
         conf = ds.read(1, window=win)
-    ok = (labels > 0) & (conf != 255)
-    out = np.zeros((n + 1, 2), dtype=np.float64)
-    out[:, 0] = np.bincount(labels[ok], weights=conf[ok], minlength=n + 1)
-    out[:, 1] = np.bincount(labels[ok], minlength=n + 1)
+    structure = np.ones((3, 3), bool) if plan.connectivity == 8 else None
+    regions = np.zeros(data.shape, dtype=np.int32)
+    count = 0
+    for k in np.unique(data[valid]):
+        lab, m = ndimage.label(valid & (data == k), structure=structure)
+        regions[lab > 0] = lab[lab > 0] + count
+        count += m
+    ok = (regions > 0) & (conf != 255)
+    sums = np.bincount(regions[ok], weights=conf[ok], minlength=count + 1)
+    pixels = np.bincount(regions[ok], minlength=count + 1)
+    ring = shapely.get_exterior_ring(shapely.get_geometry(geoms[1:], 0))
+    a = shapely.get_coordinates(shapely.get_point(ring, 0))
+    d = np.sign(shapely.get_coordinates(shapely.get_point(ring, 1)) - a)  # a unit step along a pixel edge
+    inside = np.where(shapely.is_ccw(ring), 1.0, -1.0)[:, None]  # interior on the left of a ccw ring
+    normal = np.column_stack((-d[:, 1], d[:, 0])) * inside
+    centre = a + 0.5 * d + 0.5 * normal  # the centre of the pixel inside the first edge
+    cols = np.floor(centre[:, 0]).astype(np.int64) - int(win.col_off)
+    rows = np.floor(centre[:, 1]).astype(np.int64) - int(win.row_off)
+    region = regions[rows, cols]
+    out[1:, 0] = sums[region]
+    out[1:, 1] = pixels[region]
     return out
 
 
