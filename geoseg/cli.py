@@ -202,6 +202,9 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
               help="Class id that produces no polygons (repeatable); nodata never does.")
 @click.option("--to-crs", default=None, help="Reproject the polygons (e.g. EPSG:4326); default: the raster's CRS.")
 @click.option("--block-size", type=int, default=1024, show_default=True, help="Block side in pixels.")
+@click.option("--confidence", type=click.Path(dir_okay=False), default=None, metavar="MAP",
+              help="The class map's confidence map (<stem>.confidence.tif of predict --confidence): polygons "
+                   "gain confidence_mean, the mean confidence (0..1) of their pixels.")
 @opt_workers
 @opt_overwrite
 @click.pass_context

@@ -67,19 +67,23 @@ def _overview(path: str | Path, side: int) -> tuple[np.ndarray, float, Any, floa
 
 def _confidence_panel(fig: Any, ax: Any, path: str | Path, side: int) -> None:
     """The confidence map on ``ax``: the ramp of its QGIS style, nodata transparent, with a colour bar."""
-    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
 
     from geoseg.io.raster import CONFIDENCE_RAMP
 
     conf, _, _, nodata = _overview(path, side)
     ramp = LinearSegmentedColormap.from_list("confidence", [(v / 254, c) for v, c, _ in CONFIDENCE_RAMP])
-    shown = np.ma.masked_equal(conf, 255 if nodata is None else int(nodata))
-    im = ax.imshow(shown, cmap=ramp, vmin=0, vmax=254, interpolation="nearest")
+    # a 256-entry colour table applied to the uint8 values: no float image of the picture is ever made
+    lut = (ramp(np.arange(256) / 254) * 255).round().astype(np.uint8)
+    lut[255 if nodata is None else int(nodata)] = 0
+    ax.imshow(lut[conf], interpolation="nearest")
     ax.set_axis_off()
-    valid = shown.compressed()
+    valid = conf[conf != (255 if nodata is None else int(nodata))]
     low = 100 * float(np.mean(valid < 127)) if valid.size else 0.0
     ax.set_title(f"confidence of the mapped class ({low:.1f} % below 50 %)", fontsize=10)
-    bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, ticks=[v for v, _, _ in CONFIDENCE_RAMP])
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 254), ramp), ax=ax, fraction=0.04, pad=0.02,
+                       ticks=[v for v, _, _ in CONFIDENCE_RAMP])
     bar.ax.set_yticklabels([label for _, _, label in CONFIDENCE_RAMP], fontsize=8)
 
 

@@ -174,7 +174,7 @@ def predict_scenes(
         scenes: paths or URLs of rasters; globs are expanded.
         model: a loaded model, a bundle, or a bundle path.
         output_dir: folder or URL (``s3://bucket/maps/``) for ``<stem>.classes.tif`` (+ ``.qml`` style),
-            ``<stem>.probs.tif`` and the polygons.
+            ``<stem>.probs.tif``, ``<stem>.confidence.tif`` (+ ``.qml``) and the polygons.
         options: a :class:`PredictOptions`; keyword arguments override its fields.
         progress: called with a :class:`ProgressEvent` as chips, strips and scenes complete.
         scheduler: ``None`` (this process's threads, or ``DASK_SCHEDULER_ADDRESS`` when set), ``"threads"``,

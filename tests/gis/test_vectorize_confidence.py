@@ -99,3 +99,17 @@ def test_a_confidence_map_on_another_grid_is_refused(make_raster: Callable[..., 
     floats = make_raster(np.zeros((64, 64), np.float32), name="f.tif")
     with pytest.raises(InputError, match="uint8"):
         polygonize(src, confidence=floats)
+
+
+def test_cli_vectorize_takes_a_confidence_map(make_raster: Callable[..., Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from geoseg.cli import main
+
+    data = blobs((100, 120), seed=2)
+    src, cpath = make_raster(data), make_raster(_confidence(data.shape), name="c.tif", nodata=255)
+    res = CliRunner().invoke(main, ["-q", "vectorize", str(src), str(tmp_path / "p.gpkg"), "--confidence", str(cpath)])
+    assert res.exit_code == 0, res.output
+    got = pyogrio.read_dataframe(tmp_path / "p.gpkg")
+    np.testing.assert_allclose(got["confidence_mean"].to_numpy(), _whole_means(got, _confidence(data.shape)),
+                               rtol=1e-12)
