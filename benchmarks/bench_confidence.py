@@ -9,6 +9,7 @@ time on a machine shared with other work). ``--polygons`` adds the same pair wit
 
     python benchmarks/bench_confidence.py --size 2048 --repeats 3
     python benchmarks/bench_confidence.py --size 4096 --repeats 3 --polygons --workdir /tmp/gs-bench
+    python benchmarks/bench_confidence.py --size 4096 --repeats 3 --engine     # the worst case
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+
+def child_tiny(workdir: str) -> None:
+    """The 1x1-convolution bundle of :mod:`bench_predict_memory` (5 classes, 512 px chips, 128 px overlap)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import make_bundle
+
+    if not (Path(workdir) / "tiny").exists():
+        make_bundle(Path(workdir) / "tiny", n_bands=3, n_classes=5, chip=512, overlap=128, identity=False,
+                    input={"bands": ["red", "green", "blue"], "mean": [120.0] * 3, "std": [50.0] * 3})
 
 
 def _cpu_seconds() -> float:
@@ -65,6 +76,9 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--polygons", action="store_true", help="also the pair with polygons (GeoPackage)")
+    ap.add_argument("--engine", action="store_true",
+                    help="a 1x1-convolution model instead of the U-Net: the engine's own work dominates, the "
+                         "worst case for the relative overhead (as a fast GPU would make it)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) the scene and bundle here")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
@@ -73,6 +87,9 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         _child("child_make", str(tmp), [args.size], args.encoder, args.chip, args.overlap)
         bundle = str(tmp / f"unet-{args.encoder}-{args.chip}-{args.overlap}")
+        if args.engine:
+            _child("child_tiny", str(tmp))
+            bundle = str(tmp / "tiny")
         scene = str(tmp / f"scene{args.size}.tif")
         base = {"device": "cpu", "vector_format": None}
         plan = [("predict", base), ("predict --confidence", base | {"confidence": True})]
@@ -91,7 +108,8 @@ def main() -> None:
     cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
     mem = {k: max(r["peak_memory_mb"] for r in v) for k, v in runs.items()}
     first = next(iter(runs.values()))[0]
-    print(f"\nmachine: {first['machine']}; scene {args.size} x {args.size} 3-band uint8, U-Net {args.encoder}, "
+    model = "a 1x1 convolution (5 classes)" if args.engine else f"U-Net {args.encoder} (6 classes)"
+    print(f"\nmachine: {first['machine']}; scene {args.size} x {args.size} 3-band uint8, {model}, "
           f"{args.chip} px chips, {args.overlap} px overlap; medians of {args.repeats}")
     print(f"{'run':<34} {'wall s':>8} {'CPU s':>8} {'peak MB':>8}  all runs (wall s)")
     for k, v in runs.items():
