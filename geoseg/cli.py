@@ -115,6 +115,9 @@ def _job_settings(ctx: click.Context, job: str | None, scenes: tuple[str, ...], 
 @click.option("--probabilities", is_flag=True, help="Also write <stem>.probs.tif (per-class probabilities).")
 @click.option("--probabilities-dtype", type=click.Choice(["uint8", "float16", "float32"]), default="uint8",
               show_default=True, help="uint8 stores round(p * 254) with nodata 255.")
+@click.option("--confidence", is_flag=True,
+              help="Also write <stem>.confidence.tif: the blended probability of the mapped class, round(p * 254) "
+                   "with nodata 255, styled by <stem>.confidence.qml; polygons gain confidence_mean.")
 @click.option("--compress", type=click.Choice(["deflate", "zstd", "lzw"]), default="deflate", show_default=True)
 @click.option("--tta", is_flag=True, help="Average over flips and 90-degree rotations (6x slower).")
 @click.option("--panel-width", type=int, default=8192, show_default=True,
@@ -183,7 +186,7 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
             if s.status == "failed":
                 click.echo(f"{s.scene}: FAILED: {s.error}", err=True)
                 continue
-            extra = [str(p) for p in (s.probabilities_path, s.vector_path) if p is not None]
+            extra = [str(p) for p in (s.probabilities_path, s.confidence_path, s.vector_path) if p is not None]
             done = " (finished earlier)" if s.status == "skipped" else ""
             click.echo(f"{s.scene} -> {s.classes_path}" + "".join(f", {p}" for p in extra) + done)
         for f in run.files:
@@ -212,6 +215,9 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
               help="Class id that produces no polygons (repeatable); nodata never does.")
 @click.option("--to-crs", default=None, help="Reproject the polygons (e.g. EPSG:4326); default: the raster's CRS.")
 @click.option("--block-size", type=int, default=1024, show_default=True, help="Block side in pixels.")
+@click.option("--confidence", type=click.Path(dir_okay=False), default=None, metavar="MAP",
+              help="The class map's confidence map (<stem>.confidence.tif of predict --confidence): polygons "
+                   "gain confidence_mean, the mean confidence (0..1) of their pixels.")
 @opt_workers
 @opt_overwrite
 @click.pass_context

@@ -5,6 +5,9 @@ of every class (the raster attribute table and the legend's shares use them). :f
 renders ``<stem>.quicklook.png`` from the map's overviews (a decimated read: GDAL serves it from the
 overview level closest to the picture's size, never from the full raster): the classes in their colours,
 nodata transparent, a legend of class names with the share of the mapped area of each, and a scale bar.
+With a confidence map (``geoseg predict --confidence``) the picture has a second panel beside the first: the
+confidence on the same ramp as its QGIS style (red unsure, green sure), so that a reviewer sees at once which
+mapped areas to check, next to what was mapped there.
 """
 
 from __future__ import annotations
@@ -62,14 +65,38 @@ def _overview(path: str | Path, side: int) -> tuple[np.ndarray, float, Any, floa
         return data, ds.width / shape[1], ds.crs, ds.nodata
 
 
+def _confidence_panel(fig: Any, ax: Any, path: str | Path, side: int) -> None:
+    """The confidence map on ``ax``: the ramp of its QGIS style, nodata transparent, with a colour bar."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
+
+    from geoseg.io.raster import CONFIDENCE_RAMP
+
+    conf, _, _, nodata = _overview(path, side)
+    ramp = LinearSegmentedColormap.from_list("confidence", [(v / 254, c) for v, c, _ in CONFIDENCE_RAMP])
+    # a 256-entry colour table applied to the uint8 values: no float image of the picture is ever made
+    lut = (ramp(np.arange(256) / 254) * 255).round().astype(np.uint8)
+    lut[255 if nodata is None else int(nodata)] = 0
+    ax.imshow(lut[conf], interpolation="nearest")
+    ax.set_axis_off()
+    valid = conf[conf != (255 if nodata is None else int(nodata))]
+    low = 100 * float(np.mean(valid < 127)) if valid.size else 0.0
+    ax.set_title(f"confidence of the mapped class ({low:.1f} % below 50 %)", fontsize=10)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 254), ramp), ax=ax, fraction=0.04, pad=0.02,
+                       ticks=[v for v, _, _ in CONFIDENCE_RAMP])
+    bar.ax.set_yticklabels([label for _, _, label in CONFIDENCE_RAMP], fontsize=8)
+
+
 def write_quicklook(classes_path: str | Path, dst: str | Path, classes: Sequence[Any], counts: dict[int, int],
-                    pixel_size_m: float | None, title: str | None = None, side: int = QUICKLOOK_SIDE) -> Path:
+                    pixel_size_m: float | None, title: str | None = None, side: int = QUICKLOOK_SIDE,
+                    confidence_path: str | Path | None = None) -> Path:
     """Render the class map at ``classes_path`` to the PNG ``dst`` (see the module's text).
 
     Args:
         classes: the model's classes (``id``, ``name``, ``color``).
         counts: pixels per class id (:func:`class_counts`), for the legend's shares.
         pixel_size_m: the map's pixel size in metres (None: no scale bar).
+        confidence_path: the map's confidence map (uint8, 254 = 1, nodata 255), shown as a second panel.
     """
     import matplotlib
 
@@ -86,8 +113,14 @@ def write_quicklook(classes_path: str | Path, dst: str | Path, classes: Sequence
     h, w = data.shape
     fig_w = 8.0
     fig_h = max(3.0, fig_w * h / w)
-    fig, ax = plt.subplots(figsize=(fig_w + 3.2, fig_h), dpi=110)
+    if confidence_path is None:
+        fig, ax = plt.subplots(figsize=(fig_w + 3.2, fig_h), dpi=110)
+    else:  # the panels side by side, each as large as the single one, the legend between them
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(2 * fig_w + 4.4, fig_h), dpi=110,
+                                      gridspec_kw={"wspace": 0.45})
     try:
+        if confidence_path is not None:
+            _confidence_panel(fig, ax2, confidence_path, side)
         ax.imshow(rgba, interpolation="nearest")
         ax.set_axis_off()
         if title:
@@ -107,9 +140,12 @@ def write_quicklook(classes_path: str | Path, dst: str | Path, classes: Sequence
                                        facecolor="black" if i == 0 else "white", edgecolor="black", lw=0.6))
             ax.text(x0 + bar / 2, y0 - h * 0.02, _label(length), ha="center", va="bottom", fontsize=8,
                     bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
-        fig.tight_layout()
         out = Path(dst)
-        fig.savefig(out, format="png", transparent=True)
+        if confidence_path is None:
+            fig.tight_layout()
+            fig.savefig(out, format="png", transparent=True)
+        else:  # a colour bar's axes are not tight_layout's: the picture is cut to what is drawn instead
+            fig.savefig(out, format="png", transparent=True, bbox_inches="tight", pad_inches=0.15)
     finally:
         plt.close(fig)
     return out

@@ -3,7 +3,7 @@
 The Item (STAC 1.1) has the scene's footprint in WGS 84 (its bounds, densified, through PROJ), the
 projection extension (code, shape, transform, bbox in the map's own CRS), and its outputs as assets with
 relative links: the class map (with the classification extension: class values, names and colours), its
-style, attribute table, quicklook (role ``overview``), probabilities and polygons when written. Its
+style, attribute table, quicklook (role ``overview``), probabilities, confidence and polygons when written. Its
 properties say which model made it (name, digest) and with which settings. ``datetime`` is the scene's
 acquisition time when its GeoTIFF says it (``TIFFTAG_DATETIME``), else the time the map was made; both are
 named (``geoseg:datetime_source``). A scene stacked from a STAC Item (:mod:`geoseg.io.stac_scenes`) links that
@@ -27,13 +27,16 @@ STAC_VERSION = "1.1.0"
 MEDIA = {
     "classes": "image/tiff; application=geotiff; profile=cloud-optimized",
     "probabilities": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "confidence": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "confidence_style": "text/xml",
     "quicklook": "image/png",
     "style": "text/xml",
     "attributes": "application/xml",
     "vector": {".gpkg": "application/geopackage+sqlite3", ".shp": "application/x-shapefile",
                ".geojson": "application/geo+json", ".parquet": "application/vnd.apache.parquet"},
 }
-ROLES = {"classes": ["data"], "probabilities": ["data"], "quicklook": ["overview", "visual"],
+ROLES = {"classes": ["data"], "probabilities": ["data"], "confidence": ["data"],
+         "confidence_style": ["metadata", "style"], "quicklook": ["overview", "visual"],
          "style": ["metadata", "style"], "attributes": ["metadata"], "vector": ["data"]}
 SETTINGS = ("tile_size", "overlap", "batch_size", "precision", "backend", "blend", "tta", "bands", "min_area",
             "simplify", "connectivity", "mmu", "vector_format", "compress")
@@ -172,7 +175,8 @@ def scene_item(plan: Any, contract: Any, model_digest: str, options: Any, names:
                 "title": c.name, "color_hint": "{:02X}{:02X}{:02X}".format(*c.color)}
                for c in contract.classes]
     assets: dict[str, Any] = {}
-    for kind in ("classes", "style", "attributes", "quicklook", "probabilities", "vector"):
+    for kind in ("classes", "style", "attributes", "quicklook", "probabilities", "confidence", "confidence_style",
+                 "vector"):
         if kind not in written:
             continue
         name = names[kind]
@@ -183,6 +187,9 @@ def scene_item(plan: Any, contract: Any, model_digest: str, options: Any, names:
         if kind == "classes":
             asset |= {"title": "class map", "classification:classes": classes, "nodata": 255 if max(
                 c.id for c in contract.classes) < 255 else 65535}
+        elif kind == "confidence":
+            asset |= {"title": "confidence: the blended probability of the mapped class, value / 254",
+                      "nodata": 255}
         assets[kind] = asset
     return {
         "type": "Feature",

@@ -437,6 +437,50 @@ def probabilities_spec(classes: Sequence[Any], dtype: str, extra_tags: dict[str,
     raise InputError(f"probabilities dtype must be uint8, float16 or float32, got {dtype!r}")
 
 
+def confidence_spec(extra_tags: dict[str, str] | None = None) -> OutputSpec:
+    """Output profile of the confidence map: the blended top-class probability as uint8 ``round(p * 254)``,
+    nodata 255, one grey band (its colour ramp is the QGIS style of :func:`confidence_qml`)."""
+    tags = {"SCALE": "confidence = value / 254 (the blended probability of the mapped class)", **(extra_tags or {})}
+    return OutputSpec("uint8", 1, 255, "AVERAGE", ["confidence"], None, tags, predictor=2)
+
+
+# the confidence ramp: value (round(p * 254)) -> colour, red where the model is unsure, green where it is sure
+CONFIDENCE_RAMP = ((0, "#d7191c", "0 %"), (127, "#fdae61", "50 %"), (191, "#ffffbf", "75 %"),
+                   (229, "#a6d96a", "90 %"), (254, "#1a9641", "100 %"))
+
+
+def confidence_qml() -> str:
+    """A QGIS layer style for the confidence map (singleband pseudocolor over 0..254, labels in per cent),
+    loaded by QGIS from ``<stem>.confidence.qml``; nodata (255) stays transparent."""
+    items = "\n".join(f'          <item value="{v}" color="{c}" alpha="255" label="{label}"/>'
+                      for v, c, label in CONFIDENCE_RAMP)
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28.0" styleCategories="AllStyleCategories">\n'
+        "  <pipe>\n"
+        '    <rasterrenderer type="singlebandpseudocolor" band="1" opacity="1" alphaBand="-1" '
+        'classificationMin="0" classificationMax="254" nodataColor="">\n'
+        "      <rasterTransparency/>\n"
+        "      <minMaxOrigin>\n"
+        "        <limits>None</limits>\n"
+        "        <extent>WholeRaster</extent>\n"
+        "        <statAccuracy>Estimated</statAccuracy>\n"
+        "        <cumulativeCutLower>0.02</cumulativeCutLower>\n"
+        "        <cumulativeCutUpper>0.98</cumulativeCutUpper>\n"
+        "        <stdDevFactor>2</stdDevFactor>\n"
+        "      </minMaxOrigin>\n"
+        "      <rastershader>\n"
+        '        <colorrampshader colorRampType="INTERPOLATED" classificationMode="1" clip="0" '
+        'minimumValue="0" maximumValue="254" labelPrecision="0">\n'
+        f"{items}\n"
+        "        </colorrampshader>\n"
+        "      </rastershader>\n"
+        "    </rasterrenderer>\n"
+        "  </pipe>\n"
+        "</qgis>\n"
+    )
+
+
 def qml_style(classes: Sequence[Any]) -> str:
     """A QGIS layer style (paletted renderer with a legend), loaded by QGIS from ``<name>.qml``."""
     entries = "\n".join(

@@ -202,7 +202,7 @@ def predict_scenes(
             band order). See :mod:`geoseg.io.stac_scenes`.
         model: a loaded model, a bundle, or a bundle path.
         output_dir: folder or URL (``s3://bucket/maps/``) for ``<stem>.classes.tif`` (+ ``.qml`` style),
-            ``<stem>.probs.tif`` and the polygons.
+            ``<stem>.probs.tif``, ``<stem>.confidence.tif`` (+ ``.qml``) and the polygons.
         options: a :class:`PredictOptions`; keyword arguments override its fields.
         progress: called with a :class:`ProgressEvent` as chips, strips and scenes complete.
         scheduler: ``None`` (this process's threads, or ``DASK_SCHEDULER_ADDRESS`` when set), ``"threads"``,
@@ -348,10 +348,12 @@ def _preflight(scenes: list[StackedScene], contract: Contract, opts: PredictOpti
                     plan, "skipped", files=[out.url(n) for n in manifest.scenes[stem].get("files", [])],
                     classes_path=as_location(out.url(names["classes"])),
                     probabilities_path=as_location(out.url(names["probabilities"])) if opts.probabilities else None,
+                    confidence_path=as_location(out.url(names["confidence"])) if opts.confidence else None,
                     vector_path=as_location(out.url(names["vector"])) if "vector" in names else None)
             elif not opts.overwrite and not staging_matches(plan):
                 for kind, name in output_names(stem, opts.vector_format).items():
-                    if kind != "probabilities" or opts.probabilities:
+                    if (kind != "probabilities" or opts.probabilities) and \
+                            (not kind.startswith("confidence") or opts.confidence):
                         check_writable(out.url(name), overwrite=False)
         except GeoSegError as exc:
             if len(paths) == 1:

@@ -36,7 +36,7 @@ from geoseg.model.bundle import LoadedModel
 from geoseg.predict.blend import RollingAccumulator, chip_weights, normalise
 from geoseg.predict.hardware import DeviceSettings
 from geoseg.predict.tiling import Chip, clip_to_scene
-from geoseg.predict.units import ModelRef, PredictOptions, Unit, parse_strip, strip_key
+from geoseg.predict.units import ModelRef, PredictOptions, Unit, parse_strip, staged_outputs, strip_key
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,7 @@ def run_unit(unit: Unit, runtime: Runtime | None = None, advance: Advance | None
     plan, opts = unit.scene, unit.options
     result = UnitResult(plan.stem, unit.c0, unit.r0, device=str(rt.predictor.device), amp=rt.amp)
     store = Store(plan.staging)
-    outputs = ["classes"] + (["probabilities"] if opts.probabilities else [])
-    start = staged_rows(unit, store, outputs)
+    start = staged_rows(unit, store, staged_outputs(opts))
     result.rows_resumed = start - unit.r0
     if advance is not None and start > unit.r0:
         advance(plan.scene, 0, (start - unit.r0) * (unit.c1 - unit.c0))
@@ -215,11 +214,13 @@ def run_unit(unit: Unit, runtime: Runtime | None = None, advance: Advance | None
 
 @dataclass
 class _Strip:
-    """A strip of output rows being finalised (staged when full): first row, class ids, encoded probabilities."""
+    """A strip of output rows being finalised (staged when full): first row, class ids, encoded probabilities,
+    encoded confidence."""
 
     r0: int
     classes: np.ndarray
     probs: np.ndarray | None
+    conf: np.ndarray | None = None
 
 
 class _Rolling:
@@ -227,7 +228,7 @@ class _Rolling:
 
     def __init__(self, unit: Unit, rt: Runtime, reader: SceneReader, store: Store, result: UnitResult,
                  advance: Advance | None):
-        from geoseg.io.raster import classes_spec, probabilities_spec
+        from geoseg.io.raster import classes_spec, confidence_spec, probabilities_spec
 
         self.unit, self.rt, self.reader, self.store, self.result, self.advance = unit, rt, reader, store, result, advance
         self.grid = unit.scene.grid
@@ -236,6 +237,7 @@ class _Rolling:
         self.classes_spec = classes_spec(contract.classes)
         self.probs_spec = (probabilities_spec(contract.classes, unit.options.probabilities_dtype)
                            if unit.options.probabilities else None)
+        self.conf_spec = confidence_spec() if unit.options.confidence else None
         self.strip: _Strip | None = None  # the strip being filled, RING_STEP rows at a time
 
     def _chips(self, start: int) -> Iterator[Chip]:
@@ -324,11 +326,13 @@ class _Rolling:
             k = len(self.rt.contract.classes)
             self.strip = _Strip(acc.top, np.empty((1, rows, u.c1 - u.c0), dtype=self.classes_spec.dtype),
                                 None if self.probs_spec is None else
-                                np.empty((k, rows, u.c1 - u.c0), dtype=self.probs_spec.dtype))
+                                np.empty((k, rows, u.c1 - u.c0), dtype=self.probs_spec.dtype),
+                                None if self.conf_spec is None else np.empty((1, rows, u.c1 - u.c0), dtype=np.uint8))
         strip = self.strip
         at = acc.top - strip.r0
         self._finalise(acc, n, strip.classes[:, at:at + n],
-                       None if strip.probs is None else strip.probs[:, at:at + n])
+                       None if strip.probs is None else strip.probs[:, at:at + n],
+                       None if strip.conf is None else strip.conf[0, at:at + n])
         acc.advance(n)
         self.result.seconds["blend"] += time.perf_counter() - t0
         if acc.top - strip.r0 < strip.classes.shape[1]:
@@ -337,16 +341,20 @@ class _Rolling:
         t0 = time.perf_counter()
         rows = strip.classes.shape[1]
         window = Window(u.c0, strip.r0, u.c1 - u.c0, rows)
-        # probabilities first: a strip counts as staged when its class strip is there
+        # probabilities and confidence first: a strip counts as staged when its class strip is there
         if strip.probs is not None and self.probs_spec is not None:
             self._stage(strip_key("probabilities", strip.r0, u.c0, u.c1), strip.probs, window, self.probs_spec)
+        if strip.conf is not None and self.conf_spec is not None:
+            self._stage(strip_key("confidence", strip.r0, u.c0, u.c1), strip.conf, window, self.conf_spec)
         self._stage(strip_key("classes", strip.r0, u.c0, u.c1), strip.classes, window, self.classes_spec)
         self.result.seconds["write"] += time.perf_counter() - t0
         if self.advance is not None:
             self.advance(u.scene.scene, 0, rows * (u.c1 - u.c0))
 
-    def _finalise(self, acc: RollingAccumulator, n: int, classes: np.ndarray, probs_out: np.ndarray | None) -> None:
-        """Class ids (and encoded probabilities) of the accumulator's top ``n`` rows, columns ``[c0, c1)``."""
+    def _finalise(self, acc: RollingAccumulator, n: int, classes: np.ndarray, probs_out: np.ndarray | None,
+                  conf_out: np.ndarray | None = None) -> None:
+        """Class ids (and encoded probabilities and confidence) of the accumulator's top ``n`` rows, columns
+        ``[c0, c1)``."""
         c0, c1 = self.unit.c0, self.unit.c1
         sums, wsum = acc.peek(n)
         # column chunks keep the temporaries (argmax indexes, normalised probabilities) small
@@ -356,9 +364,18 @@ class _Rolling:
             s, w = sums[:, :, sl], wsum[:, sl]
             valid = w > 0
             # the weight is the same for every class, so the arg max of the sums is that of the probabilities
-            chunk = self.lut[np.argmax(s, axis=0)].astype(classes.dtype)
+            top = np.argmax(s, axis=0)
+            chunk = self.lut[top].astype(classes.dtype)
             chunk[~valid] = self.classes_spec.nodata
             classes[0, :, out] = chunk
+            if conf_out is not None:
+                # the top class's blended probability: its sum over the weight (division by a positive
+                # weight keeps the order, so this is exactly the max of normalise(s, w) over the classes)
+                top_sum = np.take_along_axis(s, top[None], axis=0)[0]
+                p_top = normalise(top_sum, w)
+                conf = np.rint(p_top * 254).astype(np.uint8)
+                conf[~valid] = 255
+                conf_out[:, out] = conf
             if probs_out is not None:
                 p = normalise(s, w)
                 if probs_out.dtype == np.uint8:

@@ -27,6 +27,8 @@ from geoseg.io.raster import (
     OutputSpec,
     classes_spec,
     cog_options,
+    confidence_qml,
+    confidence_spec,
     gdal_env,
     probabilities_spec,
     qml_style,
@@ -50,8 +52,10 @@ class FinishResult:
 
 
 def output_names(stem: str, vector_format: str | None) -> dict[str, str]:
-    """File names of a scene's outputs: ``classes``, ``style``, ``probabilities`` and, with polygons, ``vector``."""
+    """File names of a scene's outputs: ``classes``, ``style``, ``probabilities``, ``confidence`` (with its
+    ``confidence_style``) and, with polygons, ``vector``."""
     names = {"classes": f"{stem}.classes.tif", "style": f"{stem}.classes.qml", "probabilities": f"{stem}.probs.tif",
+             "confidence": f"{stem}.confidence.tif", "confidence_style": f"{stem}.confidence.qml",
              "attributes": f"{stem}.classes.tif.aux.xml", "quicklook": f"{stem}.quicklook.png",
              "stac": f"{stem}.stac.json"}
     if vector_format is not None:
@@ -72,6 +76,8 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
     specs = {"classes": classes_spec(contract.classes, tags)}
     if options.probabilities:
         specs["probabilities"] = probabilities_spec(contract.classes, options.probabilities_dtype, tags)
+    if options.confidence:
+        specs["confidence"] = confidence_spec(tags)
     names = output_names(plan.stem, options.vector_format)
     out, stage = Store(plan.output_dir), Store(plan.staging)
     result = FinishResult(plan.stem, {}, [])
@@ -87,7 +93,7 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
             if options.vector_format is not None:
                 t0 = time.perf_counter()
                 vector_dir = scratch / "vector"
-                _vectorize(cogs["classes"], vector_dir / names["vector"], contract, options)
+                _vectorize(cogs["classes"], vector_dir / names["vector"], contract, options, cogs.get("confidence"))
                 for f in sorted(vector_dir.iterdir(), key=lambda f: f.name == names["vector"]):  # main file last
                     out.publish(f, f.name)
                     result.files.append(f.name)
@@ -97,16 +103,20 @@ def finish_scene(plan: ScenePlan, units: list[Unit], model: ModelRef, options: P
                 result.outputs["probabilities"] = out.publish(cogs["probabilities"], names["probabilities"])
             result.outputs["style"] = out.write_text(names["style"], qml_style(contract.classes))
             t0 = time.perf_counter()
-            for kind, path in _sidecars(plan, cogs["classes"], contract, names, scratch, options).items():
+            for kind, path in _sidecars(plan, cogs["classes"], contract, names, scratch, options,
+                                        cogs.get("confidence")).items():
                 result.outputs[kind] = out.publish(path, names[kind])
+            if "confidence" in cogs:  # after the quicklook, which reads it
+                result.outputs["confidence"] = out.publish(cogs["confidence"], names["confidence"])
+                result.outputs["confidence_style"] = out.write_text(names["confidence_style"], confidence_qml())
             item = scene_item(plan, contract, model.digest, options, names, {*result.outputs, "classes"})
             result.outputs["stac"] = out.write_text(names["stac"], json.dumps(item, indent=1) + "\n")
             result.seconds["cog"] += time.perf_counter() - t0
             if options.overwrite:  # the outputs of one stem come from one run: drop what this run does not write
                 _remove_stale(out, plan.stem, set(result.files) | {names[k] for k in result.outputs})
             result.outputs["classes"] = out.publish(cogs["classes"], names["classes"])
-            result.files += [names[k] for k in ("probabilities", "style", "attributes", "quicklook", "stac",
-                                                "classes") if k in result.outputs]
+            result.files += [names[k] for k in ("probabilities", "confidence", "confidence_style", "style",
+                                                "attributes", "quicklook", "stac", "classes") if k in result.outputs]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if stage.remote:
@@ -119,7 +129,7 @@ def _remove_stale(out: Store, stem: str, written: set[str]) -> None:
     any format with their sidecars)."""
     from geoseg.gis.vectorize import FORMATS
 
-    stale = [f"{stem}.probs.tif", f"{stem}.quicklook.png"]
+    stale = [f"{stem}.probs.tif", f"{stem}.confidence.tif", f"{stem}.confidence.qml", f"{stem}.quicklook.png"]
     for fmt in FORMATS.values():
         stale += [f"{stem}{ext}" for ext in (fmt.extensions[0], *fmt.sidecars)]
     for name in stale:
@@ -129,9 +139,10 @@ def _remove_stale(out: Store, stem: str, written: set[str]) -> None:
 
 
 def _sidecars(plan: ScenePlan, classes: Path, contract: Any, names: dict[str, str], scratch: Path,
-              options: PredictOptions) -> dict[str, Path]:
+              options: PredictOptions, confidence: Path | None = None) -> dict[str, Path]:
     """The class map's attribute table (``.aux.xml``: exact pixel counts and areas) and, unless turned off,
-    its quicklook picture, written into ``scratch``."""
+    its quicklook picture (with the confidence map as a second panel when there is one), written into
+    ``scratch``."""
     from geoseg.gis.quicklook import class_counts, rat_aux_xml, write_quicklook
 
     counts = class_counts(classes, contract.class_ids)
@@ -140,7 +151,7 @@ def _sidecars(plan: ScenePlan, classes: Path, contract: Any, names: dict[str, st
     out["attributes"].write_text(rat_aux_xml(contract.classes, counts, px_m * px_m if px_m else None))
     if options.quicklook:
         out["quicklook"] = write_quicklook(classes, scratch / names["quicklook"], contract.classes, counts, px_m,
-                                           title=f"{plan.stem}: {contract.name}")
+                                           title=f"{plan.stem}: {contract.name}", confidence_path=confidence)
     return out
 
 
@@ -187,11 +198,12 @@ def _cog(plan: ScenePlan, units: list[Unit], kind: str, spec: OutputSpec, stage:
     return cog
 
 
-def _vectorize(classes: Path, dst: Path, contract: Any, options: PredictOptions) -> None:
+def _vectorize(classes: Path, dst: Path, contract: Any, options: PredictOptions, confidence: Path | None) -> None:
     from geoseg.gis.vectorize import vectorize_raster
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     bg = [contract.background_class] if contract.background_class is not None else []
     vectorize_raster(classes, dst, vector_format=options.vector_format, connectivity=options.connectivity,
                      min_area=options.min_area, simplify=options.simplify, skip_classes=bg,
-                     class_names={k.id: k.name for k in contract.classes}, workers=options.resolved_workers())
+                     class_names={k.id: k.name for k in contract.classes}, workers=options.resolved_workers(),
+                     confidence=confidence)

@@ -53,6 +53,7 @@ class SceneResult:
     status: str
     classes_path: Path | str | None = None
     probabilities_path: Path | str | None = None
+    confidence_path: Path | str | None = None
     vector_path: Path | str | None = None
     width: int = 0
     height: int = 0
@@ -222,6 +223,7 @@ def _finished(plan: ScenePlan, fin: FinishResult, scene: SceneResult, stages: di
         scene.warnings.append(msg)
     scene.classes_path = as_location(fin.outputs.get("classes"))
     scene.probabilities_path = as_location(fin.outputs.get("probabilities"))
+    scene.confidence_path = as_location(fin.outputs.get("confidence"))
     scene.vector_path = as_location(fin.outputs.get("vector"))
     out = Store(plan.output_dir)
     scene.files = [out.url(name) for name in fin.files]

@@ -70,6 +70,7 @@ class JobOptions(_Strict):
     blend: BlendWindow = "cosine"
     probabilities: bool = False
     probabilities_dtype: ProbabilitiesDtype = "uint8"
+    confidence: bool = Field(default=False, description="<stem>.confidence.tif: the mapped class's probability")
     compress: Compression = "deflate"
     overwrite: bool = False
     tta: bool = False

@@ -4,8 +4,8 @@ Two records, both in the output folder (local or object storage), so that any ma
 
 - ``geoseg-manifest.json``: the finished scenes, each with the fingerprint of the settings that made it
   and its output files. Written by the job's driver after a scene's outputs are all published, never before.
-- ``.geoseg-staging/<stem>/``: a scene being made. ``settings.json`` holds its fingerprint; ``classes/`` and
-  ``probabilities/`` hold finished strips, each published whole, so a strip file *is* the record that the
+- ``.geoseg-staging/<stem>/``: a scene being made. ``settings.json`` holds its fingerprint; ``classes/``,
+  ``probabilities/`` and ``confidence/`` hold finished strips, each published whole, so a strip file *is* the record that the
   strip is done. The folder is removed once the scene is in the manifest.
 
 The resume rule: the same command run again skips every scene in the manifest with the same fingerprint
@@ -28,7 +28,7 @@ from typing import Any
 from geoseg.errors import OutputExistsError
 from geoseg.io.remote import storage_error
 from geoseg.io.store import Store
-from geoseg.predict.units import SETTINGS_FILE, STAGING, ScenePlan, parse_strip
+from geoseg.predict.units import SETTINGS_FILE, STAGED_KINDS, STAGING, ScenePlan, parse_strip
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def prepare_staging(plan: ScenePlan) -> bool:
     """
     stage = Store(plan.staging)
     if staging_matches(plan):
-        for kind in ("classes", "probabilities"):
+        for kind in STAGED_KINDS:
             for name in stage.list(kind):
                 if parse_strip(name) is None:
                     stage.remove(f"{kind}/{name}")

@@ -54,6 +54,7 @@ def run_report(run: RunResult) -> dict[str, Any]:
         "outputs": [
             {"scene": s.scene, "status": s.status, "error": s.error,
              "classes": _str(s.classes_path), "probabilities": _str(s.probabilities_path),
+             "confidence": _str(s.confidence_path),
              "vector": _str(s.vector_path), "files": s.files,
              "width": s.width, "height": s.height, "chips": s.chips, "chips_computed": s.chips_computed,
              "chips_skipped": s.chips_skipped, "rows_resumed": s.rows_resumed, "bands": s.band_indexes,

@@ -46,6 +46,7 @@ class PredictOptions:
     blend: Any = "cosine"
     probabilities: bool = False
     probabilities_dtype: str = "uint8"
+    confidence: bool = False  # <stem>.confidence.tif: the blended top-class probability (uint8, 254 = 1)
     compress: str = "deflate"
     overwrite: bool = False
     tta: bool = False
@@ -135,8 +136,16 @@ class Unit:
         return len(g.rows_touching(self.r0, self.r1)) * len(g.cols_touching(self.c0, self.c1))
 
 
+STAGED_KINDS = ("classes", "probabilities", "confidence")  # outputs staged in strips, one folder each
+
+
+def staged_outputs(options: PredictOptions) -> list[str]:
+    """The outputs a run stages in strips: ``classes``, and ``probabilities`` and ``confidence`` when asked for."""
+    return ["classes"] + [k for k in STAGED_KINDS[1:] if getattr(options, k)]
+
+
 def strip_key(output: str, row: int, c0: int, c1: int) -> str:
-    """Staging key of the strip of ``output`` (``classes`` or ``probabilities``) at ``row``, columns ``[c0, c1)``."""
+    """Staging key of the strip of ``output`` (``classes``, ``probabilities`` or ``confidence``) at ``row``, columns ``[c0, c1)``."""
     return f"{output}/r{row:07d}_c{c0:07d}-{c1:07d}.tif"
 
 
@@ -168,7 +177,7 @@ def plan_units(scene: ScenePlan, model: ModelRef, options: PredictOptions) -> li
 
 
 # options added after fingerprints were first recorded, with the value that gives the outputs of before
-_NEWER_OPTIONS: dict[str, Any] = {"resolution": None, "resampling": "nearest", "mmu": None}
+_NEWER_OPTIONS: dict[str, Any] = {"resolution": None, "resampling": "nearest", "mmu": None, "confidence": False}
 
 
 def fingerprint(info: SceneInfo, band_indexes: list[int], tile: int, overlap: int, model: ModelRef,

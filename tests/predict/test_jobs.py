@@ -64,10 +64,11 @@ def _bytes(folder: Path, pattern: str = "*.classes.tif") -> dict[str, bytes]:
 
 def test_same_bytes_on_threads_and_on_a_cluster_whatever_the_split(tmp_path, unet, scenes, cluster, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
-    ref = predict_scenes(scenes, unet, tmp_path / "local", probabilities=True)
+    ref = predict_scenes(scenes, unet, tmp_path / "local", probabilities=True, confidence=True)
     assert [s.status for s in ref.scenes] == ["done"] * 3 and ref.scheduler == "threads"
-    predict_scenes(scenes, unet, tmp_path / "split", probabilities=True, panel_width=512, unit_rows=512)
-    dist = predict_scenes(scenes, unet, tmp_path / "dist", probabilities=True, scheduler=cluster,
+    predict_scenes(scenes, unet, tmp_path / "split", probabilities=True, confidence=True, panel_width=512,
+                   unit_rows=512)
+    dist = predict_scenes(scenes, unet, tmp_path / "dist", probabilities=True, confidence=True, scheduler=cluster,
                           panel_width=512, unit_rows=512, name="job", merge_vectors=True)
     assert dist.scheduler == "distributed" and dist.workers == 2
     assert [s.status for s in dist.scenes] == ["done"] * 3
@@ -75,10 +76,13 @@ def test_same_bytes_on_threads_and_on_a_cluster_whatever_the_split(tmp_path, une
     assert len(want) == 3
     assert _bytes(tmp_path / "split") == want and _bytes(tmp_path / "dist") == want
     assert _bytes(tmp_path / "split", "*.probs.tif") == _bytes(tmp_path / "local", "*.probs.tif")
+    assert _bytes(tmp_path / "split", "*.confidence.tif") == _bytes(tmp_path / "local", "*.confidence.tif")
+    assert len(_bytes(tmp_path / "local", "*.confidence.tif")) == 3
     for s in ("s0", "s1", "s2"):  # torch's CPU sums depend on its thread count (1 per worker here, 2 locally)
-        with rasterio.open(tmp_path / "dist" / f"{s}.probs.tif") as a, \
-                rasterio.open(tmp_path / "local" / f"{s}.probs.tif") as b:
-            assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
+        for kind in ("probs", "confidence"):
+            with rasterio.open(tmp_path / "dist" / f"{s}.{kind}.tif") as a, \
+                    rasterio.open(tmp_path / "local" / f"{s}.{kind}.tif") as b:
+                assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
     import pyogrio
 
     assert _bytes(tmp_path / "dist", "s*.gpkg") == _bytes(tmp_path / "local", "s*.gpkg")  # polygons too

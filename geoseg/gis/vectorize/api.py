@@ -83,7 +83,8 @@ def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
                min_area: float | str | None = None, simplify: float | str | None = None,
                skip_classes: Iterable[int] = (), class_names: Mapping[int, str] | None = None,
                to_crs: Any = None, block_size: int = BLOCK_SIZE, workers: int | None = None,
-               progress: Progress | None = None, mmu: float | str | None = None) -> gpd.GeoDataFrame:
+               progress: Progress | None = None, mmu: float | str | None = None,
+               confidence: str | os.PathLike[str] | None = None) -> gpd.GeoDataFrame:
     """Polygons of a class raster as a GeoDataFrame, without writing a file.
 
     Same polygons and options (``mmu`` included) as :func:`vectorize_raster` (which streams them to a file
@@ -92,7 +93,7 @@ def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
 
     Returns:
         GeoDataFrame with columns ``class_id`` (int32), ``class_name`` (str or None), ``area_m2``,
-        ``perim_m`` and ``geometry`` (Polygon; MultiPolygon with 8-connectivity), in the raster's CRS or
+        ``perim_m``, with ``confidence`` also ``confidence_mean`` (float64, 0..1), and ``geometry`` (Polygon; MultiPolygon with 8-connectivity), in the raster's CRS or
         ``to_crs``.
 
     Raises:
@@ -100,7 +101,8 @@ def polygonize(src: str | os.PathLike[str], *, connectivity: int = 4,
     """
     with sieved_source(src, mmu, connectivity, tempfile.gettempdir(), workers) as source:
         plan = make_plan(source, connectivity=connectivity, min_area=min_area, simplify=simplify,
-                         skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size)
+                         skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size,
+                         confidence=confidence)
         batches = list(_iter_features(plan, _workers(workers), progress))
     if not batches:
         return empty_frame(plan)
@@ -115,7 +117,8 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
                      skip_classes: Iterable[int] = (), class_names: Mapping[int, str] | None = None,
                      to_crs: Any = None, block_size: int = BLOCK_SIZE, workers: int | None = None,
                      overwrite: bool = False, progress: Progress | None = None,
-                     mmu: float | str | None = None) -> VectorizeResult:
+                     mmu: float | str | None = None,
+                     confidence: str | os.PathLike[str] | None = None) -> VectorizeResult:
     """Polygonise a class raster block by block and stream the polygons to a vector file.
 
     Args:
@@ -142,6 +145,9 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
             sieve of the whole raster, streamed, with this ``connectivity``) so that every region smaller
             than ``"0.5ha"``, ``"5000m2"`` or ``"12px"`` takes its largest neighbour's class, then polygonise
             the cleaned raster (a temporary file in a hidden folder beside ``dst``, removed at the end).
+        confidence: a confidence map on the raster's grid (``<stem>.confidence.tif`` of ``geoseg predict``:
+            uint8, 254 = 1, nodata 255): each polygon gets ``confidence_mean``, the mean confidence (0..1)
+            of its pixels (``conf_mean`` in a shapefile).
 
     Returns:
         A :class:`VectorizeResult` (path, counts and areas per class, seconds).
@@ -158,7 +164,8 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     with sieved_source(src, mmu, connectivity, path.parent, workers) as source:
         result = _vectorize(source, path, fmt, connectivity=connectivity, min_area=min_area, simplify=simplify,
                             skip_classes=skip_classes, class_names=class_names, to_crs=to_crs,
-                            block_size=block_size, workers=workers, overwrite=overwrite, progress=progress)
+                            block_size=block_size, workers=workers, overwrite=overwrite, progress=progress,
+                            confidence=confidence)
     result.seconds = time.perf_counter() - t0
     log.info("vectorised %s: %d polygons in %d blocks to %s (%s) in %.1f s", os.fspath(src), result.features,
              result.blocks, path, fmt.name, result.seconds)
@@ -167,11 +174,11 @@ def vectorize_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
 
 def _vectorize(src: str, path: Path, fmt: formats.VectorFormat, *, connectivity: int, min_area: Any,
                simplify: Any, skip_classes: Iterable[int], class_names: Mapping[int, str] | None, to_crs: Any,
-               block_size: int, workers: int | None, overwrite: bool, progress: Progress | None
-               ) -> VectorizeResult:
+               block_size: int, workers: int | None, overwrite: bool, progress: Progress | None,
+               confidence: str | os.PathLike[str] | None) -> VectorizeResult:
     plan = make_plan(src, connectivity=connectivity, min_area=min_area, simplify=simplify,
                       skip_classes=skip_classes, class_names=class_names, to_crs=to_crs, block_size=block_size,
-                      force_4326=fmt.epsg4326)
+                      force_4326=fmt.epsg4326, confidence=confidence)
     nworkers = _workers(workers)
     result = VectorizeResult(path=path, vector_format=fmt.name,
                              crs=plan.out_crs.to_string() if plan.out_crs is not None else None,
@@ -199,6 +206,7 @@ def _iter_features(plan: Plan, workers: int, progress: Progress | None) -> Gener
     total = plan.rows * plan.cols
     held_geoms: list[np.ndarray] = []  # only with simplify: the whole coverage in pixel coordinates
     held_cls: list[np.ndarray] = []
+    held_conf: list[np.ndarray | None] = []
     with contextlib.closing(iter_blocks(plan, workers)) as blocks:
         for done, blk in enumerate(blocks, start=1):
             merger.add(blk)
@@ -209,29 +217,35 @@ def _iter_features(plan: Plan, workers: int, progress: Progress | None) -> Gener
             else:
                 held_geoms.append(closed[0])
                 held_cls.append(closed[1])
+                held_conf.append(closed[2])
             del closed
             if blk.c == plan.cols - 1:
-                geoms, cls = merger.complete(blk.r, blk.r == plan.rows - 1)
+                geoms, cls, conf = merger.complete(blk.r, blk.r == plan.rows - 1)
                 if plan.simplify_px is None:
                     if len(geoms):
-                        batch = finalize(plan, geoms, cls)
+                        batch = finalize(plan, geoms, cls, conf)
                         del geoms  # the pixel-coordinate polygons: not held while the batch is written
                         yield batch
                         del batch
                 else:
                     held_geoms.append(geoms)
                     held_cls.append(cls)
+                    held_conf.append(conf)
                 log.debug("block row %d done: %d open pieces", blk.r, merger.open_count)
             if progress is not None:
                 progress(done, total)
     if plan.simplify_px is not None:
-        yield from _simplified(plan, held_geoms, held_cls)
+        yield from _simplified(plan, held_geoms, held_cls, held_conf)
 
 
-def _simplified(plan: Plan, held_geoms: list[np.ndarray], held_cls: list[np.ndarray]
-                ) -> Iterator[Features]:
+def _simplified(plan: Plan, held_geoms: list[np.ndarray], held_cls: list[np.ndarray],
+                held_conf: list[np.ndarray | None]) -> Iterator[Features]:
     geoms = np.concatenate(held_geoms) if held_geoms else np.empty(0, dtype=object)
     cls = np.concatenate(held_cls) if held_cls else np.empty(0, dtype=np.int64)
+    conf = None
+    if plan.confidence is not None:
+        conf = np.concatenate([c for c in held_conf if c is not None]).reshape(-1, 2) if held_conf else \
+            np.zeros((0, 2))
     if not len(geoms):
         return
     # Douglas-Peucker on the shared edges (a distance: .simplify); --min-area then applies to what is
@@ -240,7 +254,7 @@ def _simplified(plan: Plan, held_geoms: list[np.ndarray], held_cls: list[np.ndar
     simple = simplify_coverage(geoms, plan.simplify_px)
     for i in range(0, len(simple), formats.BATCH_FEATURES):
         j = i + formats.BATCH_FEATURES
-        yield finalize(plan, simple[i:j], cls[i:j])
+        yield finalize(plan, simple[i:j], cls[i:j], None if conf is None else conf[i:j])
 
 
 def _workers(workers: int | None) -> int:

@@ -31,12 +31,19 @@ class Features:
         area_m2: ``(n,)`` float64, square metres (NaN when the raster has no CRS).
         perim_m: ``(n,)`` float64, metres.
         wkb: ``(n,)`` object array of WKB ``bytes`` (what every writer stores; cheap to send between processes).
+        confidence_mean: ``(n,)`` float64, the mean confidence (0..1) of each polygon's pixels; NaN without a
+            confidence map.
     """
 
     class_id: np.ndarray
     area_m2: np.ndarray
     perim_m: np.ndarray
     wkb: np.ndarray
+    confidence_mean: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.confidence_mean is None:
+            self.confidence_mean = np.full(len(self.class_id), np.nan)
 
     def __len__(self) -> int:
         return len(self.class_id)
@@ -52,7 +59,8 @@ class Features:
         if not parts:
             return cls.empty()
         return cls(np.concatenate([p.class_id for p in parts]), np.concatenate([p.area_m2 for p in parts]),
-                   np.concatenate([p.perim_m for p in parts]), np.concatenate([p.wkb for p in parts]))
+                   np.concatenate([p.perim_m for p in parts]), np.concatenate([p.wkb for p in parts]),
+                   np.concatenate([p.confidence_mean for p in parts]))  # type: ignore[misc]
 
     def names(self, plan: Plan) -> list[str | None]:
         """The ``class_name`` column: each class id's name in the plan, or ``None``."""
@@ -103,19 +111,31 @@ def keep_mask(plan: Plan, geoms_px: np.ndarray, area_m2: np.ndarray) -> np.ndarr
     return np.asarray(area_m2 >= q.value)
 
 
-def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray) -> Features:
-    """Turn pixel-coordinate pieces into output features: CRS coordinates, attributes, min_area, to_crs."""
+def confidence_mean(conf: np.ndarray) -> np.ndarray:
+    """Mean confidence (0..1) from per-polygon ``(n, 2)`` [sum of confidence values, pixel count]; NaN where
+    no pixel had a confidence. The sums are exact integers, so pieces add up the same in any order."""
+    out = np.full(len(conf), np.nan)
+    np.divide(conf[:, 0], conf[:, 1] * 254.0, out=out, where=conf[:, 1] > 0)
+    return out
+
+
+def finalize(plan: Plan, geoms_px: np.ndarray, classes: np.ndarray, conf: np.ndarray | None = None) -> Features:
+    """Turn pixel-coordinate pieces into output features: CRS coordinates, attributes, min_area, to_crs.
+
+    ``conf``: ``(n, 2)`` float64 [sum of confidence values, pixel count] per piece, or ``None``.
+    """
     geoms = to_crs_coords(plan, geoms_px)
     area, perim = measure(plan, geoms)
+    mean = confidence_mean(conf) if conf is not None else np.full(len(geoms), np.nan)
     keep = keep_mask(plan, geoms_px, area)
     if not keep.all():
-        geoms, classes, area, perim = geoms[keep], classes[keep], area[keep], perim[keep]
+        geoms, classes, area, perim, mean = geoms[keep], classes[keep], area[keep], perim[keep], mean[keep]
     if plan.connectivity == 8 and len(geoms):
         parts, idx = shapely.get_parts(geoms, return_index=True)
         geoms = shapely.multipolygons(parts, indices=idx)
     if plan.out_crs is not None and plan.crs is not None and not plan.out_crs.equals(plan.crs) and len(geoms):
         geoms = _reproject(plan, geoms)
-    return Features(classes.astype(np.int32), area, perim, shapely.to_wkb(geoms))
+    return Features(classes.astype(np.int32), area, perim, shapely.to_wkb(geoms), mean)
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,13 +158,16 @@ def _reproject(plan: Plan, geoms: np.ndarray) -> np.ndarray:
 
 
 def to_geodataframe(plan: Plan, features: Features) -> gpd.GeoDataFrame:
-    """Features as a GeoDataFrame (columns ``class_id``, ``class_name``, ``area_m2``, ``perim_m``,
-    ``geometry``) in the output CRS."""
+    """Features as a GeoDataFrame (columns ``class_id``, ``class_name``, ``area_m2``, ``perim_m``, with a
+    confidence map ``confidence_mean``, and ``geometry``) in the output CRS."""
     import geopandas as gpd
 
+    columns = {"class_id": features.class_id, "class_name": features.names(plan),
+               "area_m2": features.area_m2, "perim_m": features.perim_m}
+    if plan.confidence is not None:
+        columns["confidence_mean"] = features.confidence_mean
     return gpd.GeoDataFrame(
-        {"class_id": features.class_id, "class_name": features.names(plan),
-         "area_m2": features.area_m2, "perim_m": features.perim_m},
+        columns,
         geometry=gpd.GeoSeries(shapely.from_wkb(features.wkb), crs=plan.out_crs), crs=plan.out_crs,
     )
 
@@ -153,8 +176,11 @@ def empty_frame(plan: Plan) -> gpd.GeoDataFrame:
     """An empty GeoDataFrame with the columns and CRS of :func:`to_geodataframe`."""
     import geopandas as gpd
 
+    columns = {"class_id": np.zeros(0, np.int32), "class_name": np.zeros(0, object),
+               "area_m2": np.zeros(0), "perim_m": np.zeros(0)}
+    if plan.confidence is not None:
+        columns["confidence_mean"] = np.zeros(0)
     return gpd.GeoDataFrame(
-        {"class_id": np.zeros(0, np.int32), "class_name": np.zeros(0, object),
-         "area_m2": np.zeros(0), "perim_m": np.zeros(0)},
+        columns,
         geometry=gpd.GeoSeries([], crs=plan.out_crs), crs=plan.out_crs,
     )

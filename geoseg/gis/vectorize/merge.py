@@ -22,6 +22,7 @@ class Merger:
         self.cls: dict[int, int] = {}
         self.row: dict[int, int] = {}
         self.bottom: dict[int, bool] = {}
+        self.conf: dict[int, np.ndarray] = {}  # [confidence sum, pixels]: added up over a group's pieces
         self.base = 0
         self.edges: dict[tuple[int, int], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
@@ -61,6 +62,9 @@ class Merger:
             self.cls[g] = k
             self.row[g] = blk.r
             self.bottom[g] = bot
+        if blk.open_conf is not None:
+            for g, conf in zip(gids.tolist(), blk.open_conf, strict=True):
+                self.conf[g] = conf
         edges = {k: (np.where(lab > 0, lab + base, 0), cls) for k, (lab, cls) in blk.edges.items()}
         r, c = blk.r, blk.c
         left = self.edges.get((r, c - 1))
@@ -81,18 +85,23 @@ class Merger:
             for cc in range(self.plan.cols):
                 self.edges.pop((r - 1, cc), None)
 
-    def complete(self, r: int, last: bool) -> tuple[np.ndarray, np.ndarray]:
-        """After row ``r`` of blocks: merge and drop every group that cannot grow; ``(geoms_px, classes)``."""
+    def complete(self, r: int, last: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """After row ``r`` of blocks: merge and drop every group that cannot grow; ``(geoms_px, classes, conf)``
+        with ``conf`` the ``(n, 2)`` [confidence sum, pixels] of each group (``None`` without a confidence map)."""
         groups: dict[int, list[int]] = {}
         for g in self.parent:
             groups.setdefault(self._find(g), []).append(g)
         done: list[list[Any]] = []
         done_cls: list[int] = []
+        done_conf: list[np.ndarray] = []
+        with_conf = self.plan.confidence is not None
         for root, members in groups.items():
             if not last and any(self.row[m] == r and self.bottom[m] for m in members):
                 continue
             done.append([self.geom[m] for m in members])
             done_cls.append(self.cls[root])
+            if with_conf:  # sums and counts add up; the mean is taken once, of the whole polygon
+                done_conf.append(np.sum([self.conf.pop(m) for m in members], axis=0))
             for m in members:
                 del self.parent[m], self.geom[m], self.cls[m], self.row[m], self.bottom[m]
         geoms = np.empty(len(done), dtype=object)
@@ -103,7 +112,8 @@ class Merger:
         if multi:
             p = self.plan
             geoms[multi] = stitch([done[i] for i in multi], p.connectivity, p.block, p.width, p.height)
-        return geoms, np.asarray(done_cls, dtype=np.int64)
+        conf = np.asarray(done_conf, dtype=np.float64).reshape(-1, 2) if with_conf else None
+        return geoms, np.asarray(done_cls, dtype=np.int64), conf
 
     @property
     def open_count(self) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyproj
 from affine import Affine
 from rasterio.windows import Window
@@ -18,7 +19,7 @@ from rasterio.windows import Window
 from geoseg.errors import InputError
 from geoseg.gis.quantities import Quantity, check_connectivity, parse_min_area, parse_simplify
 from geoseg.io.geodesy import areal_scale, distorts
-from geoseg.io.raster import gdal_env, inspect_class_map, open_scene
+from geoseg.io.raster import gdal_env, inspect_class_map, inspect_scene, open_scene
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Plan:
     area_mode: str  # "planar", "geodesic" (geographic CRS), "geodesic-projected" (a distorting one) or "none"
     unit_m: float  # metres per CRS unit (planar)
     geod: pyproj.Geod | None
+    confidence: str | None = None  # a confidence map on the same grid: polygons get confidence_mean
 
     @property
     def cols(self) -> int:
@@ -79,7 +81,7 @@ def class_names_from_tags(tags: Mapping[str, str]) -> dict[int, str]:
 
 def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, simplify: Any,
               skip_classes: Iterable[int], class_names: Mapping[int, str] | None, to_crs: Any,
-              block_size: int, force_4326: bool = False) -> Plan:
+              block_size: int, force_4326: bool = False, confidence: str | os.PathLike[str] | None = None) -> Plan:
     path = os.fspath(src)
     check_connectivity(connectivity)
     if not isinstance(block_size, int) or block_size < 4:
@@ -149,5 +151,21 @@ def make_plan(src: str | os.PathLike[str], *, connectivity: int, min_area: Any, 
         if out_crs is not None and not out_crs.equals(target):
             log.info("GeoJSON (RFC 7946) is written in EPSG:4326: reprojecting from %s", out_crs.to_string())
         out_crs = target
+    conf = _check_confidence(path, info, confidence) if confidence is not None else None
     return Plan(path, info.width, info.height, transform, crs, info.mask, block_size, connectivity, skip,
-                 names, q_area, simplify_px, out_crs, area_mode, unit_m, geod)
+                 names, q_area, simplify_px, out_crs, area_mode, unit_m, geod, conf)
+
+
+def _check_confidence(path: str, info: Any, confidence: str | os.PathLike[str]) -> str:
+    """The confidence map's path, once it is known to be one uint8 band (254 = 1, nodata 255) on the class
+    raster's grid."""
+    conf = os.fspath(confidence)
+    other = inspect_scene(conf)
+    if other.count != 1 or np.dtype(other.dtype) != np.uint8:
+        raise InputError(f"{conf}: a confidence map is one uint8 band (round(p * 254), nodata 255), not "
+                         f"{other.count} band(s) of {other.dtype}; give the <stem>.confidence.tif of geoseg predict")
+    if (other.width, other.height) != (info.width, info.height) or \
+            not other.transform.almost_equals(info.transform):
+        raise InputError(f"{conf}: its grid ({other.width} x {other.height}) is not that of {path} "
+                         f"({info.width} x {info.height}); give the confidence map made with this class map")
+    return conf

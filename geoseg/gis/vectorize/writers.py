@@ -47,26 +47,39 @@ def rebatch(batches: Iterator[Features], count: Callable[[Features], None]) -> I
         yield out
 
 
-def arrow_schema() -> Any:
-    """The Arrow schema of the polygon columns (:data:`~geoseg.gis.vectorize.formats.COLUMNS`) and a WKB
-    ``geometry``."""
+def arrow_schema(confidence: str | None = None) -> Any:
+    """The Arrow schema of the polygon columns (:data:`~geoseg.gis.vectorize.formats.COLUMNS`), the column
+    named ``confidence`` when given (``confidence_mean``; ``conf_mean`` in a shapefile, whose field names have
+    at most 10 characters) and a WKB ``geometry``."""
     import pyarrow as pa
 
     geom = pa.field("geometry", pa.binary(), metadata={b"ARROW:extension:name": b"geoarrow.wkb"})
+    extra = [(confidence, pa.float64())] if confidence else []
     return pa.schema([("class_id", pa.int32()), ("class_name", pa.string()), ("area_m2", pa.float64()),
-                      ("perim_m", pa.float64()), geom])
+                      ("perim_m", pa.float64()), *extra, geom])
 
 
 def record_batch(plan: Plan, features: Features, schema: Any) -> Any:
     import pyarrow as pa
 
+    extra = []
+    if len(schema) == 6:  # with the confidence column
+        assert features.confidence_mean is not None
+        extra.append(pa.array(features.confidence_mean.astype(np.float64, copy=False)))
     return pa.record_batch([
         pa.array(features.class_id.astype(np.int32, copy=False)),
         pa.array(features.names(plan), type=pa.string()),
         pa.array(features.area_m2.astype(np.float64, copy=False)),
         pa.array(features.perim_m.astype(np.float64, copy=False)),
+        *extra,
         pa.array(features.wkb, type=pa.binary()),
     ], schema=schema)
+
+
+def _confidence_column(plan: Plan, fmt: VectorFormat | None) -> str | None:
+    if plan.confidence is None:
+        return None
+    return "conf_mean" if fmt is not None and fmt.name == "shp" else "confidence_mean"
 
 
 def _geometry_type(plan: Plan) -> str:
@@ -208,7 +221,7 @@ def write_ogr(tmp: Path, batches: Iterator[Features], plan: Plan, fmt: VectorFor
     Raises:
         InputError: a shapefile would pass the format's 2 GB limit.
     """
-    schema = arrow_schema()
+    schema = arrow_schema(_confidence_column(plan, fmt))
 
     def record_batches() -> Iterator[Any]:
         written = 0
@@ -227,6 +240,6 @@ def write_ogr(tmp: Path, batches: Iterator[Features], plan: Plan, fmt: VectorFor
 
 def write_parquet(tmp: Path, batches: Iterator[Features], plan: Plan) -> None:
     """Write ``batches`` as the GeoParquet file ``tmp``."""
-    schema = arrow_schema()
+    schema = arrow_schema(_confidence_column(plan, None))
     write_geoparquet(tmp, schema, (record_batch(plan, f, schema) for f in batches),
                      geometry_types=[_geometry_type(plan)], crs=plan.out_crs)
