@@ -33,7 +33,7 @@ from geoseg.io.settings import format_validation_error, read_yaml_file, resolve_
 # The allowed values mirror the library's registries (geoseg.predict.inference.PRECISIONS, geoseg.predict.blend.BLEND_WINDOWS,
 # geoseg.predict.api.PROBABILITY_DTYPES, geoseg.io.raster.COMPRESSIONS, geoseg.gis.vectorize.FORMATS); they are spelled
 # out here so that reading a job file imports neither torch nor GDAL, and tests/predict/test_jobfile.py keeps them equal.
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 BlendWindow = Literal["cosine", "hann", "gaussian", "uniform"]
 ProbabilitiesDtype = Literal["uint8", "float16", "float32"]
 Compression = Literal["deflate", "zstd", "lzw"]

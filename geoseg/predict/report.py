@@ -106,7 +106,7 @@ def describe_path(path: str) -> dict[str, Any]:
         c = b.contract
         extra: dict[str, Any] = {}
         if b.format == "onnx":
-            from geoseg.model.weights import onnx_metadata
+            from geoseg.model.onnxrt import onnx_metadata
 
             extra["onnx_metadata"] = {k: v for k, v in onnx_metadata(b.weights_path).items() if k != "geoseg_contract"}
         return {
