@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.windows import Window
 
 from geoseg.errors import BundleError, InputError
 from geoseg.model.bundle import Bundle
+from geoseg.model.contract import Contract, input_divisor
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ FP32_FILE = "model.fp32.onnx"  # an int8 export keeps its float32 network here, 
 INT8_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]  # quantised; the rest stays float32 between them
 
 __all__ = ["CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FP32_FILE", "bundle_calibration",
-           "is_int8_bundle", "quantize_onnx", "read_calibration", "write_calibration"]
+           "is_int8_bundle", "quantize_onnx", "read_calibration", "scene_chips", "write_calibration"]
 
 
 def is_int8_bundle(bundle: Bundle) -> bool:
@@ -85,6 +87,44 @@ def bundle_calibration(bundle: Bundle) -> np.ndarray | None:
         raise BundleError(f"{path}: calibration chips have {chips.shape[1]} bands where the contract has "
                           f"{bundle.contract.in_channels}; re-export the bundle")
     return chips
+
+
+def scene_chips(scene: str | os.PathLike[str], contract: Contract, n: int = CALIBRATION_CHIPS,
+                size: int = CALIBRATION_SIZE) -> np.ndarray:
+    """Up to ``n`` chips of ``size`` px (at most the contract's chip size) evenly spread over a scene, read with
+    the contract's bands and normalisation; chips without valid pixels are left out.
+
+    Raises:
+        InputError: the scene cannot be read, does not fit the contract, or has no valid chip.
+    """
+    from geoseg.io.raster import SceneReader, gdal_env, inspect_scene
+    from geoseg.model.preflight import check_scene
+
+    info = inspect_scene(scene)
+    bands = check_scene(contract, info, None).band_indexes
+    side = min(size, contract.chip_size, info.width, info.height)
+    div = input_divisor(contract.model)
+    side = max(div, side // div * div)
+    rows = range(0, max(1, info.height - side + 1), side)
+    cols = range(0, max(1, info.width - side + 1), side)
+    cells = [(r, c) for r in rows for c in cols]
+    picks = np.unique(np.linspace(0, len(cells) - 1, min(4 * n, len(cells))).round().astype(int))
+    chips: list[np.ndarray] = []
+    with gdal_env():
+        reader = SceneReader(info.path, list(bands), contract.input.mean, contract.input.std)
+        try:
+            for i in picks:
+                r, c = cells[i]
+                data, valid = reader.read(Window(c, r, side, side), size=(side, side))
+                if valid.mean() >= 0.5:
+                    chips.append(data)
+        finally:
+            reader.close()
+    if not chips:
+        raise InputError(f"{scene}: no chip of {side} px with valid pixels to calibrate int8 on; give another scene")
+    if len(chips) > n:
+        chips = [chips[i] for i in np.linspace(0, len(chips) - 1, n).round().astype(int)]
+    return np.stack(chips).astype(np.float32)
 
 
 class _Chips:

@@ -111,8 +111,13 @@ def test_export_int8_keeps_the_contract_the_deepness_keys_and_its_fp32_network(o
     from geoseg.model.export import export
     from geoseg.model.quantize import FP32_FILE, is_int8_bundle
 
+    from geoseg.errors import BundleError
+    from geoseg.predict.api import predict_scenes
+
     bundle, _, scene = onnx_bundle
-    folder = export(bundle, "onnx", tmp_path / "m-int8", int8=True).folder
+    with pytest.raises(BundleError, match="--calibration SCENE"):  # the test bundle carries no training chips
+        export(bundle, "onnx", tmp_path / "none", int8=True)
+    folder = export(bundle, "onnx", tmp_path / "m-int8", int8=True, calibration=scene).folder
     b = read_bundle(folder)
     assert is_int8_bundle(b) and b.contract.classes == read_bundle(bundle).contract.classes
     assert (folder / FP32_FILE).is_file()
@@ -122,3 +127,18 @@ def test_export_int8_keeps_the_contract_the_deepness_keys_and_its_fp32_network(o
     assert {"geoseg_contract", "model_type", "class_names", "tile_size"} <= props
     export_meta = b.contract.metadata["export"]
     assert export_meta["precision"] == "int8" and 0 <= export_meta["int8"]["agreement"] <= 1
+    try:
+        run = predict_scenes([scene], folder, tmp_path / "out", device="cpu", vector_format=None)
+    except InputError as exc:  # a random network may fall below the bar; the refusal is one line
+        assert "int8 agrees with fp32 on only" in str(exc)
+    else:
+        assert run.options.precision == "int8"  # auto: the bundle's own precision
+
+
+def test_calibration_chips_survive_their_uint8_storage(tmp_path):
+    from geoseg.model.quantize import read_calibration, write_calibration
+
+    chips = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    back = read_calibration(write_calibration(tmp_path / "calibration.npz", chips))
+    step = (chips.max(axis=(0, 2, 3)) - chips.min(axis=(0, 2, 3))) / 255
+    assert back.shape == chips.shape and (np.abs(back - chips) <= step[None, :, None, None] / 2 + 1e-6).all()
