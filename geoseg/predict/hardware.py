@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # PyTorch networks
+ALL_PRECISIONS = (*PRECISIONS, "int8")  # int8: ONNX bundles (geoseg.predict.onnx_predictor)
 CPU_BATCH_PIXELS = 512 * 512  # pixels per CPU batch under --batch-size auto
 MAX_BATCH = 32
 GPU_MEMORY_SHARE = 0.6  # of the free device memory, for --batch-size auto on CUDA

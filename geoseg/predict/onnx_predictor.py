@@ -82,8 +82,8 @@ def onnx_precision(precision: str, model_path: Path, int8_bundle: bool) -> str:
         InputError: bf16, fp16 or an unknown name; fp32 asked of an int8 bundle that keeps no float32 network.
     """
     if precision not in ONNX_PRECISIONS:
-        raise InputError(f"{model_path}: an ONNX model runs in fp32 or int8 (ONNX Runtime), not {precision}; use "
-                         "--precision fp32, int8 or auto")
+        raise InputError(f"{model_path}: an ONNX model runs in float32 or int8 (ONNX Runtime), not {precision}; "
+                         "use --precision fp32, int8 or auto")
     if precision == "auto":
         return "int8" if int8_bundle else "fp32"
     if precision == "fp32" and int8_bundle and not (model_path.parent / FP32_FILE).is_file():

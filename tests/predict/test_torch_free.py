@@ -97,7 +97,7 @@ def test_precisions_an_onnx_bundle_refuses(onnx_bundle, tmp_path):
 
     bundle, onnx_dir, scene = onnx_bundle
     for precision in ("bf16", "fp16"):
-        with pytest.raises(InputError, match="fp32 or int8"):
+        with pytest.raises(InputError, match="float32 or int8"):
             predict_scenes([scene], onnx_dir, tmp_path / precision, device="cpu", precision=precision,
                            vector_format=None)
     with pytest.raises(InputError, match="int8 runs an ONNX model"):
@@ -107,11 +107,10 @@ def test_precisions_an_onnx_bundle_refuses(onnx_bundle, tmp_path):
 def test_export_int8_keeps_the_contract_the_deepness_keys_and_its_fp32_network(onnx_bundle, tmp_path):
     import onnx
 
+    from geoseg.errors import BundleError
     from geoseg.model.bundle import read_bundle
     from geoseg.model.export import export
     from geoseg.model.quantize import FP32_FILE, is_int8_bundle
-
-    from geoseg.errors import BundleError
     from geoseg.predict.api import predict_scenes
 
     bundle, _, scene = onnx_bundle
