@@ -30,7 +30,7 @@ def versions() -> dict[str, str]:
 
     out = {"geoseg": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
            "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__}
-    for mod in ("torch", "segmentation_models_pytorch"):
+    for mod in ("torch", "segmentation_models_pytorch", "onnxruntime"):
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = getattr(m, "__version__", "?")
