@@ -181,7 +181,10 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chip
             quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=per_channel, op_types_to_quantize=INT8_OPS,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                            # ranges merged every few chips: the same ranges, without holding every
+                            # intermediate tensor of every chip in memory
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "CalibMaxIntermediateOutputs": 4})
         except Exception as exc:  # onnxruntime's and onnx's own error types
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise BundleError(f"{src}: ONNX Runtime cannot quantise this network ({type(exc).__name__}: {first})"
