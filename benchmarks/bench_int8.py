@@ -24,12 +24,23 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent across exec,
+    and the parent here holds torch)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_predict(scene: str, bundle: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
     import time
 
     from geoseg.errors import InputError
     from geoseg.predict.api import predict_scenes
-    from geoseg.predict.report import peak_memory_mb
 
     t0 = time.perf_counter()
     try:
