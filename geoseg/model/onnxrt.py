@@ -28,7 +28,8 @@ ONNX_OUTPUTS = ("logits", "probabilities")  # what geoseg exports (probabilities
 
 _threads: int | None = None  # intra-op threads of new sessions; None: torch's when torch is loaded, else the cores
 
-__all__ = ["ONNX_INPUT", "ONNX_OUTPUTS", "OnnxSession", "import_ort", "load_onnx_model", "onnx_metadata",
+__all__ = ["ONNX_BACKENDS", "ONNX_INPUT", "ONNX_OUTPUTS", "OnnxSession", "OpenVinoSession", "import_ort",
+           "make_session", "load_onnx_model", "onnx_metadata",
            "ort_providers", "probabilities_to_logits", "session_threads", "set_session_threads", "softmax"]
 
 
@@ -168,6 +169,74 @@ class OnnxSession:
             if isinstance(shape[1], int) and shape[1] != want:
                 raise BundleError(f"{bundle.weights_path}: the ONNX {what} has {shape[1]} channels where the "
                                   f"contract has {want}; the model.json beside it belongs to another model")
+
+
+class OpenVinoSession:
+    """An ONNX model in OpenVINO's runtime, with :class:`OnnxSession`'s interface (``run``, ``output``, ``path``).
+
+    OpenVINO reads the ONNX file (QDQ int8 graphs included) and compiles it for its CPU plugin (Intel and AMD)
+    with :func:`session_threads` threads and float32 inference precision (no silent bf16).
+
+    Args:
+        path: the ``.onnx`` file.
+        device: ``cpu`` (OpenVINO's ``CPU`` plugin).
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        self.path = Path(path)
+        self.device_type = device
+        self._request: Any = None
+        self.output = ""
+
+    def session(self) -> Any:
+        """The compiled model's infer request, made on first use.
+
+        Raises:
+            InputError: the ``openvino`` package is missing.
+            BundleError: OpenVINO cannot read or compile the file.
+        """
+        if self._request is None:
+            try:
+                import openvino
+            except ImportError:
+                raise InputError("--backend openvino needs the openvino package: pip install openvino") from None
+            if self.device_type != "cpu":
+                raise InputError(f"--backend openvino runs on the CPU here, not {self.device_type}; use --device cpu")
+            try:
+                compiled = openvino.Core().compile_model(
+                    str(self.path), "CPU", {"INFERENCE_NUM_THREADS": session_threads(),
+                                            "INFERENCE_PRECISION_HINT": "f32"})
+            except Exception as exc:  # OpenVINO's own error types
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise BundleError(f"{self.path}: OpenVINO cannot compile this model ({first}); use --backend "
+                                  "onnxruntime") from None
+            names = [o.get_any_name() for o in compiled.outputs]
+            self.output = next((n for n in ONNX_OUTPUTS if n in names), names[0])
+            self._index = names.index(self.output)
+            self._request = compiled.create_infer_request()
+        return self._request
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The model's output ``(N, K, H, W)`` float32 for a batch ``(N, C, H, W)``."""
+        request = self.session()
+        out = request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(out[self._index], dtype=np.float32)  # a copy: the request reuses its buffers
+
+
+ONNX_BACKENDS = {"onnxruntime": OnnxSession, "openvino": OpenVinoSession}
+
+
+def make_session(path: str | Path, device: str = "cpu", backend: str = "onnxruntime") -> Any:
+    """An :class:`OnnxSession` or :class:`OpenVinoSession` for ``backend``.
+
+    Raises:
+        UnknownNameError: an unknown backend (the message lists the valid ones).
+    """
+    if backend not in ONNX_BACKENDS:
+        from geoseg.errors import unknown_name
+
+        raise unknown_name("ONNX backend", backend, list(ONNX_BACKENDS))
+    return ONNX_BACKENDS[backend](path, device)
 
 
 def load_onnx_model(path: str | Path | Bundle) -> LoadedModel:

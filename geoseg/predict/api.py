@@ -134,10 +134,10 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
         raise InputError(f"--unit-rows {opts.unit_rows}: must be a positive multiple of {BLOCK}; try "
                          f"{max(BLOCK, round(opts.unit_rows / BLOCK) * BLOCK)}")
     get_profile(opts.blend)
-    from geoseg.predict.hardware import BACKENDS
+    from geoseg.predict.hardware import ALL_BACKENDS
 
-    if opts.backend not in BACKENDS:
-        raise InputError(f"--backend {opts.backend}: valid values are {', '.join(BACKENDS)}")
+    if opts.backend not in ALL_BACKENDS:
+        raise InputError(f"--backend {opts.backend}: valid values are {', '.join(ALL_BACKENDS)}")
     from geoseg.gis.vectorize.plan import check_connectivity
 
     check_connectivity(opts.connectivity)
@@ -201,7 +201,7 @@ def predict_scenes(
     started = time.perf_counter()
     bundle = model.bundle if isinstance(model, LoadedModel) else model if isinstance(model, Bundle) else read_bundle(model)
     contract = bundle.contract
-    if bundle.format == "onnx":  # runs in ONNX Runtime without torch (geoseg.predict.runtime)
+    if bundle.format == "onnx" and opts.backend != "openvino":  # runs without torch (geoseg.predict.runtime)
         opts.backend = "onnxruntime"
     tile, overlap = _validate(contract, opts)
     scheduler = resolve_scheduler(scheduler)

@@ -42,7 +42,9 @@ CPU_BATCH_PIXELS = 512 * 512  # pixels per CPU batch under --batch-size auto
 MAX_BATCH = 32
 GPU_MEMORY_SHARE = 0.6  # of the free device memory, for --batch-size auto on CUDA
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("eager", "onnxruntime")  # what runs a PyTorch network (geoseg.predict.backends); ONNX bundles: ONNX Runtime
+BACKENDS = ("eager", "onnxruntime")  # what runs a PyTorch network (geoseg.predict.backends)
+ONNX_BACKENDS = ("onnxruntime", "openvino")  # what runs an ONNX bundle (geoseg.predict.onnx_predictor)
+ALL_BACKENDS = ("eager", "onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from geoseg.errors import InputError
 from geoseg.model.bundle import LoadedModel
-from geoseg.model.onnxrt import OnnxSession, import_ort, softmax
+from geoseg.model.onnxrt import OnnxSession, import_ort, make_session, softmax
 from geoseg.model.quantize import (
     FP32_FILE,
     bundle_calibration,
@@ -119,13 +119,15 @@ class OnnxPredictor:
         device: ``auto``, ``cpu`` or ``cuda``.
         precision: ``auto``, ``fp32`` or ``int8`` (:func:`onnx_precision`).
         tta: average the probabilities over flips and 90-degree rotations (6x the model work).
+        backend: ``onnxruntime`` or ``openvino`` (OpenVINO's CPU plugin; the ``openvino`` package).
     """
 
     torch_cuda = False  # numpy in, numpy out, on any device
     amp_dtype = None
-    backend = "onnxruntime"
 
-    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False):
+    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False,
+                 backend: str = "onnxruntime"):
+        self.backend = backend
         self.contract = model.contract
         self.bundle = model.bundle
         path = model.bundle.weights_path
@@ -136,21 +138,23 @@ class OnnxPredictor:
         self.sigmoid = self.contract.model.activation == "sigmoid"
         self.overflowed = 0
         module = model.module
-        given = module if isinstance(module, OnnxSession) and module.device_type == self.device.type else None
+        given = (module if backend == "onnxruntime" and isinstance(module, OnnxSession)
+                 and module.device_type == self.device.type else None)
         fp32_path = path.parent / FP32_FILE if self.int8_bundle else path
-        self.fp32: OnnxSession | None = None
+        self.fp32: Any = None  # an OnnxSession or OpenVinoSession
         if fp32_path.is_file():
-            self.fp32 = given if given is not None and not self.int8_bundle else OnnxSession(fp32_path, self.device.type)
-        self.session: OnnxSession | None = None  # what runs the chips; the int8 one is made on the first batch
+            self.fp32 = (given if given is not None and not self.int8_bundle
+                         else make_session(fp32_path, self.device.type, backend))
+        self.session: Any = None  # what runs the chips; the int8 one is made on the first batch
         if self.precision == "fp32":
             self.session = self.fp32
         elif self.int8_bundle:
-            self.session = given or OnnxSession(path, self.device.type)
+            self.session = given or make_session(path, self.device.type, backend)
         self._checked = self.precision == "fp32"
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.agreement: float | None = None
 
-    def _probabilities(self, session: OnnxSession, x: np.ndarray) -> np.ndarray:
+    def _probabilities(self, session: Any, x: np.ndarray) -> np.ndarray:
         out = session.run(x)
         if not np.isfinite(out).all():
             if not self.overflowed:
@@ -168,7 +172,7 @@ class OnnxPredictor:
             out = np.concatenate([1 - out, out], axis=1)
         return out.astype(np.float32, copy=False)
 
-    def _quantize(self, first: np.ndarray) -> OnnxSession:
+    def _quantize(self, first: np.ndarray) -> Any:
         """An int8 network quantised from the float32 one, calibrated on the bundle's chips or ``first``."""
         assert self.fp32 is not None
         chips = bundle_calibration(self.bundle)
@@ -180,7 +184,7 @@ class OnnxPredictor:
         self._tmp = tempfile.TemporaryDirectory(prefix="geoseg-int8-")
         out = Path(self._tmp.name) / "model.int8.onnx"
         quantize_onnx(self.fp32.path, out, chips)
-        return OnnxSession(out, self.device.type)
+        return make_session(out, self.device.type, self.backend)
 
     def _first_batch(self, batch: np.ndarray) -> None:
         """Make the int8 network if needed and check it on this batch against float32; refuse it below the bar."""

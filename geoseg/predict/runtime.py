@@ -54,7 +54,10 @@ def make_predictor(model: LoadedModel, device: str = "auto", precision: str = "a
     if runs_without_torch(model.format):
         from geoseg.predict.onnx_predictor import OnnxPredictor
 
-        return OnnxPredictor(model, device, precision, tta)
+        return OnnxPredictor(model, device, precision, tta, backend if backend == "openvino" else "onnxruntime")
+    if backend == "openvino":
+        raise InputError(f"{model.bundle.path}: --backend openvino runs an ONNX model; export one with geoseg export "
+                         "--format onnx and predict that")
     if precision == "int8":
         raise InputError(f"{model.bundle.path}: --precision int8 runs an ONNX model; export one with geoseg export "
                          "--format onnx --int8 (or predict its ONNX export with --precision int8)")

@@ -141,3 +141,16 @@ def test_calibration_chips_survive_their_uint8_storage(tmp_path):
     back = read_calibration(write_calibration(tmp_path / "calibration.npz", chips))
     step = (chips.max(axis=(0, 2, 3)) - chips.min(axis=(0, 2, 3))) / 255
     assert back.shape == chips.shape and (np.abs(back - chips) <= step[None, :, None, None] / 2 + 1e-6).all()
+
+
+def test_openvino_runs_an_onnx_bundle_to_the_same_classes_without_torch(onnx_bundle, tmp_path):
+    pytest.importorskip("openvino")
+    _, onnx_dir, scene = onnx_bundle
+    got = _run_cli(["--quiet", "predict", str(scene), "--model", str(onnx_dir), "--output-dir", str(tmp_path / "ov"),
+                    "--backend", "openvino", "--no-vector"])
+    assert got == {"rc": 0, "heavy": []}
+    from geoseg.predict.api import predict_scenes
+
+    run = predict_scenes([scene], onnx_dir, tmp_path / "ort", device="cpu", vector_format=None)
+    with rasterio.open(run.scenes[0].classes_path) as a, rasterio.open(tmp_path / "ov" / "scene.classes.tif") as b:
+        assert (a.read(1) == b.read(1)).mean() >= 0.9999
