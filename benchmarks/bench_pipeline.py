@@ -11,7 +11,8 @@ One synthetic 3-band uint8 scene (default 4096 x 4096), one U-Net resnet18 with 
   normalising, model, blending, strips, VRT and COG. Efficiency = its wall time / the bare forward's.
 - ``predict fp32 batch 8``: the defaults before issue 8 (``--precision fp32 --batch-size 8``).
 - ``predict onnxruntime``: the defaults with ``--backend onnxruntime`` (PyTorch bundle, converted in-process).
-- ``onnx fp32`` / ``onnx int8``: the bundle exported with ``geoseg export --format onnx`` (and ``--int8``,
+- ``onnx fp32`` / ``onnx int8`` (and ``openvino fp32`` / ``openvino int8`` where the openvino package is
+  installed: ``--backend openvino``): the bundle exported with ``geoseg export --format onnx`` (and ``--int8``,
   calibrated on the scene), predicted through the torch-free path (numpy + ONNX Runtime; the child
   records whether torch was loaded), each with its own bare forward through the same
   :class:`~geoseg.predict.onnx_predictor.OnnxPredictor`, and the class map's arg-max agreement with the
@@ -107,7 +108,7 @@ def child_bare_onnx(scene: str, bundle: str, options: dict[str, Any]) -> dict[st
     c = loaded.contract
     opts = PredictOptions(**options)
     settings = resolve_settings(opts, c.chip_size, len(c.input.bands), bundle=loaded.bundle)
-    pred = OnnxPredictor(loaded, "cpu", settings.precision)
+    pred = OnnxPredictor(loaded, "cpu", settings.precision, backend=opts.backend)
     with rasterio.open(scene) as ds:
         grid = ChipGrid(ds.width, ds.height, c.chip_size, c.overlap)
     reader = SceneReader(scene, list(range(1, len(c.input.bands) + 1)), c.input.mean, c.input.std)
@@ -201,6 +202,12 @@ def _startup(torch_free: bool = False) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0, "peak_memory_mb": rss}
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _agreement(a: str, b: str) -> float:
     import numpy as np
     import rasterio
@@ -239,14 +246,17 @@ def main() -> None:
                  (str(scene), str(bundle), str(tmp / "out8"), {"device": "cpu", "precision": "fp32", "batch_size": 8})),
                 ("predict onnxruntime", "child_predict",
                  (str(scene), str(bundle), str(tmp / "outo"), {"device": "cpu", "backend": "onnxruntime"}))]
+        backends = ["onnxruntime"] + (["openvino"] if _has("openvino") else [])
         if not args.no_onnx:
             for precision in ("fp32", "int8"):
                 folder = tmp / f"{bundle.name}-onnx-{precision}-{scene.stem}"
                 _child("child_export", str(bundle), str(scene), str(folder), precision == "int8")
-                opts = {"device": "cpu", "precision": precision}
-                plan += [(f"bare onnx {precision}", "child_bare_onnx", (str(scene), str(folder), opts)),
-                         (f"predict onnx {precision}", "child_predict",
-                          (str(scene), str(folder), str(tmp / f"out-onnx-{precision}"), opts))]
+                for backend in backends:
+                    tag = "onnx" if backend == "onnxruntime" else backend
+                    opts = {"device": "cpu", "precision": precision, "backend": backend}
+                    plan += [(f"bare {tag} {precision}", "child_bare_onnx", (str(scene), str(folder), opts)),
+                             (f"predict {tag} {precision}", "child_predict",
+                              (str(scene), str(folder), str(tmp / f"out-{tag}-{precision}"), opts))]
         for rep in range(args.repeats):
             for name, fn, a in plan:
                 r = _child(fn, *a)
@@ -280,8 +290,9 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> N
     ref = runs["predict fp32 batch 8"][0].get("classes")
     pairs = [("PyTorch " + runs["predict (defaults)"][0]["precision"] + " (defaults)", "predict (defaults)",
               "bare forward")]
-    pairs += [(f"ONNX Runtime {p} (no torch)", f"predict onnx {p}", f"bare onnx {p}") for p in ("fp32", "int8")
-              if f"predict onnx {p}" in runs]
+    pairs += [(f"{name} {p} (no torch)", f"predict {tag} {p}", f"bare {tag} {p}")
+              for tag, name in (("onnx", "ONNX Runtime"), ("openvino", "OpenVINO")) for p in ("fp32", "int8")
+              if f"predict {tag} {p}" in runs]
     print(f"\n{'backend / precision':<32} {'wall s':>7} {'peak MB':>8} {'bare s':>7} {'efficiency':>10} "
           f"{'agree fp32 PyTorch':>18}")
     for label, run_key, bare_key in pairs:
