@@ -146,6 +146,13 @@ class _Chips:
         self._it = self._items()
 
 
+def _merge_every(n: int) -> int:
+    """Chips after which the calibrator merges its ranges: the same ranges, without every intermediate tensor of
+    every chip in memory. Not a divisor of ``n``: ONNX Runtime's calibrator fails ("No data is collected") when
+    the last merge leaves nothing behind."""
+    return next(k for k in (4, 3, 5, 7, 11, n + 1) if n % k)
+
+
 def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chips: np.ndarray, *,
                   per_channel: bool = True) -> Path:
     """Quantise a float32 ONNX network to int8 (static, QDQ), calibrated on ``chips`` ``(N, C, H, W)``.
@@ -181,10 +188,8 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chip
             quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=per_channel, op_types_to_quantize=INT8_OPS,
-                            # ranges merged every few chips: the same ranges, without holding every
-                            # intermediate tensor of every chip in memory
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                           "CalibMaxIntermediateOutputs": 4})
+                                           "CalibMaxIntermediateOutputs": _merge_every(len(chips))})
         except Exception as exc:  # onnxruntime's and onnx's own error types
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise BundleError(f"{src}: ONNX Runtime cannot quantise this network ({type(exc).__name__}: {first})"
