@@ -405,8 +405,14 @@ def evaluate(ctx: click.Context, scene: str | None, model: str, image: str | Non
 @click.option("--output", "output_old", default=None, type=click.Path(), hidden=True,
               help="The former spelling of --output-dir.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
+@click.option("--int8", is_flag=True,
+              help="ONNX: quantise to int8 (static QDQ), calibrated on the bundle's training chips or --calibration; "
+                   "the float32 network stays beside it as model.fp32.onnx.")
+@click.option("--calibration", default=None, metavar="SCENE",
+              help="A scene whose chips calibrate --int8 (for a bundle without calibration.npz).")
 @opt_overwrite
-def export(model: str, fmt: str, output: str | None, output_old: str | None, opset: int, overwrite: bool) -> None:
+def export(model: str, fmt: str, output: str | None, output_old: str | None, opset: int, int8: bool,
+           calibration: str | None, overwrite: bool) -> None:
     """Export a MODEL bundle to ONNX or TorchScript (a bundle geoseg and other tools run), or describe it as a
     STAC MLM Item."""
     from pathlib import Path
@@ -417,12 +423,18 @@ def export(model: str, fmt: str, output: str | None, output_old: str | None, ops
     output = output or output_old
     if fmt == "mlm" and output is not None:
         output = str(Path(output) / mlm_path(Path(model)).name)
-    result = export_tool(model, fmt, output, opset=opset, overwrite=overwrite)
+    result = export_tool(model, fmt, output, opset=opset, overwrite=overwrite, int8=int8, calibration=calibration)
     if fmt == "mlm":
         click.echo(f"{result.contract_path} (STAC MLM item of {result.model_path})")
         return
     click.echo(f"{result.model_path} (contract {result.contract_path}; max |diff| vs PyTorch "
                f"{result.max_abs_diff:.2g})")
+    if int8:
+        from geoseg.model.bundle import read_bundle
+
+        q = read_bundle(result.folder).contract.metadata["export"]["int8"]
+        click.echo(f"int8: {100 * q['agreement']:.2f} % of the calibration pixels keep the fp32 class "
+                   f"({q['calibration_chips']} chips of {q['calibration']})")
 
 
 # --- accuracy assessment (sample, assess) ---

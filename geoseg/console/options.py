@@ -121,14 +121,18 @@ opt_batch_size = click.option("--batch-size", type=BatchSize(), default="auto", 
                                    "CPU, what fits in 60% of free memory on a GPU.")
 opt_device = click.option("--device", default="auto", show_default=True,
                           help="auto (CUDA, else Apple's mps, else the CPU), cpu, cuda, cuda:N or mps.")
-opt_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+opt_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
                              default="auto", show_default=True,
                              help="Number format of the network. auto: bf16 on CUDA where supported (else fp16); "
-                                  "on a CPU bf16 with Intel AMX, else fp32.")
-opt_backend = click.option("--backend", type=click.Choice(["eager", "onnxruntime"]), default="eager",
+                                  "on a CPU bf16 with Intel AMX, else fp32; an ONNX bundle fp32 (int8 when "
+                                  "exported with --int8). int8: ONNX bundles only, checked against fp32 on the "
+                                  "first batch.")
+opt_backend = click.option("--backend", type=click.Choice(["eager", "onnxruntime", "openvino"]), default="eager",
                            show_default=True,
                            help="What runs the network: eager PyTorch, or ONNX Runtime on the CPU (float32; "
-                                "0.6-0.8x eager's time per chip here, checked against eager on the first batch).")
+                                "0.6-0.8x eager's time per chip here, checked against eager on the first batch). "
+                                "An ONNX bundle runs without torch, in ONNX Runtime or, with openvino, in OpenVINO "
+                                "(pip install openvino).")
 opt_workers = click.option("--workers", type=int, default=None,
                            help="Reader threads and Dask workers [default: min(4, CPU cores)].")
 opt_bands = click.option("--bands", callback=int_list, default=None, metavar="N,N,...",

@@ -110,12 +110,35 @@ def write_bundle(cfg: TrainConfig, data: PreparedData, net: nn.Module, best_scor
     contract = make_contract(cfg, data, meta, getattr(net, "geoseg_unused", None), getattr(net, "geoseg_pretrained", None))
     path = out / "model"
     save_bundle(path, contract, net, overwrite=True)
+    write_calibration_chips(cfg, data, path)
     dump_config(cfg, path / "config.yaml")
     (path / "metrics.json").write_text(json.dumps(best_scores, indent=2) + "\n")
     if best_scores.get("classes"):
         (path / "metrics.md").write_text(markdown_table(best_scores))
     log.info("bundle written to %s", path)
     return path
+
+
+def write_calibration_chips(cfg: TrainConfig, data: PreparedData, folder: Path) -> Path | None:
+    """``calibration.npz`` in the bundle: up to :data:`~geoseg.model.quantize.CALIBRATION_CHIPS` training chips,
+    evenly spread over the train blocks' chip grid, normalised as the network sees them and cut to at most
+    :data:`~geoseg.model.quantize.CALIBRATION_SIZE` px, for int8 quantisation (``geoseg export --int8``,
+    ``geoseg predict --precision int8``). ``None`` when no training chip fits."""
+    from geoseg.learn.data import ChipRules, GridChipSampler
+    from geoseg.model.quantize import CALIBRATION_CHIPS, CALIBRATION_FILE, CALIBRATION_SIZE, write_calibration
+
+    rules = ChipRules(cfg.data.chip_size, cfg.data.min_valid_fraction, cfg.data.min_labelled_fraction)
+    locs = GridChipSampler(data.scenes, data.coverages, rules, "train").locations()
+    if not locs:
+        return None
+    picks = np.unique(np.linspace(0, len(locs) - 1, min(CALIBRATION_CHIPS, len(locs))).round().astype(int))
+    ds = ChipDataset(data.scenes, [locs[i] for i in picks], data.class_map, data.mean, data.std, cfg.data.chip_size)
+    side = min(CALIBRATION_SIZE, cfg.data.chip_size)
+    at = (cfg.data.chip_size - side) // 2
+    chips = np.stack([ds.read(loc)[0][:, at:at + side, at:at + side] for loc in ds.locations])
+    with staged_file(folder / CALIBRATION_FILE) as tmp:
+        write_calibration(tmp, chips)
+    return folder / CALIBRATION_FILE
 
 
 def plots(cfg: TrainConfig, data: PreparedData, val_locs: list[ChipLocation], net: nn.Module,

@@ -60,10 +60,14 @@ class Bundle:
 
 @dataclass
 class LoadedModel:
-    """A bundle with its network built and its weights loaded (in eval mode, on the CPU)."""
+    """A bundle with its network built and its weights loaded (in eval mode, on the CPU).
+
+    ``module`` is a ``torch.nn.Module`` (:func:`geoseg.model.weights.load_model`), or for an ONNX bundle loaded
+    without torch an :class:`~geoseg.model.onnxrt.OnnxSession` (:func:`geoseg.model.onnxrt.load_onnx_model`).
+    """
 
     bundle: Bundle
-    module: torch.nn.Module
+    module: Any
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["CONTRACT_FILE", "FORMAT_VERSION", "METADATA_KEY", "WEIGHTS_FILE", "ArchSpec", "ClassInfo", "Contract",
-           "InputSpec", "PretrainedSource", "check_rgb"]
+           "InputSpec", "PretrainedSource", "check_rgb", "input_divisor"]
 
 CONTRACT_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -155,3 +155,11 @@ class Contract(BaseModel):
     @property
     def class_ids(self) -> list[int]:
         return [c.id for c in self.classes]
+
+
+def input_divisor(spec: ArchSpec) -> int:
+    """The number a chip's height and width must be a multiple of for this network."""
+    if spec.architecture.lower() == "conv1x1":
+        return 1
+    depth = int(spec.params.get("encoder_depth", 5))
+    return 2**depth

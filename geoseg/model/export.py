@@ -30,11 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.errors import BundleError, OutputExistsError, unknown_name
+from geoseg.errors import BundleError, InputError, OutputExistsError, unknown_name
 from geoseg.io.store import staged_directory, staged_file
 from geoseg.model.bundle import Bundle, LoadedModel, read_bundle, write_contract
 from geoseg.model.contract import CONTRACT_FILE, METADATA_KEY, Contract
 from geoseg.model.networks import first_output, input_divisor
+from geoseg.model.quantize import (
+    CALIBRATION_FILE,
+    FP32_FILE,
+    bundle_calibration,
+    quantize_onnx,
+    scene_chips,
+    write_calibration,
+)
 from geoseg.model.weights import load_model
 
 MLM_FILE = "model.mlm.json"
@@ -215,6 +223,8 @@ def export(
     opset: int = 17,
     overwrite: bool = False,
     check: bool = True,
+    int8: bool = False,
+    calibration: str | os.PathLike[str] | None = None,
 ) -> ExportResult:
     """Write the bundle's network as ONNX or TorchScript into a folder, with ``model.json`` beside it; or,
     with ``format="mlm"``, the bundle's STAC MLM Item.
@@ -227,6 +237,10 @@ def export(
         opset: ONNX opset version.
         overwrite: replace an existing export folder or Item.
         check: run the exported network on a random batch (two sizes) and compare with PyTorch.
+        int8: ONNX only: quantise the network to int8 (:func:`geoseg.model.quantize.quantize_onnx`), calibrated
+            on the bundle's ``calibration.npz`` (what ``geoseg train`` writes) or on chips of ``calibration``;
+            the float32 network stays beside it as ``model.fp32.onnx`` for predict's agreement check.
+        calibration: a scene whose chips calibrate int8 (instead of, or for want of, the bundle's).
 
     Returns:
         An :class:`ExportResult`.
@@ -234,11 +248,13 @@ def export(
     Raises:
         UnknownNameError: an unknown format (the message lists the valid ones).
         OutputExistsError: the output exists and ``overwrite`` is false.
-        BundleError: the exporter's package is missing, the bundle is an export already, or the exported
-            network disagrees with PyTorch.
+        BundleError: the exporter's package is missing, the bundle is an export already, the exported
+            network disagrees with PyTorch, or int8 has no calibration chips.
     """
     if format not in FORMATS:
         raise unknown_name("export format", format, list(FORMATS))
+    if (int8 or calibration is not None) and format != "onnx":
+        raise InputError(f"--int8 and --calibration quantise an ONNX network, not {format}; use --format onnx")
     if format == "mlm":
         b = bundle.bundle if isinstance(bundle, LoadedModel) else bundle if isinstance(bundle, Bundle) \
             else read_bundle(bundle)
@@ -259,6 +275,10 @@ def export(
     if format == "onnx":
         net = Probabilities(net, c.model.activation == "sigmoid").eval()
     example = _sample(loaded)
+    chips = _calibration_chips(loaded, calibration) if format == "onnx" else None
+    if int8 and chips is None:
+        raise BundleError(f"{src}: no calibration chips for int8 (the bundle has no {CALIBRATION_FILE}; bundles "
+                          "trained before it have none); pass --calibration SCENE.tif, a scene like the ones it maps")
     with staged_directory(folder) as tmp:
         exporter(net, example, tmp / filename, opset)
         diff = _check(net, runner, tmp / filename, loaded) if check else None
@@ -272,13 +292,46 @@ def export(
             "input_divisor": input_divisor(c.model), "opset": opset if format == "onnx" else None,
             "torch": torch.__version__, "max_abs_diff": diff,
         }
+        if chips is not None:
+            write_calibration(tmp / CALIBRATION_FILE, chips)
+        if int8:
+            assert chips is not None
+            meta["export"]["precision"] = "int8"
+            meta["export"]["int8"] = _quantize(tmp / filename, chips, str(calibration or CALIBRATION_FILE))
         contract = c.model_copy(update={"weights": filename, "metadata": meta})
         if format == "onnx":
             _write_onnx_metadata(tmp / filename, contract)
+            if int8:
+                _write_onnx_metadata(tmp / FP32_FILE, contract.model_copy(update={"weights": FP32_FILE}))
         write_contract(tmp, contract)
         write_mlm(read_bundle(tmp), tmp / MLM_FILE)
     log.info("exported %s to %s", src, folder / filename)
     return ExportResult(folder, folder / filename, folder / CONTRACT_FILE, format, diff)
+
+
+def _calibration_chips(loaded: LoadedModel, scene: str | os.PathLike[str] | None) -> np.ndarray | None:
+    """Chips to calibrate int8 on: from ``scene`` when given, else the bundle's ``calibration.npz``, else None."""
+    if scene is not None:
+        return scene_chips(scene, loaded.contract)
+    return bundle_calibration(loaded.bundle)
+
+
+def _quantize(path: Path, chips: np.ndarray, source: str) -> dict[str, Any]:
+    """Quantise ``path`` in place (the float32 network moves to ``model.fp32.onnx``); the agreement of the two
+    on the calibration chips, as export metadata."""
+    fp32 = path.with_name(FP32_FILE)
+    path.rename(fp32)
+    quantize_onnx(fp32, path, chips)
+    ref = np.concatenate([run_onnx(fp32, chips[i:i + 8]) for i in range(0, len(chips), 8)])
+    got = np.concatenate([run_onnx(path, chips[i:i + 8]) for i in range(0, len(chips), 8)])
+    if ref.shape[1] == 1:
+        agree = float(((got > 0.5) == (ref > 0.5)).mean())
+    else:
+        agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    log.info("int8: %.4f %% arg max agreement with fp32 on %d calibration chips", 100 * agree, len(chips))
+    return {"calibration": source, "calibration_chips": len(chips), "agreement": round(agree, 6),
+            "fp32_network": FP32_FILE, "quantization": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 "
+            "activations, min-max calibration"}
 
 
 def _check(net: torch.nn.Module, runner: Callable[..., np.ndarray], path: Path, loaded: LoadedModel) -> float:

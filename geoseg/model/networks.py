@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from geoseg.errors import BundleError, ConfigError, unknown_name
-from geoseg.model.contract import ArchSpec, Contract, PretrainedSource
+from geoseg.model.contract import ArchSpec, Contract, PretrainedSource, input_divisor
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +243,6 @@ def unused_modules(net: nn.Module, in_channels: int, size: int) -> list[str]:
             names = []
     net.train(was_training)
     return names
-
-
-def input_divisor(spec: ArchSpec) -> int:
-    """The number a chip's height and width must be a multiple of for this network."""
-    if spec.architecture.lower() == "conv1x1":
-        return 1
-    depth = int(spec.params.get("encoder_depth", 5))
-    return 2**depth
 
 
 # ---------------------------------------------------------------------------------- the network of a config

@@ -23,7 +23,6 @@ Each loader returns a ``torch.nn.Module`` mapping a float32 ``(N, C, H, W)`` bat
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -33,11 +32,10 @@ import torch
 
 from geoseg.errors import BundleError, InputError
 from geoseg.model.bundle import Bundle, LoadedModel, read_bundle, weights_format
+from geoseg.model.onnxrt import ONNX_INPUT, ONNX_OUTPUTS, OnnxSession, onnx_metadata, ort_providers
 
 log = logging.getLogger(__name__)
 
-ONNX_INPUT = "image"
-ONNX_OUTPUTS = ("logits", "probabilities")  # what geoseg exports (probabilities since issue 12)
 
 
 # ------------------------------------------------------------------------------------------- safetensors
@@ -74,77 +72,38 @@ def _state_dict_network(bundle: Bundle) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------ ONNX
 
 
-def _import_ort() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise InputError("an ONNX bundle runs in ONNX Runtime: pip install onnxruntime (onnxruntime-gpu for "
-                         "CUDA)") from None
-    return ort
-
-
-def ort_providers(device: str) -> list[str]:
-    """ONNX Runtime providers for a torch device type: CUDA first where asked for and available."""
-    ort = _import_ort()
-    if device == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        log.warning("ONNX Runtime has no CUDA provider here (pip install onnxruntime-gpu); the ONNX model runs "
-                    "on the CPU")
-    return ["CPUExecutionProvider"]
-
-
 class OnnxNetwork(torch.nn.Module):
     """An ONNX model as a torch module: ``forward`` runs it in ONNX Runtime and returns logits.
 
-    The session is made on first use (or after :meth:`to` moves it to another device) with as many
-    intra-op threads as torch uses, so a dask worker's thread setting holds. A model whose output is
-    ``probabilities`` (softmax, or a sigmoid for one channel; what geoseg exports, for the QGIS Deepness
-    plugin) is turned back into logits, ``log p`` (or ``log p - log(1 - p)``), whose softmax is ``p``.
+    A thin torch wrapper over :class:`geoseg.model.onnxrt.OnnxSession` (which needs no torch; ``geoseg
+    predict`` runs ONNX bundles through it directly). The session is made on first use (or after :meth:`to`
+    moves it to another device) with as many intra-op threads as torch uses, so a dask worker's thread
+    setting holds. A model whose output is ``probabilities`` (softmax, or a sigmoid for one channel; what
+    geoseg exports, for the QGIS Deepness plugin) is turned back into logits, ``log p`` (or
+    ``log p - log(1 - p)``), whose softmax is ``p``.
     """
 
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
-        self.device_type = "cpu"
-        self._session: Any = None
-        self._output = ""
+        self.runner = OnnxSession(path)
+
+    @property
+    def device_type(self) -> str:
+        return self.runner.device_type
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # what .to(), .cuda() and .cpu() call
         probe = fn(torch.empty(0))
-        if probe.device.type != self.device_type:
-            self.device_type, self._session = probe.device.type, None
+        if probe.device.type != self.runner.device_type:
+            self.runner = OnnxSession(self.path, probe.device.type)
         return self
 
     def session(self) -> Any:
-        if self._session is None:
-            ort = _import_ort()
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.intra_op_num_threads = torch.get_num_threads()
-            opts.inter_op_num_threads = 1
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            try:
-                sess = ort.InferenceSession(str(self.path), opts, providers=ort_providers(self.device_type))
-            except Exception as exc:  # onnxruntime's own error types
-                first = (str(exc).strip().splitlines() or [""])[0][:200]
-                raise BundleError(f"{self.path}: ONNX Runtime cannot load this model ({first}); re-export it "
-                                  "with geoseg export") from None
-            inputs, outputs = sess.get_inputs(), sess.get_outputs()
-            if len(inputs) != 1 or not outputs:
-                raise BundleError(f"{self.path}: an ONNX segmentation model takes one image input "
-                                  f"(has {len(inputs)}) and gives logits or probabilities")
-            names = [o.name for o in outputs]
-            self._output = next((n for n in ONNX_OUTPUTS if n in names), names[0])
-            self._input = inputs[0].name
-            self._session = sess
-        return self._session
+        return self.runner.session()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sess = self.session()
-        image = x.detach().float().contiguous().cpu().numpy()  # ONNX Runtime wants NCHW-contiguous memory
-        out = torch.from_numpy(sess.run([self._output], {self._input: image})[0])
-        if self._output == "probabilities":
+        out = torch.from_numpy(self.runner.run(x.detach().float().contiguous().cpu().numpy()))
+        if self.runner.output == "probabilities":
             out = probabilities_to_logits(out)
         return out.to(x.device)
 
@@ -186,8 +145,9 @@ def load_network(bundle: Bundle) -> torch.nn.Module:
     fmt = weights_format(bundle.weights_path)
     try:
         if fmt == "onnx":
-            net: torch.nn.Module = OnnxNetwork(bundle.weights_path)
-            _check_onnx(net, bundle)
+            onnx_net = OnnxNetwork(bundle.weights_path)
+            onnx_net.runner.check(bundle)
+            net: torch.nn.Module = onnx_net
         elif fmt == "torchscript":
             net = _torchscript_network(bundle)
         else:
@@ -199,33 +159,8 @@ def load_network(bundle: Bundle) -> torch.nn.Module:
     return net.eval()
 
 
-def _check_onnx(net: Any, bundle: Bundle) -> None:
-    """The graph's input and output channel counts must be the contract's (when the graph fixes them)."""
-    sess = net.session()
-    c = bundle.contract
-    got_in = sess.get_inputs()[0].shape
-    got_out = next(o for o in sess.get_outputs() if o.name == net._output).shape
-    for what, shape, want in (("input", got_in, c.in_channels), ("output", got_out, c.out_channels)):
-        if len(shape) != 4:
-            raise BundleError(f"{bundle.weights_path}: the ONNX {what} has shape {shape}, not (N, C, H, W)")
-        if isinstance(shape[1], int) and shape[1] != want:
-            raise BundleError(f"{bundle.weights_path}: the ONNX {what} has {shape[1]} channels where the "
-                              f"contract has {want}; the model.json beside it belongs to another model")
-
-
-def onnx_metadata(path: Path) -> dict[str, Any]:
-    """The ``metadata_props`` of an ONNX file, values parsed as JSON where they are JSON."""
-    sess = OnnxNetwork(path).session()
-    out: dict[str, Any] = {}
-    for k, v in sess.get_modelmeta().custom_metadata_map.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
-__all__ = ["OnnxNetwork", "load_network", "onnx_metadata", "ort_providers", "probabilities_to_logits"]
+__all__ = ["ONNX_INPUT", "ONNX_OUTPUTS", "OnnxNetwork", "load_network", "onnx_metadata", "ort_providers",
+           "probabilities_to_logits"]
 
 
 def load_model(path: str | os.PathLike[str] | Bundle) -> LoadedModel:

@@ -24,7 +24,7 @@ from geoseg.io.raster import BLOCK, check_compress, check_writable, inspect_scen
 from geoseg.io.stac_scenes import StackedScene, stack_scenes
 from geoseg.io.store import Store
 from geoseg.model.bundle import Bundle, LoadedModel, bundle_digest, read_bundle
-from geoseg.model.contract import Contract
+from geoseg.model.contract import Contract, input_divisor
 from geoseg.model.preflight import check_scene
 from geoseg.predict.blend import get_profile
 from geoseg.predict.finish import output_names
@@ -124,8 +124,6 @@ def expand_scenes(scenes: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
-    from geoseg.model.networks import input_divisor
-
     if opts.tile_size is not None and opts.tile_size < 1:
         raise InputError(f"--tile-size {opts.tile_size}: must be a positive number of pixels; leave it out to "
                          f"use the bundle's chip size ({contract.chip_size})")
@@ -158,10 +156,10 @@ def _validate(contract: Contract, opts: PredictOptions) -> tuple[int, int]:
     check_resampling(opts.resampling)
     if opts.resolution is not None and not opts.resolution > 0:
         raise InputError(f"--resolution {opts.resolution}: must be a positive pixel size in the scenes' CRS units")
-    from geoseg.predict.backends import BACKENDS
+    from geoseg.predict.hardware import ALL_BACKENDS
 
-    if opts.backend not in BACKENDS:
-        raise InputError(f"--backend {opts.backend}: valid values are {', '.join(BACKENDS)}")
+    if opts.backend not in ALL_BACKENDS:
+        raise InputError(f"--backend {opts.backend}: valid values are {', '.join(ALL_BACKENDS)}")
     from geoseg.gis.quantities import check_connectivity
 
     check_connectivity(opts.connectivity)
@@ -231,7 +229,7 @@ def predict_scenes(
     started = time.perf_counter()
     bundle = model.bundle if isinstance(model, LoadedModel) else model if isinstance(model, Bundle) else read_bundle(model)
     contract = bundle.contract
-    if bundle.format == "onnx":  # runs in ONNX Runtime, float32 (geoseg.model.weights)
+    if bundle.format == "onnx" and opts.backend != "openvino":  # runs without torch (geoseg.predict.runtime)
         opts.backend = "onnxruntime"
     tile, overlap = _validate(contract, opts)
     scheduler = resolve_scheduler(scheduler)
@@ -265,20 +263,20 @@ class _Loader:
 
     def __call__(self) -> LoadedModel:
         if self.loaded is None:
-            from geoseg.model.weights import load_model
+            from geoseg.predict.runtime import load_for_predict
 
-            self.loaded = load_model(self.bundle)
+            self.loaded = load_for_predict(self.bundle)
         return self.loaded
 
 
 def _device_settings(opts: PredictOptions, tile: int, bands: int, ref: ModelRef, dask_sched: Any,
                      loader: _Loader) -> DeviceSettings:
     """``auto`` precision and batch size made concrete once for the job, where the model runs."""
-    from geoseg.predict.inference import resolve_settings
+    from geoseg.predict.runtime import resolve_settings
 
     if dask_sched is not None:
         return dask_sched.device_settings(ref, opts, tile, bands)
-    settings = resolve_settings(opts, tile, bands, load=loader)
+    settings = resolve_settings(opts, tile, bands, bundle=loader.bundle, load=loader)
     log.info("model settings: %s, batch %d on %s (%s)", settings.precision, settings.batch_size, settings.device,
              settings.machine)
     return settings

@@ -32,12 +32,12 @@ import torch
 
 from geoseg.errors import GeoSegError, InputError, unknown_name
 from geoseg.model.networks import first_output
+from geoseg.predict.hardware import BACKENDS
 
 log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-BACKENDS = ("eager", "onnxruntime")
 MIN_AGREEMENT = 0.995
 
 

@@ -7,7 +7,7 @@ and published whole into the scene's staging folder (local or object storage), w
 record that the strip is done. A unit that starts again (after Ctrl-C, a killed process or a lost worker)
 skips its finished strips and recomputes only the chips that reach below them.
 
-The model runs in a :class:`Runtime`: one :class:`~geoseg.predict.inference.ModelServer` per process and device,
+The model runs in a :class:`Runtime`: one :class:`~geoseg.predict.server.ModelServer` per process and device,
 fed by a pool of reader threads. Local runs make one runtime and pass it in; a dask worker keeps one per
 model digest (:func:`worker_runtime`), so it loads a model once however many units it runs.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -55,18 +56,19 @@ class Runtime:
     """One process's model on its device: the model server thread, reader threads, chip slots."""
 
     def __init__(self, model: LoadedModel, options: PredictOptions):
-        from geoseg.predict.inference import ModelServer, Predictor
+        from geoseg.predict.runtime import make_predictor
+        from geoseg.predict.server import ModelServer
 
         if not isinstance(options.batch_size, int) or options.precision == "auto":
             # predict_scenes resolves auto once per job; units made by hand get this process's choice
-            from geoseg.predict.inference import resolve_settings
+            from geoseg.predict.runtime import resolve_settings
 
             settings = resolve_settings(options, model.contract.chip_size, len(model.contract.input.bands),
-                                        load=lambda: model)
+                                        bundle=model.bundle, load=lambda: model)
             options = dataclasses.replace(options, precision=settings.precision, batch_size=settings.batch_size)
         assert isinstance(options.batch_size, int)
         self.contract = model.contract
-        self.predictor = Predictor(model, options.device, options.precision, options.tta, options.backend)
+        self.predictor = make_predictor(model, options.device, options.precision, options.tta, options.backend)
         self.server = ModelServer(self.predictor, options.batch_size)
         self.readers = ThreadPoolExecutor(options.resolved_workers(), thread_name_prefix="geoseg-read")
         self.slots = threading.Semaphore(max(6, 3 * options.batch_size))  # chips read, not yet blended
@@ -117,7 +119,7 @@ def worker_runtime(model: ModelRef, options: PredictOptions) -> Runtime:
         rt = _RUNTIMES.get(key)
         if rt is None:
             from geoseg.model.bundle import bundle_digest
-            from geoseg.model.weights import load_model
+            from geoseg.predict.runtime import load_for_predict
 
             bundle = model.read()
             if bundle_digest(bundle.files) != model.digest:
@@ -126,17 +128,17 @@ def worker_runtime(model: ModelRef, options: PredictOptions) -> Runtime:
             _set_worker_threads()
             while len(_RUNTIMES) >= _KEEP:
                 _RUNTIMES.pop(next(iter(_RUNTIMES))).close()
-            rt = _RUNTIMES[key] = Runtime(load_model(bundle), options)
+            rt = _RUNTIMES[key] = Runtime(load_for_predict(bundle), options)
         return rt
 
 
 def worker_settings(model: ModelRef, options: PredictOptions, tile: int, bands: int) -> DeviceSettings:
     """The job's device settings (:func:`geoseg.predict.inference.resolve_settings`) as a dask worker sees them."""
-    from geoseg.model.weights import load_model
-    from geoseg.predict.inference import resolve_settings
+    from geoseg.predict.runtime import load_for_predict, resolve_settings
 
     _set_worker_threads()
-    return resolve_settings(options, tile, bands, load=lambda: load_model(model.read()))
+    bundle = model.read()
+    return resolve_settings(options, tile, bands, bundle=bundle, load=lambda: load_for_predict(bundle))
 
 
 def _set_worker_threads() -> None:
@@ -146,9 +148,12 @@ def _set_worker_threads() -> None:
         nthreads = get_worker().state.nthreads
     except (ImportError, ValueError, AttributeError):
         return
-    import torch
+    from geoseg.model.onnxrt import set_session_threads
 
-    torch.set_num_threads(max(1, nthreads))
+    set_session_threads(max(1, nthreads))
+    torch = sys.modules.get("torch")  # an ONNX job never loads it
+    if torch is not None:
+        torch.set_num_threads(max(1, nthreads))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +36,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # PyTorch networks
+ALL_PRECISIONS = (*PRECISIONS, "int8")  # int8: ONNX bundles (geoseg.predict.onnx_predictor)
 CPU_BATCH_PIXELS = 512 * 512  # pixels per CPU batch under --batch-size auto
 MAX_BATCH = 32
 GPU_MEMORY_SHARE = 0.6  # of the free device memory, for --batch-size auto on CUDA
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("eager", "onnxruntime")  # what runs a PyTorch network (geoseg.predict.backends)
+ONNX_BACKENDS = ("onnxruntime", "openvino")  # what runs an ONNX bundle (geoseg.predict.onnx_predictor)
+ALL_BACKENDS = ("eager", "onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)
@@ -62,23 +67,32 @@ class CpuFeatures:
 
 
 def cpu_features() -> CpuFeatures:
-    """This machine's CPU, from ``/proc/cpuinfo`` (Linux) and torch's instruction-set checks."""
-    import torch
+    """This machine's CPU, from ``/proc/cpuinfo`` (Linux) and torch's instruction-set checks.
 
+    Without torch loaded (an ONNX job, which never imports it) the features are the kernel's CPU flags
+    (``amx_tile``, ``avx512_bf16``) instead.
+    """
     name = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and name == (platform.processor() or platform.machine()):
                     name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and not name.startswith(platform.machine()):
                     break
     except OSError:
         pass
+    from geoseg.io.workers import cpu_cores
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return CpuFeatures(name, cpu_cores(), "amx_tile" in flags, "avx512_bf16" in flags)
     cpu = getattr(torch, "cpu", None)
     amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
     avx512_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
-    from geoseg.io.workers import cpu_cores
-
     return CpuFeatures(name, cpu_cores(), amx, avx512_bf16)
 
 

@@ -34,7 +34,7 @@ from geoseg.io.settings import format_validation_error, read_yaml_file, resolve_
 # geoseg.predict.api.PROBABILITY_DTYPES, geoseg.io.raster.COMPRESSIONS, geoseg.gis.vectorize.FORMATS,
 # geoseg.io.vrt.RESAMPLING); they are spelled
 # out here so that reading a job file imports neither torch nor GDAL, and tests/predict/test_jobfile.py keeps them equal.
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 BlendWindow = Literal["cosine", "hann", "gaussian", "uniform"]
 ProbabilitiesDtype = Literal["uint8", "float16", "float32"]
 Compression = Literal["deflate", "zstd", "lzw"]
@@ -64,7 +64,8 @@ class JobOptions(_Strict):
     batch_size: int | str = Field(default="auto", description="chips per model call; auto: chosen per device")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     precision: Precision = "auto"
-    backend: Literal["eager", "onnxruntime"] = Field(default="eager", description="eager or onnxruntime (CPU)")
+    backend: Literal["eager", "onnxruntime", "openvino"] = Field(
+        default="eager", description="eager or onnxruntime (CPU); openvino for ONNX bundles")
     workers: int | None = Field(default=None, ge=1, description="reader threads; default min(4, CPU cores)")
     bands: list[int] | None = Field(default=None, min_length=1, description="1-based scene bands; default the bundle's")
     blend: BlendWindow = "cosine"

@@ -30,7 +30,7 @@ def versions() -> dict[str, str]:
 
     out = {"geoseg": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
            "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__}
-    for mod in ("torch", "segmentation_models_pytorch"):
+    for mod in ("torch", "segmentation_models_pytorch", "onnxruntime"):
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = getattr(m, "__version__", "?")
@@ -107,7 +107,7 @@ def describe_path(path: str) -> dict[str, Any]:
         c = b.contract
         extra: dict[str, Any] = {}
         if b.format == "onnx":
-            from geoseg.model.weights import onnx_metadata
+            from geoseg.model.onnxrt import onnx_metadata
 
             extra["onnx_metadata"] = {k: v for k, v in onnx_metadata(b.weights_path).items() if k != "geoseg_contract"}
         return {

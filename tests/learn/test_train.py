@@ -60,6 +60,10 @@ def test_train_writes_a_bundle_with_the_full_contract(tmp_path, scene):
                  "plots/metrics.png", "plots/confusion.png", "plots/val_chips.png"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").iterdir())
+    from geoseg.model.quantize import bundle_calibration
+
+    chips = bundle_calibration(b)  # training chips for int8 calibration, normalised like the network's input
+    assert chips is not None and chips.shape[1:] == (3, 32, 32) and 1 <= len(chips) <= 64
     assert len((out / "metrics.csv").read_text().splitlines()) == 3
     assert json.loads((out / "model" / "metrics.json").read_text())["epoch"] == result.best_epoch
     stages = {e.stage for e in events}

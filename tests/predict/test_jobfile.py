@@ -235,15 +235,15 @@ def test_options_match_the_library() -> None:
     from geoseg.io.raster import COMPRESSIONS
     from geoseg.predict.api import PROBABILITY_DTYPES, PredictOptions
     from geoseg.predict.blend import BLEND_WINDOWS
-    from geoseg.predict.inference import PRECISIONS
+    from geoseg.predict.hardware import ALL_PRECISIONS
 
     assert set(JobOptions.model_fields) == {f.name for f in dataclasses.fields(PredictOptions)}
     fields = JobOptions.model_fields
-    assert _choices(fields["precision"].annotation) == set(PRECISIONS)
+    assert _choices(fields["precision"].annotation) == set(ALL_PRECISIONS)
     assert _choices(fields["blend"].annotation) == set(BLEND_WINDOWS)
-    from geoseg.predict.backends import BACKENDS
+    from geoseg.predict.hardware import ALL_BACKENDS
 
-    assert _choices(fields["backend"].annotation) == set(BACKENDS)
+    assert _choices(fields["backend"].annotation) == set(ALL_BACKENDS)
     assert _choices(fields["probabilities_dtype"].annotation) == set(PROBABILITY_DTYPES)
     assert _choices(fields["compress"].annotation) == set(COMPRESSIONS)
     assert _choices(fields["vector_format"].annotation) == set(FORMATS)

@@ -1,0 +1,205 @@
+"""int8 networks: ONNX Runtime's post-training static quantisation, and the calibration chips a bundle carries.
+
+:func:`quantize_onnx` quantises a float32 ONNX network to int8 in the QDQ format (QuantizeLinear /
+DequantizeLinear pairs around each quantised operator, which ONNX Runtime fuses into integer kernels),
+weights per output channel, activations per tensor, their ranges calibrated (min-max) on normalised chips.
+The float32 input and the output (probabilities) stay float32, so the network keeps the bundle's contract
+and runs wherever the float32 one runs, QGIS Deepness included.
+
+Calibration chips travel in a bundle as ``calibration.npz`` (:func:`write_calibration`): up to
+:data:`CALIBRATION_CHIPS` chips as the network sees them (normalised), stored as uint8 with a per-band
+offset and scale, so a 3-band bundle carries ~64 x 3 x 256 x 256 bytes. ``geoseg train`` writes them from
+its training chips and ``geoseg export`` copies them; a bundle without them calibrates on the job's first
+chips (:mod:`geoseg.predict.onnx_predictor`).
+
+Needs ``onnxruntime`` and ``onnx`` (the quantiser edits the graph), not torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from geoseg.errors import BundleError, InputError
+from geoseg.model.bundle import Bundle
+from geoseg.model.contract import Contract, input_divisor
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.npz"
+CALIBRATION_CHIPS = 64  # chips kept for calibration
+CALIBRATION_SIZE = 256  # their side at most (the network is fully convolutional; ranges barely depend on it)
+FP32_FILE = "model.fp32.onnx"  # an int8 export keeps its float32 network here, for predict's agreement check
+INT8_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]  # quantised; the rest stays float32 between them
+
+__all__ = ["CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FP32_FILE", "bundle_calibration",
+           "is_int8_bundle", "quantize_onnx", "read_calibration", "scene_chips", "write_calibration"]
+
+
+def is_int8_bundle(bundle: Bundle) -> bool:
+    """An ONNX bundle written by ``geoseg export --int8``."""
+    export = bundle.contract.metadata.get("export") or {}
+    return bundle.format == "onnx" and isinstance(export, dict) and export.get("precision") == "int8"
+
+
+def write_calibration(path: str | os.PathLike[str], chips: np.ndarray) -> Path:
+    """Store normalised chips ``(N, C, H, W)`` float32 as uint8 with a per-band offset and scale (``.npz``)."""
+    x = np.asarray(chips, dtype=np.float32)
+    if x.ndim != 4 or not len(x):
+        raise InputError(f"calibration chips must be (N, C, H, W) with N > 0, got shape {x.shape}")
+    lo = x.min(axis=(0, 2, 3))
+    hi = x.max(axis=(0, 2, 3))
+    scale = np.where(hi > lo, (hi - lo) / 255, 1.0).astype(np.float32)
+    q = np.rint((x - lo[None, :, None, None]) / scale[None, :, None, None]).clip(0, 255).astype(np.uint8)
+    p = Path(path)
+    np.savez_compressed(p, chips=q, offset=lo.astype(np.float32), scale=scale)
+    return p
+
+
+def read_calibration(path: str | os.PathLike[str]) -> np.ndarray:
+    """The chips of a ``calibration.npz``, as float32 ``(N, C, H, W)``.
+
+    Raises:
+        BundleError: the file cannot be read or is not a calibration file.
+    """
+    try:
+        with np.load(path) as f:
+            q, lo, scale = f["chips"], f["offset"], f["scale"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise BundleError(f"{path}: not a readable calibration file ({exc}); re-export the bundle") from None
+    return q.astype(np.float32) * scale[None, :, None, None] + lo[None, :, None, None]  # type: ignore[no-any-return]
+
+
+def bundle_calibration(bundle: Bundle) -> np.ndarray | None:
+    """The calibration chips a bundle folder carries (``calibration.npz`` beside its weights), or ``None``."""
+    path = bundle.weights_path.parent / CALIBRATION_FILE
+    if not bundle.path.is_dir() or not path.is_file():
+        return None
+    chips = read_calibration(path)
+    if chips.shape[1] != bundle.contract.in_channels:
+        raise BundleError(f"{path}: calibration chips have {chips.shape[1]} bands where the contract has "
+                          f"{bundle.contract.in_channels}; re-export the bundle")
+    return chips
+
+
+def scene_chips(scene: str | os.PathLike[str], contract: Contract, n: int = CALIBRATION_CHIPS,
+                size: int = CALIBRATION_SIZE) -> np.ndarray:
+    """Up to ``n`` chips of ``size`` px (at most the contract's chip size) evenly spread over a scene, read with
+    the contract's bands and normalisation; chips without valid pixels are left out.
+
+    Raises:
+        InputError: the scene cannot be read, does not fit the contract, or has no valid chip.
+    """
+    from geoseg.io.raster import SceneReader, gdal_env, inspect_scene
+    from geoseg.model.preflight import check_scene
+
+    info = inspect_scene(scene)
+    bands = check_scene(contract, info, None).band_indexes
+    side = min(size, contract.chip_size, info.width, info.height)
+    div = input_divisor(contract.model)
+    side = max(div, side // div * div)
+    rows = range(0, max(1, info.height - side + 1), side)
+    cols = range(0, max(1, info.width - side + 1), side)
+    cells = [(r, c) for r in rows for c in cols]
+    picks = np.unique(np.linspace(0, len(cells) - 1, min(4 * n, len(cells))).round().astype(int))
+    chips: list[np.ndarray] = []
+    with gdal_env():
+        reader = SceneReader(info.path, list(bands), contract.input.mean, contract.input.std)
+        try:
+            for i in picks:
+                r, c = cells[i]
+                data, valid = reader.read(Window(c, r, side, side), size=(side, side))
+                if valid.mean() >= 0.5:
+                    chips.append(data)
+        finally:
+            reader.close()
+    if not chips:
+        raise InputError(f"{scene}: no chip of {side} px with valid pixels to calibrate int8 on; give another scene")
+    if len(chips) > n:
+        chips = [chips[i] for i in np.linspace(0, len(chips) - 1, n).round().astype(int)]
+    return np.stack(chips).astype(np.float32)
+
+
+class _Chips:
+    """ONNX Runtime's CalibrationDataReader over chips, one at a time (the calibrator keeps every output)."""
+
+    def __init__(self, name: str, chips: np.ndarray):
+        self.name = name
+        self.chips = chips
+        self._it: Iterator[dict[str, np.ndarray]] = self._items()
+
+    def _items(self) -> Iterator[dict[str, np.ndarray]]:
+        for chip in self.chips:
+            yield {self.name: np.ascontiguousarray(chip[None], dtype=np.float32)}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = self._items()
+
+
+def _merge_every(n: int) -> int:
+    """Chips after which the calibrator merges its ranges: the same ranges, without every intermediate tensor of
+    every chip in memory. Not a divisor of ``n``: ONNX Runtime's calibrator fails ("No data is collected") when
+    the last merge leaves nothing behind."""
+    return next(k for k in (4, 3, 5, 7, 11, n + 1) if n % k)
+
+
+def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chips: np.ndarray, *,
+                  per_channel: bool = True) -> Path:
+    """Quantise a float32 ONNX network to int8 (static, QDQ), calibrated on ``chips`` ``(N, C, H, W)``.
+
+    The graph is first prepared as ONNX Runtime recommends (shape inference and graph optimisation),
+    the metadata (the contract, Deepness' keys) is carried over, and the result written to ``dst``.
+
+    Raises:
+        InputError: ``onnx`` or ``onnxruntime`` is missing.
+        BundleError: the network cannot be quantised.
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise InputError(f"int8 quantisation needs the {exc.name or 'onnx'} package: pip install onnx "
+                         "onnxruntime") from None
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))
+    meta = [(p.key, p.value) for p in model.metadata_props]
+    name = model.graph.input[0].name
+    del model
+    reader: Any = type("Reader", (_Chips, CalibrationDataReader), {})(name, chips)
+    with tempfile.TemporaryDirectory(prefix="geoseg-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        except Exception as exc:  # the pre-processing is an optimisation; quantise the graph as it is
+            log.info("quantisation pre-processing skipped (%s: %s)", type(exc).__name__, exc)
+            prepared = src
+        try:
+            quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=per_channel, op_types_to_quantize=INT8_OPS,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "CalibMaxIntermediateOutputs": _merge_every(len(chips))})
+        except Exception as exc:  # onnxruntime's and onnx's own error types
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise BundleError(f"{src}: ONNX Runtime cannot quantise this network ({type(exc).__name__}: {first})"
+                              ) from None
+    out = onnx.load(str(dst))
+    have = {p.key for p in out.metadata_props}
+    for key, value in meta:
+        if key not in have:
+            prop = out.metadata_props.add()
+            prop.key, prop.value = key, value
+    onnx.save(out, str(dst))
+    log.info("quantised %s to int8 (QDQ, per-channel weights) on %d calibration chips", src, len(chips))
+    return dst

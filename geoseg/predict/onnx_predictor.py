@@ -1,0 +1,227 @@
+"""ONNX bundles in ONNX Runtime, numpy in and numpy out: predict without torch.
+
+:class:`OnnxPredictor` is the torch-free sibling of :class:`~geoseg.predict.inference.Predictor`: the
+:class:`~geoseg.predict.server.ModelServer` hands it a host batch ``(N, C, H, W)`` float32 and gets the
+probabilities ``(N, K, H, W)`` float32. It runs an exported network (``geoseg export --format onnx``, whose
+output is already the probabilities), in float32 or int8:
+
+- ``fp32``: the bundle's network as it is.
+- ``int8``: a network quantised by ONNX Runtime's static QDQ quantisation (:mod:`geoseg.model.quantize`):
+  the bundle's own when it was exported with ``--int8``, else quantised here, at the job's start, on the
+  calibration chips the bundle carries (``calibration.npz``) or, when it carries none, on the job's first
+  chips (said in a log line). Either way the int8 network is checked on the job's first batch against the
+  float32 one: below :data:`MIN_AGREEMENT` of the pixels' arg max it refuses itself with a one-line reason.
+
+``auto`` is ``int8`` for a bundle exported with ``--int8`` and ``fp32`` for any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geoseg.errors import InputError
+from geoseg.model.bundle import LoadedModel
+from geoseg.model.onnxrt import OnnxSession, import_ort, make_session, softmax
+from geoseg.model.quantize import (
+    FP32_FILE,
+    bundle_calibration,
+    is_int8_bundle,
+    quantize_onnx,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_AGREEMENT = 0.995  # as geoseg.predict.backends: the arg max must agree on this share of the first batch
+ONNX_PRECISIONS = ("auto", "fp32", "int8")
+
+__all__ = ["MIN_AGREEMENT", "ONNX_PRECISIONS", "DeviceName", "OnnxPredictor", "argmax_agreement",
+           "onnx_device", "onnx_precision"]
+
+
+@dataclass(frozen=True)
+class DeviceName:
+    """Where an ONNX model runs, shaped like ``torch.device`` for the code that reads ``.type`` and ``str()``."""
+
+    type: str
+
+    def __str__(self) -> str:
+        return self.type
+
+
+def onnx_device(device: str) -> DeviceName:
+    """``cpu``, or ``cuda`` where asked for (or ``auto``) and ONNX Runtime has its CUDA provider.
+
+    Raises:
+        InputError: an unknown device, or CUDA asked for where ONNX Runtime has no CUDA provider.
+    """
+    name = device.lower()
+    ort = import_ort()
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if name == "auto":
+        return DeviceName("cuda" if cuda else "cpu")
+    if name == "cpu":
+        return DeviceName("cpu")
+    if name.startswith("cuda"):
+        if not cuda:
+            raise InputError(f"--device {device}: ONNX Runtime has no CUDA provider here (pip install "
+                             "onnxruntime-gpu); use --device cpu or auto")
+        return DeviceName("cuda")
+    raise InputError(f"--device {device}: an ONNX model runs on cpu or cuda (ONNX Runtime); use one of them")
+
+
+def onnx_precision(precision: str, model_path: Path, int8_bundle: bool) -> str:
+    """The concrete precision of an ONNX bundle: ``fp32`` or ``int8`` (see the module docstring).
+
+    Raises:
+        InputError: bf16, fp16 or an unknown name; fp32 asked of an int8 bundle that keeps no float32 network.
+    """
+    if precision not in ONNX_PRECISIONS:
+        raise InputError(f"{model_path}: an ONNX model runs in float32 or int8 (ONNX Runtime), not {precision}; "
+                         "use --precision fp32, int8 or auto")
+    if precision == "auto":
+        return "int8" if int8_bundle else "fp32"
+    if precision == "fp32" and int8_bundle and not (model_path.parent / FP32_FILE).is_file():
+        raise InputError(f"{model_path}: an int8 export without its float32 network ({FP32_FILE}); use "
+                         "--precision int8 or the float32 export")
+    return precision
+
+
+def argmax_agreement(probs: np.ndarray, reference: np.ndarray) -> float:
+    """The fraction of pixels whose arg max over classes (axis 1) is the same in two ``(N, K, H, W)`` arrays."""
+    if probs.shape[1] == 1:
+        return float(((probs > 0.5) == (reference > 0.5)).mean())
+    return float((probs.argmax(1) == reference.argmax(1)).mean())
+
+
+# test-time augmentation on (N, C, H, W) arrays: (forward, inverse), the dihedral views of Predictor's _TTA
+_TTA: list[tuple[Any, Any]] = [
+    (lambda a: a, lambda a: a),
+    (lambda a: a[..., ::-1], lambda a: a[..., ::-1]),
+    (lambda a: a[..., ::-1, :], lambda a: a[..., ::-1, :]),
+    (lambda a: np.rot90(a, 1, (-2, -1)), lambda a: np.rot90(a, -1, (-2, -1))),
+    (lambda a: np.rot90(a, 2, (-2, -1)), lambda a: np.rot90(a, -2, (-2, -1))),
+    (lambda a: np.rot90(a, 3, (-2, -1)), lambda a: np.rot90(a, -3, (-2, -1))),
+]
+
+
+class OnnxPredictor:
+    """An ONNX bundle on ONNX Runtime: :meth:`run_batch` turns ``(N, C, H, W)`` inputs into probabilities.
+
+    Args:
+        model: the loaded ONNX bundle (its ``module`` an :class:`~geoseg.model.onnxrt.OnnxSession`, or a torch
+            wrapper of one; only the bundle's file is used).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto``, ``fp32`` or ``int8`` (:func:`onnx_precision`).
+        tta: average the probabilities over flips and 90-degree rotations (6x the model work).
+        backend: ``onnxruntime`` or ``openvino`` (OpenVINO's CPU plugin; the ``openvino`` package).
+    """
+
+    torch_cuda = False  # numpy in, numpy out, on any device
+    amp_dtype = None
+
+    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False,
+                 backend: str = "onnxruntime"):
+        self.backend = backend
+        self.contract = model.contract
+        self.bundle = model.bundle
+        path = model.bundle.weights_path
+        self.device = onnx_device(device)
+        self.int8_bundle = is_int8_bundle(model.bundle)
+        self.precision = onnx_precision(precision, path, self.int8_bundle)
+        self.tta = tta
+        self.sigmoid = self.contract.model.activation == "sigmoid"
+        self.overflowed = 0
+        module = model.module
+        given = (module if backend == "onnxruntime" and isinstance(module, OnnxSession)
+                 and module.device_type == self.device.type else None)
+        fp32_path = path.parent / FP32_FILE if self.int8_bundle else path
+        self.fp32: Any = None  # an OnnxSession or OpenVinoSession
+        if fp32_path.is_file():
+            self.fp32 = (given if given is not None and not self.int8_bundle
+                         else make_session(fp32_path, self.device.type, backend))
+        self.session: Any = None  # what runs the chips; the int8 one is made on the first batch
+        if self.precision == "fp32":
+            self.session = self.fp32
+        elif self.int8_bundle:
+            self.session = given or make_session(path, self.device.type, backend)
+        self._checked = self.precision == "fp32"
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.agreement: float | None = None
+
+    def _probabilities(self, session: Any, x: np.ndarray) -> np.ndarray:
+        out = session.run(x)
+        if not np.isfinite(out).all():
+            if not self.overflowed:
+                log.warning("the network's outputs held inf or NaN; those pixels take the largest finite value. If "
+                            "the class map looks wrong, check the scene's values against the model's normalisation")
+            self.overflowed += 1
+            big = float(np.finfo(np.float32).max)
+            out = np.nan_to_num(out, nan=-big, posinf=big, neginf=-big)
+        if session.output != "probabilities":
+            if self.sigmoid:
+                out = 1 / (1 + np.exp(-out[:, :1]))
+            else:
+                out = softmax(out.astype(np.float32, copy=False))
+        if out.shape[1] == 1:  # one sigmoid channel: background and foreground
+            out = np.concatenate([1 - out, out], axis=1)
+        return out.astype(np.float32, copy=False)
+
+    def _quantize(self, first: np.ndarray) -> Any:
+        """An int8 network quantised from the float32 one, calibrated on the bundle's chips or ``first``."""
+        assert self.fp32 is not None
+        chips = bundle_calibration(self.bundle)
+        if chips is None:
+            log.warning("%s: the bundle carries no calibration chips (calibration.npz); int8 calibrates on the "
+                        "job's first %d chip(s); export with --int8 to calibrate on training chips",
+                        self.bundle.path, len(first))
+            chips = first
+        self._tmp = tempfile.TemporaryDirectory(prefix="geoseg-int8-")
+        out = Path(self._tmp.name) / "model.int8.onnx"
+        quantize_onnx(self.fp32.path, out, chips)
+        return make_session(out, self.device.type, self.backend)
+
+    def _first_batch(self, batch: np.ndarray) -> None:
+        """Make the int8 network if needed and check it on this batch against float32; refuse it below the bar."""
+        if self.session is None:
+            self.session = self._quantize(batch)
+        if self.fp32 is None:
+            log.warning("%s: an int8 export without its float32 network (%s); int8 runs unchecked against fp32",
+                        self.bundle.path, FP32_FILE)
+            self._checked = True
+            return
+        got = self._probabilities(self.session, batch)
+        ref = self._probabilities(self.fp32, batch)
+        self.agreement = agree = argmax_agreement(got, ref)
+        log.info("int8: %.4f %% arg max agreement with fp32 on the job's first batch (%d chips)", 100 * agree,
+                 len(batch))
+        if agree < MIN_AGREEMENT:
+            raise InputError(f"{self.bundle.path}: int8 agrees with fp32 on only {100 * agree:.2f} % of the pixels "
+                             f"of the first batch (at least {100 * MIN_AGREEMENT:.1f} % needed); use --precision "
+                             "fp32")
+        self._checked = True
+
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, K, H, W)`` float32 (C-contiguous) of a batch ``(N, C, H, W)`` float32.
+
+        Raises:
+            InputError: on the first batch, when int8 disagrees with fp32 on too many pixels.
+        """
+        if not self._checked:
+            self._first_batch(batch)
+        session = self.session
+        assert session is not None
+        views = _TTA if self.tta else _TTA[:1]
+        probs: np.ndarray | None = None
+        for fwd, inv in views:
+            p = inv(self._probabilities(session, np.ascontiguousarray(fwd(batch))))
+            probs = p if probs is None else probs + p
+        assert probs is not None
+        if len(views) > 1:
+            probs = probs / len(views)
+        return np.ascontiguousarray(probs, dtype=np.float32)

@@ -1,0 +1,156 @@
+"""An ONNX bundle predicts without torch: from preflight to polygons, numpy and ONNX Runtime only; and in int8,
+quantised here or at export, checked against fp32 on the first batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import rasterio
+
+from geoseg.errors import InputError
+from tests.conftest import make_bundle, write_raster
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+HEAVY = ("torch", "segmentation_models_pytorch", "timm", "torchvision")
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory):
+    from geoseg.model.export import export
+
+    d = tmp_path_factory.mktemp("onnx")
+    bundle = make_bundle(d / "m", n_bands=3, n_classes=3, chip=64, overlap=16, architecture="unet", seed=3)
+    onnx_dir = export(bundle, "onnx", d / "m-onnx").folder
+    rng = np.random.default_rng(0)
+    scene = write_raster(d / "scene.tif", rng.normal(size=(3, 200, 170)).astype(np.float32))
+    return bundle, onnx_dir, scene
+
+
+def _run_cli(args: list[str]) -> dict:
+    """``geoseg ARGS`` in a fresh interpreter; the modules it imported, and its exit code."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        from geoseg.cli import main
+        try:
+            main({args!r}, standalone_mode=False)
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code or 0
+        print("MODULES=" + json.dumps({{"rc": rc, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("MODULES="))
+    return json.loads(line[len("MODULES="):])
+
+
+def test_an_onnx_bundle_predicts_to_polygons_without_importing_torch(onnx_bundle, tmp_path):
+    _, onnx_dir, scene = onnx_bundle
+    got = _run_cli(["--quiet", "predict", str(scene), "--model", str(onnx_dir), "--output-dir", str(tmp_path),
+                    "--report", str(tmp_path / "report.json")])
+    assert got == {"rc": 0, "heavy": []}
+    assert (tmp_path / "scene.classes.tif").is_file() and (tmp_path / "scene.gpkg").is_file()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "done" and "torch" not in report["versions"]
+
+
+def test_the_torch_free_path_gives_the_class_map_of_the_torch_wrapped_onnx_path(onnx_bundle, tmp_path):
+    from geoseg.model.weights import load_model
+    from geoseg.predict.api import predict_scenes
+
+    bundle, onnx_dir, scene = onnx_bundle
+    maps = {}
+    for name, model in (("free", onnx_dir), ("wrapped", load_model(onnx_dir)), ("torch", bundle)):
+        run = predict_scenes([scene], model, tmp_path / name, device="cpu", precision="fp32", vector_format=None)
+        with rasterio.open(run.scenes[0].classes_path) as ds:
+            maps[name] = ds.read(1)
+    assert len(np.unique(maps["torch"])) > 1
+    assert np.array_equal(maps["free"], maps["wrapped"])
+    assert (maps["free"] == maps["torch"]).mean() >= 0.9999
+
+
+def test_int8_is_checked_against_fp32_and_says_where_it_calibrated(onnx_bundle, tmp_path, caplog):
+    from geoseg.predict.api import predict_scenes
+
+    _, onnx_dir, scene = onnx_bundle
+    with caplog.at_level("INFO"):
+        try:
+            run = predict_scenes([scene], onnx_dir, tmp_path / "int8", device="cpu", precision="int8",
+                                 vector_format=None, batch_size=4)
+        except InputError as exc:  # refused: the reason is one line naming fp32
+            assert "int8 agrees with fp32 on only" in str(exc) and "\n" not in str(exc)
+            return
+    assert run.options.precision == "int8" and run.scenes[0].status == "done"
+    text = caplog.text
+    assert "calibrates on the job's first 4 chip(s)" in text and "arg max agreement with fp32" in text
+
+
+def test_precisions_an_onnx_bundle_refuses(onnx_bundle, tmp_path):
+    from geoseg.predict.api import predict_scenes
+
+    bundle, onnx_dir, scene = onnx_bundle
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(InputError, match="float32 or int8"):
+            predict_scenes([scene], onnx_dir, tmp_path / precision, device="cpu", precision=precision,
+                           vector_format=None)
+    with pytest.raises(InputError, match="int8 runs an ONNX model"):
+        predict_scenes([scene], bundle, tmp_path / "torch-int8", device="cpu", precision="int8", vector_format=None)
+
+
+def test_export_int8_keeps_the_contract_the_deepness_keys_and_its_fp32_network(onnx_bundle, tmp_path):
+    import onnx
+
+    from geoseg.errors import BundleError
+    from geoseg.model.bundle import read_bundle
+    from geoseg.model.export import export
+    from geoseg.model.quantize import FP32_FILE, is_int8_bundle
+    from geoseg.predict.api import predict_scenes
+
+    bundle, _, scene = onnx_bundle
+    with pytest.raises(BundleError, match="--calibration SCENE"):  # the test bundle carries no training chips
+        export(bundle, "onnx", tmp_path / "none", int8=True)
+    folder = export(bundle, "onnx", tmp_path / "m-int8", int8=True, calibration=scene).folder
+    b = read_bundle(folder)
+    assert is_int8_bundle(b) and b.contract.classes == read_bundle(bundle).contract.classes
+    assert (folder / FP32_FILE).is_file()
+    graph = onnx.load(str(folder / "model.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+    props = {p.key for p in graph.metadata_props}
+    assert {"geoseg_contract", "model_type", "class_names", "tile_size"} <= props
+    export_meta = b.contract.metadata["export"]
+    assert export_meta["precision"] == "int8" and 0 <= export_meta["int8"]["agreement"] <= 1
+    try:
+        run = predict_scenes([scene], folder, tmp_path / "out", device="cpu", vector_format=None)
+    except InputError as exc:  # a random network may fall below the bar; the refusal is one line
+        assert "int8 agrees with fp32 on only" in str(exc)
+    else:
+        assert run.options.precision == "int8"  # auto: the bundle's own precision
+
+
+def test_calibration_chips_survive_their_uint8_storage(tmp_path):
+    from geoseg.model.quantize import read_calibration, write_calibration
+
+    chips = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    back = read_calibration(write_calibration(tmp_path / "calibration.npz", chips))
+    step = (chips.max(axis=(0, 2, 3)) - chips.min(axis=(0, 2, 3))) / 255
+    assert back.shape == chips.shape and (np.abs(back - chips) <= step[None, :, None, None] / 2 + 1e-6).all()
+
+
+def test_openvino_runs_an_onnx_bundle_to_the_same_classes_without_torch(onnx_bundle, tmp_path):
+    pytest.importorskip("openvino")
+    _, onnx_dir, scene = onnx_bundle
+    got = _run_cli(["--quiet", "predict", str(scene), "--model", str(onnx_dir), "--output-dir", str(tmp_path / "ov"),
+                    "--backend", "openvino", "--no-vector"])
+    assert got == {"rc": 0, "heavy": []}
+    from geoseg.predict.api import predict_scenes
+
+    run = predict_scenes([scene], onnx_dir, tmp_path / "ort", device="cpu", vector_format=None)
+    with rasterio.open(run.scenes[0].classes_path) as a, rasterio.open(tmp_path / "ov" / "scene.classes.tif") as b:
+        assert (a.read(1) == b.read(1)).mean() >= 0.9999
