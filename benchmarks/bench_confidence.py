@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--polygons", action="store_true", help="also the pair with polygons (GeoPackage)")
     ap.add_argument("--engine", action="store_true",
                     help="a 1x1-convolution model instead of the U-Net: the engine's own work dominates, the "
-                         "worst case for the relative overhead (as a fast GPU would make it)")
+                         "worst case for the relative overhead (as a fast GPU would make it); its noisy map makes "
+                         "millions of polygons, so leave --polygons out with it")
     ap.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) the scene and bundle here")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()

@@ -369,16 +369,17 @@ class _Rolling:
             s, w = sums[:, :, sl], wsum[:, sl]
             valid = w > 0
             # the weight is the same for every class, so the arg max of the sums is that of the probabilities
-            top = np.argmax(s, axis=0)
-            chunk = self.lut[top].astype(classes.dtype)
+            chunk = self.lut[np.argmax(s, axis=0)].astype(classes.dtype)
             chunk[~valid] = self.classes_spec.nodata
             classes[0, :, out] = chunk
             if conf_out is not None:
-                # the top class's blended probability: its sum over the weight (division by a positive
-                # weight keeps the order, so this is exactly the max of normalise(s, w) over the classes)
-                top_sum = np.take_along_axis(s, top[None], axis=0)[0]
-                p_top = normalise(top_sum, w)
-                conf = np.rint(p_top * 254).astype(np.uint8)
+                # the top class's blended probability: the largest sum over the weight (a division by a
+                # positive weight keeps the order, so this is exactly the max of normalise(s, w) over the
+                # classes), encoded as the uint8 probabilities are; one max and one division per pixel
+                top = s.max(axis=0)
+                np.divide(top, w, out=top, where=valid)
+                top *= 254
+                conf = np.rint(top, out=top).astype(np.uint8)
                 conf[~valid] = 255
                 conf_out[:, out] = conf
             if probs_out is not None:
