@@ -108,7 +108,8 @@ def child_bare_onnx(scene: str, bundle: str, options: dict[str, Any]) -> dict[st
     c = loaded.contract
     opts = PredictOptions(**options)
     settings = resolve_settings(opts, c.chip_size, len(c.input.bands), bundle=loaded.bundle)
-    pred = OnnxPredictor(loaded, "cpu", settings.precision, backend=opts.backend)
+    pred = OnnxPredictor(loaded, "cpu", settings.precision,
+                         backend="openvino" if opts.backend == "openvino" else "onnxruntime")
     with rasterio.open(scene) as ds:
         grid = ChipGrid(ds.width, ds.height, c.chip_size, c.overlap)
     reader = SceneReader(scene, list(range(1, len(c.input.bands) + 1)), c.input.mean, c.input.std)

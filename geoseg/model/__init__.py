@@ -1,5 +1,6 @@
 """The model: its contract (bands, normalisation, classes, chip), the network registry, the weight
-formats, loading and saving bundles, export (ONNX, TorchScript) and STAC MLM metadata.
+formats, loading and saving bundles, ONNX Runtime sessions without torch (:mod:`.onnxrt`), int8 quantisation
+(:mod:`.quantize`), export (ONNX, TorchScript) and STAC MLM metadata.
 
 :mod:`.contract` is plain data that imports neither torch nor the network code.
 """

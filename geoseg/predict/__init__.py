@@ -1,6 +1,7 @@
 """Prediction of whole scenes: the chip grid (:mod:`.tiling`), blending (:mod:`.blend`), units of work
-(:mod:`.units`), the engine that runs one unit (:mod:`.engine`), the model runtime (:mod:`.inference`,
-:mod:`.backends`, :mod:`.hardware`), finishing the outputs (:mod:`.finish`), jobs, schedulers, resume
+(:mod:`.units`), the engine that runs one unit (:mod:`.engine`), the model runtime (:mod:`.runtime` chooses:
+:mod:`.inference` and :mod:`.backends` for PyTorch, :mod:`.onnx_predictor` for ONNX bundles without torch;
+:mod:`.server` feeds either; :mod:`.hardware`), finishing the outputs (:mod:`.finish`), jobs, schedulers, resume
 manifests and job files, and the run report. :mod:`.api` is the entry point.
 """
 
