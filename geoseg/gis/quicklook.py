@@ -70,7 +70,7 @@ def _confidence_panel(fig: Any, ax: Any, path: str | Path, side: int) -> None:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LinearSegmentedColormap, Normalize
 
-    from geoseg.io.raster import CONFIDENCE_RAMP
+    from geoseg.io.profiles import CONFIDENCE_RAMP
 
     conf, _, _, nodata = _overview(path, side)
     ramp = LinearSegmentedColormap.from_list("confidence", [(v / 254, c) for v, c, _ in CONFIDENCE_RAMP])

@@ -28,7 +28,8 @@ from rasterio.dtypes import dtype_rev, typename_fwd
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.io.raster import BLOCK, OutputSpec, gdal_env, open_scene
+from geoseg.io.profiles import OutputSpec
+from geoseg.io.raster import BLOCK, gdal_env, open_scene
 from geoseg.io.store import gdal_path
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ config gives the same weights on the CPU, and a resumed run continues exactly wh
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -31,43 +30,54 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from geoseg.errors import ConfigError, InputError, OutputExistsError
 from geoseg.io.remote import storage_error
 from geoseg.io.staging import sweep_dead_temporaries
 from geoseg.io.store import staged_file
-from geoseg.learn import augment as augment_mod
 from geoseg.learn.config import (
-    UNBOUNDED_EPOCHS,
     TrainConfig,
     config_from_dict,
     dump_config,
     load_config,
 )
 from geoseg.learn.data import (
-    IGNORE_INDEX,
-    ChipDataset,
-    ChipLocation,
     ChipRules,
     GridChipSampler,
-    PreparedData,
     RandomChipSampler,
     prepare_data,
 )
-from geoseg.learn.finetune import EncoderFreeze, freeze_batchnorm, use_pretrained_normalization
-from geoseg.learn.losses import LOSSES, build_loss, class_weights
-from geoseg.learn.metrics import ConfusionMatrix, scores
-from geoseg.learn.network import build_model, check_network
-from geoseg.learn.optim import Schedule, optimizer
-from geoseg.learn.outputs import TensorBoard, make_contract, plots, predict_indexes, write_bundle, write_csv
+from geoseg.learn.finetune import use_pretrained_normalization
+from geoseg.learn.loop import (
+    Progress,
+    ProgressCallback,
+    Samples,
+    Trainer,
+    TrainProgress,
+    shown,
+    train_epoch,
+    used_weights,
+    validate,
+)
+from geoseg.learn.losses import LOSSES, build_loss  # re-exported
+from geoseg.learn.metrics import scores
+from geoseg.learn.network import (
+    build_model,  # re-exported
+    check_network,
+)
+from geoseg.learn.outputs import (
+    TensorBoard,
+    make_contract,  # re-exported
+    plots,
+    write_bundle,
+    write_csv,
+)
 from geoseg.learn.sizing import fit_to_data
 from geoseg.predict.hardware import resolve_device
 
@@ -78,19 +88,6 @@ MIN_BATCHES_PER_EPOCH = 16
 MONITOR_MODE = {"miou": "max", "accuracy": "max", "f1": "max", "loss": "min"}
 
 
-@dataclass
-class TrainProgress:
-    """One progress report: ``stage`` is "scan", "train" or "val"; ``step`` of ``total`` in that stage."""
-
-    stage: str
-    epoch: int
-    epochs: int
-    step: int
-    total: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-ProgressCallback = Callable[[TrainProgress], None]
 
 
 @dataclass
@@ -233,40 +230,11 @@ def train(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], output_
         raise
 
 
-@dataclass
-class _Samples:
-    """Where the chips of a run come from."""
-
-    data: PreparedData
-    train: RandomChipSampler | GridChipSampler
-    val: list[ChipLocation]
-    batch_size: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train) / self.batch_size)
-
-
-@dataclass
-class _Progress:
-    """What the run has done so far (checkpointed, so a resumed run continues it)."""
-
-    history: list[dict[str, Any]] = field(default_factory=list)
-    epoch: int = 0
-    best_score: float | None = None
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    best_scores: dict[str, Any] = field(default_factory=dict)
-    chips: int = 0  # training chips seen
-    seconds: float = 0.0  # wall time of the run's epochs (every session of a resumed run)
-    stopped_by: str = "epochs"  # epochs, max_seconds or early_stopping
-
-
-def _samples(cfg: TrainConfig, out: Path, progress: ProgressCallback | None) -> _Samples:
+def _samples(cfg: TrainConfig, out: Path, progress: ProgressCallback | None) -> Samples:
     """Scan the scenes, write the split and make the training and validation chip samplers."""
     def scan_progress(stage: str, k: int, n: int) -> None:
         if progress:
-            progress(TrainProgress(stage, 0, _shown(cfg.epoch_limit), k, n))
+            progress(TrainProgress(stage, 0, shown(cfg.epoch_limit), k, n))
 
     data = prepare_data(cfg, scan_progress)
     data.write_split(out / "split")
@@ -295,80 +263,7 @@ def _samples(cfg: TrainConfig, out: Path, progress: ProgressCallback | None) -> 
         log.warning("no validation chip fits the val blocks; the last epoch's weights become the model "
                     "(raise data.val_fraction or data.split_block, or lower chip_size)")
     log.info("%d training chips per epoch, %d validation chips", len(train_sampler), len(val_locs))
-    return _Samples(data, train_sampler, val_locs, cfg.batch_size)
-
-
-@dataclass
-class _Trainer:
-    """The network, loss, optimiser, schedule and precision of a run on its device."""
-
-    cfg: TrainConfig
-    device: torch.device
-    net: nn.Module
-    criterion: nn.Module
-    opt: torch.optim.Optimizer
-    schedule: Schedule
-    scaler: torch.amp.GradScaler
-    use_amp: bool
-    amp_dtype: torch.dtype
-    augment: Any
-    ema: torch.optim.swa_utils.AveragedModel | None = None  # the weights' moving average (optimizer.ema)
-    encoder_freeze: EncoderFreeze | None = None  # model.freeze_encoder_fraction
-
-    def train_mode(self) -> None:
-        """The network in training mode, its encoder's BatchNorm kept as pretrained with ``model.freeze_bn``."""
-        self.net.train()
-        if self.cfg.model.freeze_bn:
-            freeze_batchnorm(self.net)
-
-    @property
-    def kept(self) -> nn.Module:
-        """The network that validation scores and the best checkpoint keeps: the moving average, if any."""
-        return self.ema.module if self.ema is not None else self.net
-
-    @classmethod
-    def build(cls, cfg: TrainConfig, device: torch.device, samples: _Samples) -> _Trainer:
-        net = build_model(cfg, len(samples.data.mean), samples.data.band_names).to(device)
-        if cfg.model.freeze_bn:
-            log.info("encoder BatchNorm frozen: %d layers keep their statistics and parameters", freeze_batchnorm(net))
-        criterion = build_loss(cfg, class_weights(cfg, samples.data.class_counts)).to(device)
-        opt = optimizer(cfg, net)
-        use_amp, amp_dtype = _amp_settings(cfg, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-        ema = None
-        if cfg.optimizer.ema is not None:  # torch's own EMA; normalisation statistics are averaged too
-            swa = torch.optim.swa_utils
-            ema = swa.AveragedModel(net, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.optimizer.ema), use_buffers=True)
-        schedule = Schedule(cfg.optimizer.schedule, cfg.optimizer.lr, opt, samples.steps_per_epoch * cfg.epoch_limit,
-                            cfg.max_seconds, cfg.optimizer.warmup)
-        freeze = EncoderFreeze(net, cfg.model.freeze_encoder_fraction, cfg.model.freeze_bn) \
-            if cfg.model.freeze_encoder_fraction > 0 else None
-        return cls(cfg, device, net, criterion, opt, schedule, scaler, use_amp, amp_dtype,
-                   augment_mod.from_config(cfg.augment, IGNORE_INDEX), ema, freeze)
-
-    def checkpoint(self, done: _Progress, cfg_hash: str) -> dict[str, Any]:
-        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "progress": dataclasses.asdict(done), "rng": _get_rng(), "config_hash": cfg_hash}
-
-    def restore(self, state: dict[str, Any]) -> _Progress:
-        self.net.load_state_dict(_used_weights(self.net, state["model"]))
-        self.opt.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state.get("schedule") or {})
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
-        _set_rng(state["rng"])
-        return _Progress(**state["progress"])
-
-
-def _used_weights(net: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's weights without those of modules the network dropped (a run begun before they were)."""
-    dropped = tuple(n + "." for n in getattr(net, "geoseg_unused", []))
-    return {k: v for k, v in state.items() if not k.startswith(dropped)} if dropped else state
+    return Samples(data, train_sampler, val_locs, cfg.batch_size)
 
 
 def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback | None) -> TrainResult:
@@ -390,9 +285,9 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     dump_config(cfg, out / "config.yaml")
     data = samples.data
     data.mean, data.std = use_pretrained_normalization(cfg, data.band_names, data.dtype, data.mean, data.std)
-    trainer = _Trainer.build(cfg, device, samples)
+    trainer = Trainer.build(cfg, device, samples)
     cfg_hash = _config_hash(cfg)
-    done = _Progress()
+    done = Progress()
     if resume and last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         if state.get("config_hash") != cfg_hash or "progress" not in state:
@@ -416,7 +311,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     if not best_path.exists():
         raise InputError(f"{out}: no epoch was trained; raise epochs")
     best = torch.load(best_path, map_location="cpu", weights_only=True)
-    trainer.net.load_state_dict(_used_weights(trainer.net, best["model"]))
+    trainer.net.load_state_dict(used_weights(trainer.net, best["model"]))
     done.best_scores = dict(best.get("scores") or {})
     _say_what_the_budget_bought(cfg, done)
     bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history, _summary(cfg, done), out)
@@ -427,7 +322,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
                        stopped_by=done.stopped_by, kept=cfg.keep)
 
 
-def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress, out: Path, cfg_hash: str,
+def _fit(cfg: TrainConfig, samples: Samples, trainer: Trainer, done: Progress, out: Path, cfg_hash: str,
          progress: ProgressCallback | None) -> None:
     """Epochs until ``epochs``, the time budget (the schedule's end) or early stopping; a checkpoint each."""
     tb = TensorBoard(out / "tensorboard", cfg.tensorboard)
@@ -447,14 +342,14 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
             if isinstance(samples.train, GridChipSampler):
                 order = np.random.default_rng([cfg.seed, epoch, 3]).permutation(len(locs))
                 locs = [locs[i] for i in order]
-            train_loss, chips = _train_epoch(cfg, samples.data, locs, epoch, trainer, clock, progress)
+            train_loss, chips = train_epoch(cfg, samples.data, locs, epoch, trainer, clock, progress)
             done.chips += chips
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": trainer.schedule.rate(trainer.schedule.progress),
                                    "chips": done.chips}
             val_scores: dict[str, Any] = {}
             if samples.val:
                 tv = time.perf_counter()
-                val_loss, cm = _validate(cfg, samples.data, samples.val, trainer, epoch, progress)
+                val_loss, cm = validate(cfg, samples.data, samples.val, trainer, epoch, progress)
                 trainer.schedule.reserve = 1.5 * (time.perf_counter() - tv) + 2.0  # the last validation's time
                 val_scores = scores(cm.matrix, [c.name for c in cfg.classes])
                 val_scores["val_loss"] = val_loss
@@ -471,7 +366,7 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
             _atomic_save(trainer.checkpoint(done, cfg_hash), out / "checkpoints" / "last.ckpt")
             write_csv(out / "metrics.csv", done.history)
             tb.log(row, epoch)
-            log.info("epoch %d/%s: %s", epoch, _shown(cfg.epoch_limit),
+            log.info("epoch %d/%s: %s", epoch, shown(cfg.epoch_limit),
                      ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
             if done.stopped_by == "max_seconds":
                 break
@@ -479,7 +374,7 @@ def _fit(cfg: TrainConfig, samples: _Samples, trainer: _Trainer, done: _Progress
         tb.close()
 
 
-def _keep_epoch(cfg: TrainConfig, trainer: _Trainer, done: _Progress, row: dict[str, Any],
+def _keep_epoch(cfg: TrainConfig, trainer: Trainer, done: Progress, row: dict[str, Any],
                val_scores: dict[str, Any], mode: str, best_path: Path) -> None:
     value = _monitor_value(row, cfg.monitor) if val_scores else None
     improved = not val_scores or (value is not None and _improved(value, done.best_score, mode,
@@ -496,114 +391,15 @@ def _keep_epoch(cfg: TrainConfig, trainer: _Trainer, done: _Progress, row: dict[
                      best_path)
 
 
-def _shown(limit: int) -> int:
-    """The epoch count progress shows: 0 when the time budget decides."""
-    return 0 if limit >= UNBOUNDED_EPOCHS else limit
-
-
-def _summary(cfg: TrainConfig, done: _Progress) -> dict[str, Any]:
+def _summary(cfg: TrainConfig, done: Progress) -> dict[str, Any]:
     return {"epochs_run": done.epoch, "chips_seen": done.chips, "seconds": round(done.seconds, 1),
             "best_epoch": done.best_epoch, "kept": cfg.keep, "stopped_by": done.stopped_by}
 
 
-def _say_what_the_budget_bought(cfg: TrainConfig, done: _Progress) -> None:
+def _say_what_the_budget_bought(cfg: TrainConfig, done: Progress) -> None:
     best = done.best_scores.get("miou")
     log.info("trained %d epoch(s), %d chips in %.0f s (stopped by %s); kept epoch %d (%s)%s", done.epoch,
                 done.chips, done.seconds, done.stopped_by.replace("_", " "), done.best_epoch, cfg.keep,
                 f", validation mean IoU {best:.3f}" if isinstance(best, float) else "")
-
-
-def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    if cfg.precision == "32":
-        return False, torch.float32
-    if device.type != "cuda":
-        log.warning("precision %s needs CUDA; training in float32 on %s", cfg.precision, device)
-        return False, torch.float32
-    if cfg.precision == "bf16-mixed":
-        if torch.cuda.is_bf16_supported():
-            return True, torch.bfloat16
-        log.warning("this GPU has no bfloat16; using float16 mixed precision")
-    return True, torch.float16
-
-
-def _loader(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], augment: Any, epoch: int,
-            device: torch.device) -> torch.utils.data.DataLoader:
-    ds = ChipDataset(data.scenes, locs, data.class_map, data.mean, data.std, cfg.data.chip_size, augment,
-                     cfg.seed, epoch)
-    # ChipDataset is a map-style dataset (len + getitem); data.py stays importable without torch
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False,  # type: ignore[arg-type]
-                                       num_workers=cfg.data.workers,
-                                       pin_memory=device.type == "cuda", drop_last=False)
-
-
-def _train_epoch(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], epoch: int, t: _Trainer,
-                 clock: Callable[[], float], progress: ProgressCallback | None) -> tuple[float, int]:
-    """One epoch of optimiser steps; it ends early when the schedule does (the time budget). Returns the mean
-    loss and the number of chips seen."""
-    t.train_mode()
-    loader = _loader(cfg, data, locs, t.augment, epoch, t.device)
-    total, n = 0.0, 0
-    for step, (image, target) in enumerate(loader, start=1):
-        if t.encoder_freeze is not None:
-            t.encoder_freeze.update(t.schedule.progress)
-        image = image.to(t.device, non_blocking=True)
-        target = target.to(t.device, non_blocking=True)
-        t.opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
-            logits = t.net(image)
-        loss = t.criterion(logits, target)
-        t.scaler.scale(loss).backward()
-        if cfg.optimizer.grad_clip:
-            t.scaler.unscale_(t.opt)
-            torch.nn.utils.clip_grad_norm_(t.net.parameters(), cfg.optimizer.grad_clip)
-        t.scaler.step(t.opt)
-        t.scaler.update()
-        if t.ema is not None:
-            t.ema.update_parameters(t.net)
-        t.schedule.step(clock())
-        total += float(loss.detach()) * image.shape[0]
-        n += image.shape[0]
-        if progress:
-            progress(TrainProgress("train", epoch, _shown(cfg.epoch_limit), step, len(loader), {"loss": total / n}))
-        if t.schedule.done:
-            break
-    return total / max(n, 1), n
-
-
-@torch.no_grad()
-def _validate(cfg: TrainConfig, data: PreparedData, locs: list[ChipLocation], t: _Trainer, epoch: int,
-              progress: ProgressCallback | None) -> tuple[float, ConfusionMatrix]:
-    net = t.kept.eval()
-    loader = _loader(cfg, data, locs, None, epoch, t.device)
-    cm = ConfusionMatrix(len(cfg.classes))
-    total, n = 0.0, 0
-    for step, (image, target) in enumerate(loader, start=1):
-        image, target = image.to(t.device), target.to(t.device)
-        with torch.autocast(device_type=t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
-            logits = net(image)
-        total += float(t.criterion(logits, target)) * image.shape[0]
-        n += image.shape[0]
-        cm.update(target, predict_indexes(logits.float(), cfg.model.activation))
-        if progress:
-            progress(TrainProgress("val", epoch, _shown(cfg.epoch_limit), step, len(loader), {"val_loss": total / n}))
-    return total / max(n, 1), cm
-
-
-def _get_rng() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    py = state.get("python")
-    if py is not None:
-        random.setstate((py[0], tuple(py[1]), py[2]))
-
 
 __all__ = ["train", "TrainResult", "TrainProgress", "LOSSES", "build_loss", "build_model", "make_contract"]

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.errors import DiskFullError, GeoSegError, InputError
-from geoseg.io.raster import BLOCK, check_compress, check_writable, inspect_scene, scene_stem
+from geoseg.io.profiles import check_compress
+from geoseg.io.raster import BLOCK, check_writable, inspect_scene, scene_stem
 from geoseg.io.stac_scenes import StackedScene, stack_scenes
 from geoseg.io.store import Store
 from geoseg.model.bundle import Bundle, LoadedModel, bundle_digest, read_bundle

@@ -31,7 +31,8 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from geoseg.errors import BundleError
-from geoseg.io.raster import BLOCK, OutputSpec, SceneReader, gdal_env
+from geoseg.io.profiles import OutputSpec
+from geoseg.io.raster import BLOCK, SceneReader, gdal_env
 from geoseg.io.store import Store
 from geoseg.model.bundle import LoadedModel
 from geoseg.predict.blend import RollingAccumulator, chip_weights, normalise
@@ -233,7 +234,7 @@ class _Rolling:
 
     def __init__(self, unit: Unit, rt: Runtime, reader: SceneReader, store: Store, result: UnitResult,
                  advance: Advance | None):
-        from geoseg.io.raster import classes_spec, confidence_spec, probabilities_spec
+        from geoseg.io.profiles import classes_spec, confidence_spec, probabilities_spec
 
         self.unit, self.rt, self.reader, self.store, self.result, self.advance = unit, rt, reader, store, result, advance
         self.grid = unit.scene.grid

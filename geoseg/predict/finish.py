@@ -22,17 +22,16 @@ import rasterio.shutil
 
 from geoseg.errors import GeoSegError
 from geoseg.gis.stac_item import scene_item
-from geoseg.io.raster import (
-    BLOCK,
+from geoseg.io.profiles import (
     OutputSpec,
     classes_spec,
     cog_options,
     confidence_qml,
     confidence_spec,
-    gdal_env,
     probabilities_spec,
     qml_style,
 )
+from geoseg.io.raster import BLOCK, gdal_env
 from geoseg.io.staging import full_disk_as_error
 from geoseg.io.store import Store, local_workdir
 from geoseg.predict.units import ModelRef, PredictOptions, ScenePlan, Unit, parse_strip, strip_key

@@ -31,7 +31,7 @@ from geoseg.errors import ConfigError, InputError
 from geoseg.io.settings import format_validation_error, read_yaml_file, resolve_path
 
 # The allowed values mirror the library's registries (geoseg.predict.inference.PRECISIONS, geoseg.predict.blend.BLEND_WINDOWS,
-# geoseg.predict.api.PROBABILITY_DTYPES, geoseg.io.raster.COMPRESSIONS, geoseg.gis.vectorize.FORMATS,
+# geoseg.predict.api.PROBABILITY_DTYPES, geoseg.io.profiles.COMPRESSIONS, geoseg.gis.vectorize.FORMATS,
 # geoseg.io.vrt.RESAMPLING); they are spelled
 # out here so that reading a job file imports neither torch nor GDAL, and tests/predict/test_jobfile.py keeps them equal.
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]

@@ -17,7 +17,8 @@ from scipy import ndimage
 
 from geoseg.errors import InputError, OutputExistsError
 from geoseg.gis.quantities import Quantity, parse_mmu
-from geoseg.gis.sieve import StripSieve, mmu_pixels, sieve_array, sieve_raster
+from geoseg.gis.sieve import mmu_pixels, sieve_array, sieve_raster
+from geoseg.gis.strip_sieve import StripSieve
 
 
 def gdal_sieve(data: np.ndarray, threshold: int, connectivity: int, mask: np.ndarray | None) -> np.ndarray:

@@ -3,7 +3,8 @@ import pytest
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.io.raster import SceneReader, classes_spec, cog_options, inspect_scene
+from geoseg.io.profiles import classes_spec, cog_options
+from geoseg.io.raster import SceneReader, inspect_scene
 from geoseg.model.contract import ClassInfo
 from tests.conftest import write_raster
 

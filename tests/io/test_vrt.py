@@ -11,15 +11,8 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.io.raster import (
-    BLOCK,
-    OutputSpec,
-    classes_spec,
-    cog_options,
-    gdal_env,
-    inspect_scene,
-    probabilities_spec,
-)
+from geoseg.io.profiles import OutputSpec, classes_spec, cog_options, probabilities_spec
+from geoseg.io.raster import BLOCK, gdal_env, inspect_scene
 from geoseg.io.vrt import mosaic_vrts, strips_vrt
 from geoseg.model.contract import ClassInfo
 from tests.conftest import write_raster

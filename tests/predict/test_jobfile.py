@@ -232,7 +232,7 @@ def _choices(annotation: object) -> set[object]:
 def test_options_match_the_library() -> None:
     """The job's options are PredictOptions' fields, and its choices the library's registries."""
     from geoseg.gis.vectorize import FORMATS
-    from geoseg.io.raster import COMPRESSIONS
+    from geoseg.io.profiles import COMPRESSIONS
     from geoseg.predict.api import PROBABILITY_DTYPES, PredictOptions
     from geoseg.predict.blend import BLEND_WINDOWS
     from geoseg.predict.hardware import ALL_PRECISIONS
