@@ -57,6 +57,7 @@ class Runtime:
     """One process's model on its device: the model server thread, reader threads, chip slots."""
 
     def __init__(self, model: LoadedModel, options: PredictOptions):
+        from geoseg.predict.hardware import cpu_batch_size
         from geoseg.predict.runtime import make_predictor
         from geoseg.predict.server import ModelServer
 
@@ -70,9 +71,13 @@ class Runtime:
         assert isinstance(options.batch_size, int)
         self.contract = model.contract
         self.predictor = make_predictor(model, options.device, options.precision, options.tta, options.backend)
-        self.server = ModelServer(self.predictor, options.batch_size)
+        # on a CPU every network call is the auto batch of the chip size, whatever --batch-size gathers: the
+        # same bytes at any batch size (geoseg.predict.server)
+        tile = options.tile_size or model.contract.chip_size
+        net_batch = cpu_batch_size(tile) if self.predictor.device.type == "cpu" else None
+        self.server = ModelServer(self.predictor, options.batch_size, net_batch=net_batch)
         self.readers = ThreadPoolExecutor(options.resolved_workers(), thread_name_prefix="geoseg-read")
-        self.slots = threading.Semaphore(max(6, 3 * options.batch_size))  # chips read, not yet blended
+        self.slots = threading.Semaphore(max(6, 3 * self.server.batch_size))  # chips read, not yet blended
         # units blending at once: on a CPU one unit keeps the model busy (its reads run ahead on the reader
         # threads), and each unit holds a blend accumulator as wide as its panel, so one at a time keeps
         # memory flat as scenes grow; a GPU may need several units' blending to keep up with it

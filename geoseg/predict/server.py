@@ -10,6 +10,12 @@ The server knows predictors only by :class:`ChipPredictor`: numpy in, numpy out,
 :class:`~geoseg.predict.onnx_predictor.OnnxPredictor` alike, and imports torch only for a PyTorch
 predictor on CUDA: there it uses pinned host buffers, a side stream for host-to-device copies, and prepares
 batch k+1 while the device computes batch k.
+
+Every network call has the same shape: a batch that is not full is padded with zeros. Convolution libraries
+pick kernels (and so the order of their floating-point sums) by shape: oneDNN on a CPU sums a lone 64 px
+chip differently from the same chip in a batch of two. With ``net_batch`` (set on a CPU) the network always
+sees batches of exactly that many chips, whatever ``batch_size`` gathers, so a chip's probabilities, and
+the confidence map rounded from them, are the same bytes at any ``--batch-size``.
 """
 
 from __future__ import annotations
@@ -55,11 +61,15 @@ class ModelServer:
     Use as a context manager; :meth:`submit` may be called from any thread.
     """
 
-    def __init__(self, predictor: Any, batch_size: int = 8, max_wait: float = 0.02):
+    def __init__(self, predictor: Any, batch_size: int = 8, max_wait: float = 0.02, net_batch: int | None = None):
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.predictor = predictor
-        self.batch_size = batch_size
+        self._cuda = bool(getattr(predictor, "torch_cuda", False))
+        # chips per network call: a fixed shape (see the module docstring); the server gathers a whole
+        # number of them. On CUDA the batch is the call (memory, not kernel choice, sets it there)
+        self.net_batch = batch_size if net_batch is None or self._cuda else max(1, int(net_batch))
+        self.batch_size = -(-batch_size // self.net_batch) * self.net_batch
         self.max_wait = max_wait
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="geoseg-model", daemon=True)
@@ -67,7 +77,6 @@ class ModelServer:
         self.batches = 0
         self.chips = 0
         self._error: BaseException | None = None
-        self._cuda = bool(getattr(predictor, "torch_cuda", False))
         self._copy_stream: Any = None
         if self._cuda:
             import torch
@@ -154,14 +163,19 @@ class ModelServer:
         """Start a batch; on CUDA this returns before the device is done."""
         t0 = time.perf_counter()
         batch = np.stack([it.data for it in items])
-        if len(items) < self.batch_size:
-            # a fixed batch shape: kernels chosen by shape (and their sums' order) must not depend on how
-            # many chips happened to arrive together, so a chip's probabilities are the same in any run
-            pad = np.zeros((self.batch_size - len(items), *batch.shape[1:]), dtype=batch.dtype)
+        # a fixed call shape: kernels chosen by shape (and their sums' order) must not depend on how many
+        # chips happened to arrive together, so a chip's probabilities are the same in any run
+        step = self.net_batch
+        full = -(-len(items) // step) * step
+        if len(items) < full:
+            pad = np.zeros((full - len(items), *batch.shape[1:]), dtype=batch.dtype)
             batch = np.concatenate([batch, pad])
         pred = self.predictor
         if not self._cuda:
-            probs = pred.run_batch(batch)
+            if full == step:
+                probs = pred.run_batch(batch)
+            else:
+                probs = np.concatenate([pred.run_batch(batch[i:i + step]) for i in range(0, full, step)])
             dt = time.perf_counter() - t0
             self.seconds += dt
             return probs, dt

@@ -108,15 +108,14 @@ def test_same_bytes_whatever_the_split_and_the_readers(tmp_path, unet, scene):
         assert got == want, split
 
 
-def test_batch_sizes_move_it_no_more_than_the_probabilities(tmp_path, unet, scene):
-    """The model's float sums may differ in the last bit between batch shapes (so may the probabilities): the
-    confidence then moves by at most one step, in as few pixels, and the class map not at all."""
+def test_same_bytes_whatever_the_batch_size(tmp_path, unet, scene):
+    """On a CPU the network always runs batches of one shape (a lone 64 px chip is summed differently by
+    oneDNN from the same chip in a batch of two), so --batch-size moves no probability and no confidence."""
     runs = [predict_scene(scene, unet, tmp_path / f"b{b}", confidence=True, probabilities=True, batch_size=b,
-                          precision="fp32", vector_format=None) for b in (1, 8)]
-    (c1, _), (c8, _) = (_read(r.confidence_path) for r in runs)
-    assert np.abs(c1.astype(int) - c8.astype(int)).max() <= 1
-    assert (c1 != c8).mean() < 0.001
-    assert Path(runs[0].classes_path).read_bytes() == Path(runs[1].classes_path).read_bytes()
+                          precision="fp32", vector_format=None) for b in (1, 3, 8)]
+    for kind in ("confidence_path", "probabilities_path", "classes_path"):
+        got = {Path(getattr(r, kind)).read_bytes() for r in runs}
+        assert len(got) == 1, kind
 
 
 def test_resume_from_staged_strips_gives_the_same_bytes(tmp_path, unet, scene, monkeypatch):

@@ -60,3 +60,27 @@ def test_cuda_overflow_is_counted_once_its_batch_is_done_and_the_results_match_t
         probs = [f.result()[0] for f in [server.submit(c) for c in chips[:4]]]
     assert pred.overflowed >= 1 and "overflowed" in caplog.text
     assert all(np.isfinite(p).all() and np.allclose(p.sum(0), 1, atol=1e-5) for p in probs)
+
+
+def test_on_a_cpu_every_network_call_has_the_same_shape():
+    """net_batch: the server gathers a whole number of calls and pads the last, so no chip is ever summed in a
+    batch of another shape (a lone small chip gets other kernels than a batch of two)."""
+
+    class Recorder:
+        device = type("D", (), {"type": "cpu"})()
+        torch_cuda = False
+
+        def __init__(self) -> None:
+            self.shapes: list[int] = []
+
+        def run_batch(self, batch: np.ndarray) -> np.ndarray:
+            self.shapes.append(len(batch))
+            return batch[:, :1] * 2
+
+    rec = Recorder()
+    with ModelServer(rec, batch_size=3, max_wait=0.2, net_batch=2) as server:
+        assert server.batch_size == 4  # a whole number of network calls
+        futures = [server.submit(np.full((1, 2, 2), i, np.float32)) for i in range(5)]
+        got = [f.result()[0] for f in futures]
+    assert set(rec.shapes) == {2}
+    assert [float(g[0, 0, 0]) for g in got] == [0, 2, 4, 6, 8]

@@ -78,11 +78,9 @@ def test_same_bytes_on_threads_and_on_a_cluster_whatever_the_split(tmp_path, une
     assert _bytes(tmp_path / "split", "*.probs.tif") == _bytes(tmp_path / "local", "*.probs.tif")
     assert _bytes(tmp_path / "split", "*.confidence.tif") == _bytes(tmp_path / "local", "*.confidence.tif")
     assert len(_bytes(tmp_path / "local", "*.confidence.tif")) == 3
-    for s in ("s0", "s1", "s2"):  # torch's CPU sums depend on its thread count (1 per worker here, 2 locally)
-        for kind in ("probs", "confidence"):
-            with rasterio.open(tmp_path / "dist" / f"{s}.{kind}.tif") as a, \
-                    rasterio.open(tmp_path / "local" / f"{s}.{kind}.tif") as b:
-                assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
+    # one network call shape on every worker (geoseg.predict.server): the same probabilities, the same confidence
+    assert _bytes(tmp_path / "dist", "*.probs.tif") == _bytes(tmp_path / "local", "*.probs.tif")
+    assert _bytes(tmp_path / "dist", "*.confidence.tif") == _bytes(tmp_path / "local", "*.confidence.tif")
     import pyogrio
 
     assert _bytes(tmp_path / "dist", "s*.gpkg") == _bytes(tmp_path / "local", "s*.gpkg")  # polygons too
