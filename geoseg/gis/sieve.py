@@ -41,13 +41,18 @@ the nodata value (or the dataset's mask) is what ``valid`` says, so masking it o
    memory (:func:`sieve_array`); each strip is read again and those pixels get their piece's output value.
    No second labelling.
 
-Memory holds one strip (``strip_rows`` x width, about 2 M pixels by default) and, like GDAL (24 bytes per
-region), a few numbers per piece (value, size, region: about 30 bytes) and per contact pair of a small
-piece; it never holds the raster, but the bookkeeping grows with the number of regions the map has, not
-only with its width. On a 10000 x 10000 land-cover map of 1.16 M regions the process's peak is 179 MB over
-its imports, against 530 MB for rasterio's whole-map sieve (``benchmarks/bench_sieve.py``). The noted
-pixels wait on disk. A bound by the width alone would retire regions once closed and decided; a small
-region next to two large open ones cannot be decided before one of them closes, so that is left for later.
+The decisions are not left to the end: after each strip, every region that no longer reaches the strip's
+last row is *closed* (its size is final), and a closed small region is decided as soon as its largest
+neighbour is known for good (every neighbour closed, or a single open neighbour already ahead of all the
+closed ones: it can only grow) and its chain ends in a decided region. Decided regions are forgotten; each
+strip's output table (piece -> value) goes to a file once its pieces are decided (or after
+``HOLD_STRIPS`` strips, the few pieces still waiting then come back as patches). What stays in memory is one
+strip, the open regions (at most one per pixel of a row) and the closed small regions still waiting on an
+open one, with the regions their contacts name: bounded by the width, not the area. On a 10000 x 10000
+land-cover map of 1.16 M regions the process holds about 75 MB over its imports (the working arrays of one
+2 M-pixel strip), against 200 MB when every region was kept to the end and 530 MB for rasterio's whole-map
+sieve (``benchmarks/bench_sieve.py``); a map 16 times taller keeps as many regions at once
+(``tests/gis/test_sieve.py``).
 """
 
 from __future__ import annotations
@@ -202,7 +207,7 @@ def sieve_raster(src: str | os.PathLike[str], dst: str | os.PathLike[str], mmu: 
     # the pixels of small pieces wait for the second read in files beside the output, not in memory
     with gdal_env(), open_scene(path) as ds, \
             tempfile.TemporaryDirectory(prefix=f".{out_path.name}.spill-", dir=out_path.parent) as spill:
-        sv = StripSieve(info.width, threshold, connectivity)
+        sv = StripSieve(info.width, threshold, connectivity, spill=spill)
         total = 2 * len(strips)
         if threshold > 1:
             jobs = [(path, r0, h, info.width, info.mask, threshold, connectivity, Path(spill) / f"strip{i}.npy")

@@ -176,12 +176,32 @@ class SieveStats:
     merged: int = 0
 
 
+HOLD_STRIPS = 4  # strips whose output tables wait in memory for their last undecided pieces, then go out
+
+
 class StripSieve:
     """GDAL's sieve over strips of rows fed in order: :meth:`scan` each strip (or :meth:`add` the
     :func:`scan_strip` of each, made anywhere), :meth:`decide`, then :meth:`apply` each strip again (the
     same strips, same values) to get its sieved values.
 
     Strips are ``(rows, width)`` arrays of integer values; the scan also takes their boolean validity.
+
+    Memory is bounded by the width, not the area: regions are decided as the scan goes and forgotten once
+    decided. After each strip only these are kept:
+
+    * the *open* regions (a piece in the strip's last row: they may grow), at most one per pixel of a row;
+    * small regions already closed whose fate still depends on an open one (a neighbour still growing that
+      could become the largest, or a chain of largest neighbours that reaches an open small region), with
+      their first contacts, and the closed regions those contacts name (size and value);
+    * the output tables of the last :data:`HOLD_STRIPS` strips (piece label -> output value), which go to
+      ``spill`` (or a list, in memory) once their pieces are decided; pieces still undecided after that
+      wait as ``(strip, label, region)`` rows, then as patches of their strip's table.
+
+    A closed small region is decided when its largest neighbour is known for good: every neighbour closed
+    (sizes final), or a single open neighbour already ahead of every closed one (it can only grow). It
+    then takes the value at the end of its chain of largest neighbours, or keeps its own (no neighbour, a
+    cycle of small regions), exactly as :meth:`decide` on the whole map would: see :mod:`geoseg.gis.sieve`.
+    ``peak_regions`` is the most regions kept at once (open and waiting).
     """
 
     def __init__(self, width: int, threshold: int, connectivity: int = 4,
@@ -189,22 +209,29 @@ class StripSieve:
         self.width = int(width)
         self.threshold = int(threshold)
         self.connectivity = check_connectivity(connectivity)
-        self.base = 0
         self.strips: list[tuple[int, int, int]] = []  # (row0, rows, pieces) of each scanned strip
-        self._values: list[np.ndarray] = []
-        self._sizes: list[np.ndarray] = []
-        self._joins: list[tuple[np.ndarray, np.ndarray]] = []
-        self._contacts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        # the last row scanned: piece labels, values, the sizes of its strip's pieces, and their first id
-        self._prev: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
-        self._out: np.ndarray | None = None
-        self._applied = 0
-        # per strip, the pixels of its small pieces (the only ones that can change): (flat index, label),
-        # kept in memory, or in files in the folder ``spill``
-        self._spill = None if spill is None else Path(os.fspath(spill))
-        self._changeable: list[np.ndarray | Path] = []
-        self._applied_base = 0
         self.stats = SieveStats()
+        self.peak_regions = 0
+        self._spill = None if spill is None else Path(os.fspath(spill))
+        # per strip: the pixels of its small pieces (flat index, label), and its output table (value by label,
+        # index 0 unused) once written; None while it waits
+        self._changeable: list[np.ndarray | Path] = []
+        self._tables: list[np.ndarray | Path | None] = []
+        # the regions kept, numbered 0..m-1 anew after each strip
+        z64 = np.zeros(0, dtype=np.int64)
+        self._val, self._size, self._out, self._next = z64, z64, z64, z64
+        self._open = np.zeros(0, dtype=bool)
+        self._done = np.zeros(0, dtype=bool)  # output known (``_out``)
+        self._reached = np.zeros(0, dtype=bool)  # done, and its chain ended in a region of threshold size
+        # first contacts (region, neighbour, scan position) of small regions whose largest neighbour is unknown
+        self._contacts: tuple[np.ndarray, np.ndarray, np.ndarray] = (z64, z64, z64)
+        # the last row scanned: piece labels, values and each label's region (-1: none kept)
+        self._prev: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._held: dict[int, np.ndarray] = {}  # strip -> output table, waiting for undecided pieces
+        self._pending: tuple[np.ndarray, np.ndarray, np.ndarray] = (z64, z64, z64)  # (strip, label, region)
+        self._late: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # strip -> (labels, values) patches
+        self._decided = False
+        self._applied = 0
 
     # -- pass 1
     def scan(self, row0: int, values: np.ndarray, valid: np.ndarray) -> None:
@@ -214,132 +241,257 @@ class StripSieve:
 
     def add(self, row0: int, facts: StripScan) -> None:
         """Record the :func:`scan_strip` of the next strip down (made here or in a worker process)."""
-        if self._out is not None:
+        if self._decided:
             raise RuntimeError("scan after decide")
         rows, w = facts.rows, len(facts.first[0])
         expected = self.strips[-1][0] + self.strips[-1][1] if self.strips else 0
         if w != self.width or row0 != expected:
             raise ValueError(f"strip at row {row0} of width {w}: expected row {expected}, width {self.width}")
-        n, base = facts.n, self.base
-        self._values.append(facts.values)
-        self._sizes.append(facts.sizes)
-        self.strips.append((row0, rows, n))
-        self.base += n
+        self.strips.append((row0, rows, facts.n))
+        self._changeable.append(facts.changeable)
+        self._tables.append(None)
         if self.threshold > 1:
-            cs, cn, ck = facts.contacts
-            if len(cs):
-                self._contacts.append((self._ids(cs, base), self._ids(cn, base), ck))
-            self._changeable.append(facts.changeable)
+            self._step(len(self.strips) - 1, row0, facts)
+
+    def decide(self) -> SieveStats:
+        """Close the regions still open after the last :meth:`scan` and decide the rest."""
+        if not self._decided and self.threshold > 1:
+            self._step(len(self.strips), 0, None)
+            assert not len(self._val) and not len(self._pending[0]) and not self._held
+        self._decided = True
+        return self.stats
+
+    def _step(self, k: int, row0: int, facts: StripScan | None) -> None:
+        """Join strip ``k`` (``None``: the end of the map) to the regions kept, decide what can be decided, keep
+        the rest."""
+        t = self.threshold
+        m = len(self._val)
+        n = 0 if facts is None else facts.n
+        nodes = m + n
+        # regions: the kept ones and this strip's pieces, joined across the seam
+        ju: list[np.ndarray] = []
+        jv: list[np.ndarray] = []
+        if facts is not None and self._prev is not None:
+            p_lab, p_val, p_reg = self._prev
+            lab0, val0 = facts.first
+            for su, sd in self._pairs():
+                u, d = p_lab[su], lab0[sd]
+                hit = (u > 0) & (d > 0) & (p_val[su] == val0[sd])
+                ju.append(p_reg[u[hit]])
+                jv.append(m + d[hit].astype(np.int64) - 1)
+        if ju and sum(len(j) for j in ju):
+            u_, v_ = np.concatenate(ju), np.concatenate(jv)
+            graph = coo_matrix((np.ones(len(u_), dtype=np.int8), (u_, v_)), shape=(nodes, nodes)).tocsr()
+            regions, comp = connected_components(graph, directed=False)
+            comp = comp.astype(np.int64)
+        else:
+            regions, comp = nodes, np.arange(nodes, dtype=np.int64)
+        pv = np.zeros(0, np.int64) if facts is None else facts.values.astype(np.int64)
+        ps = np.zeros(0, np.int64) if facts is None else facts.sizes.astype(np.int64)
+        size = np.zeros(regions, dtype=np.int64)
+        np.add.at(size, comp, np.concatenate([self._size, ps]))
+        val = np.zeros(regions, dtype=np.int64)
+        val[comp] = np.concatenate([self._val, pv])
+        open_ = np.zeros(regions, dtype=bool)
+        if facts is not None:
+            last = facts.last[0]
+            open_[comp[m + last[last > 0].astype(np.int64) - 1]] = True
+        live = np.zeros(regions, dtype=bool)  # new or open before: each closes exactly once
+        live[comp[m:]] = True
+        live[comp[:m][self._open]] = True
+        closing = live & ~open_
+        small = size < t
+        self.stats.regions += int(closing.sum())
+        self.stats.small += int((closing & small).sum())
+        # what the kept regions knew (the closed ones are alone in their component)
+        done = np.zeros(regions, dtype=bool)
+        reached = np.zeros(regions, dtype=bool)
+        out = val.copy()
+        nxt = np.full(regions, -2, dtype=np.int64)  # largest neighbour: >= 0, -1 none, -2 unknown
+        kept_closed = np.flatnonzero(~self._open)
+        if len(kept_closed):
+            cc = comp[kept_closed]
+            done[cc] = self._done[kept_closed]
+            reached[cc] = self._reached[kept_closed]
+            out[cc] = self._out[kept_closed]
+            old = self._next[kept_closed]
+            nxt[cc] = np.where(old >= 0, comp[np.maximum(old, 0)], old)
+        big = ~small
+        done |= big
+        reached |= big
+        out[big] = val[big]
+        # first contacts, in regions: those kept, this strip's own, and across the seam
+        cs, cn, ck = self._contacts
+        parts = [(comp[cs], comp[cn], ck)]
+        if facts is not None:
+            ls, ln, lk = facts.contacts
+            if len(ls):
+                parts.append((comp[m + ls.astype(np.int64) - 1], comp[m + ln.astype(np.int64) - 1], lk))
             if self._prev is not None:
-                self._seam(row0, facts, base)
-        self._prev = (facts.last[0], facts.last[1], facts.sizes, base)
+                parts.append(self._seam_contacts(row0, facts, comp, m))
+        cs = np.concatenate([q[0] for q in parts])
+        cn = np.concatenate([q[1] for q in parts])
+        ck = np.concatenate([q[2] for q in parts])
+        want = small[cs] & (nxt[cs] == -2) & ~done[cs]
+        cs, cn, ck = _first_contacts(cs[want], cn[want], ck[want], max(regions, 1))
+        # closed small regions: the largest neighbour, once no open one can still overtake
+        cand = ~open_ & small & (nxt == -2) & ~done
+        if cand.any():
+            has = np.zeros(regions, dtype=bool)
+            has[cs] = True
+            nxt[cand & ~has] = -1
+            sel = cand[cs]
+            s, nb, key = cs[sel], cn[sel], ck[sel]
+            if len(s):
+                nb_open = open_[nb]
+                best_c = np.full(regions, -1, dtype=np.int64)
+                key_c = np.zeros(regions, dtype=np.int64)
+                b = _best(s[~nb_open], nb[~nb_open], key[~nb_open], size)
+                best_c[b[0]], key_c[b[0]] = b[1], b[2]
+                best_o = np.full(regions, -1, dtype=np.int64)
+                key_o = np.zeros(regions, dtype=np.int64)
+                b = _best(s[nb_open], nb[nb_open], key[nb_open], size)
+                best_o[b[0]], key_o[b[0]] = b[1], b[2]
+                n_open = np.bincount(s[nb_open], minlength=regions)
+                sc = np.where(best_c >= 0, size[np.maximum(best_c, 0)], -1)
+                so = np.where(best_o >= 0, size[np.maximum(best_o, 0)], -1)
+                ahead = (so > sc) | ((so == sc) & (key_o < key_c))
+                go = cand & has
+                nxt[go & (n_open == 0)] = best_c[go & (n_open == 0)]
+                one = go & (n_open == 1) & ahead
+                nxt[one] = best_o[one]
+        # chains of largest neighbours, by pointer doubling: decided ends are fixed points
+        ptr = np.where(done, np.where(reached, np.arange(regions), -1), np.where(~open_ & small, nxt, -2))
+        for _ in range(int(regions).bit_length() + 1):
+            nn = np.where(ptr >= 0, ptr[np.maximum(ptr, 0)], ptr)
+            if np.array_equal(nn, ptr):
+                break
+            ptr = nn
+        new = ~done & ~open_ & small & (ptr != -2)
+        ends = np.maximum(ptr, 0)
+        good = new & (ptr >= 0) & done[ends] & reached[ends]
+        out[good] = out[ends[good]]
+        reached[good] = True
+        done[new] = True
+        self.stats.merged += int(good.sum())
+        # output tables: this strip's, and the pieces waiting in earlier ones
+        if facts is not None:
+            table = np.zeros(n + 1, dtype=facts.values.dtype)
+            reg = comp[m:]
+            table[1:] = out[reg].astype(facts.values.dtype)
+            waiting = (ps < t) & ~done[reg]
+            labels = np.flatnonzero(waiting).astype(np.int64) + 1
+            self._held[k] = table
+            ps_, pl_, pr_ = self._pending
+            self._pending = (np.concatenate([ps_, np.full(len(labels), k, dtype=np.int64)]),
+                             np.concatenate([pl_, labels]), np.concatenate([comp[pr_], reg[labels - 1]]))
+        else:
+            ps_, pl_, pr_ = self._pending
+            self._pending = (ps_, pl_, comp[pr_])
+        self._settle(done, out, k)
+        # keep the open regions, the undecided ones and the regions their contacts name
+        keep = open_ | ~done
+        still = ~done[cs]
+        cs, cn, ck = cs[still], cn[still], ck[still]
+        keep[cn] = True
+        idx = np.cumsum(keep) - 1
+        self._val, self._size, self._out = val[keep], size[keep], out[keep]
+        self._open, self._done, self._reached = open_[keep], done[keep], reached[keep]
+        nk = nxt[keep]
+        self._next = np.where(nk >= 0, idx[np.maximum(nk, 0)], nk)
+        self._contacts = (idx[cs], idx[cn], ck)
+        ps_, pl_, pr_ = self._pending
+        self._pending = (ps_, pl_, idx[pr_])
+        self.peak_regions = max(self.peak_regions, int(keep.sum()))
+        if facts is not None:
+            reg = comp[m:]
+            p_reg = np.full(n + 1, -1, dtype=np.int64)
+            p_reg[1:] = np.where(keep[reg], idx[reg], -1)
+            self._prev = (facts.last[0], facts.last[1], p_reg)
 
-    def _ids(self, labels: np.ndarray, base: int) -> np.ndarray:
-        """Global piece ids of strip-local labels, in int32 while they fit (halves the bookkeeping)."""
-        return (labels.astype(np.int64) + (base - 1)).astype(np.int32 if self.base < 2**31 else np.int64)
+    def _pairs(self) -> list[tuple[slice, slice]]:
+        """Column slices of (row above, row below) that touch: straight down, and both diagonals with 8."""
+        pairs = [(slice(None), slice(None))]
+        if self.connectivity == 8 and self.width > 1:
+            pairs += [(slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))]
+        return pairs
 
-    def _seam(self, row0: int, facts: StripScan, base: int) -> None:
-        """Joins and contacts between the last row scanned and this strip's first row."""
+    def _seam_contacts(self, row0: int, facts: StripScan, comp: np.ndarray, m: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """First contacts between the last row scanned (its regions) and this strip's first row (its pieces),
+        from the side of a small piece or region, in GDAL's scan positions."""
         assert self._prev is not None
-        p_lab, p_val, p_size, p_base = self._prev
+        p_lab, p_val, p_reg = self._prev
         lab0, val0 = facts.first
-        self._join_seam(p_lab, p_val, p_base, lab0, val0, base)
         small = _small_lut(facts.sizes, self.threshold)
-        p_small = _small_lut(p_size, self.threshold)
+        p_small = np.zeros(len(p_reg), dtype=bool)
+        ok = p_reg >= 0
+        p_small[ok] = self._size[p_reg[ok]] < self.threshold
         a, b, va, vb = lab0[None], p_lab[None], val0[None], p_val[None]
         moves = [(a, b, va, vb, 0, 0)]
         if self.connectivity == 8 and self.width > 1:
             moves += [(a[:, 1:], b[:, :-1], va[:, 1:], vb[:, :-1], 1, 1),
                       (a[:, :-1], b[:, 1:], va[:, :-1], vb[:, 1:], 2, 0)]
-        parts = [_contacts(*m[:4], small, p_small, m[4], m[5], row0, self.width) for m in moves]
-        ia = np.concatenate([q[0] for q in parts])
-        ib = np.concatenate([q[1] for q in parts])
-        key = np.concatenate([q[2] for q in parts])
+        got = [_contacts(*mv[:4], small, p_small, mv[4], mv[5], row0, self.width) for mv in moves]
+        ia = np.concatenate([q[0] for q in got]).astype(np.int64)
+        ib = np.concatenate([q[1] for q in got]).astype(np.int64)
+        key = np.concatenate([q[2] for q in got])
+        ga, gb = comp[m + ia - 1], comp[p_reg[ib]]
         sa, sb = small[ia], p_small[ib]
-        ga, gb = self._ids(ia, base), self._ids(ib, p_base)
-        if len(ia):
-            self._contacts.append((np.concatenate([ga[sa], gb[sb]]), np.concatenate([gb[sa], ga[sb]]),
-                                   np.concatenate([key[sa], key[sb]])))
+        return (np.concatenate([ga[sa], gb[sb]]), np.concatenate([gb[sa], ga[sb]]),
+                np.concatenate([key[sa], key[sb]]))
 
-    def _join_seam(self, up_lab: np.ndarray, up_val: np.ndarray, up_base: int, lab0: np.ndarray,
-                   val0: np.ndarray, base: int) -> None:
-        pairs = [(slice(None), slice(None))]
-        if self.connectivity == 8 and self.width > 1:
-            pairs += [(slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))]
-        for su, sd in pairs:
-            u, d = up_lab[su], lab0[sd]
-            hit = (u > 0) & (d > 0) & (up_val[su] == val0[sd])
-            if hit.any():
-                self._joins.append((u[hit].astype(np.int64) + (up_base - 1), d[hit].astype(np.int64) + (base - 1)))
-
-    # -- decision
-    def decide(self) -> SieveStats:
-        """Join pieces into regions and decide every region's output value (after the last :meth:`scan`)."""
-        n = self.base
-        values = np.concatenate(self._values).astype(np.int64) if self._values else np.zeros(0, dtype=np.int64)
-        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, dtype=np.int32)
-        self._values, self._sizes = [], []
-        if self._joins:
-            u = np.concatenate([j[0] for j in self._joins])
-            d = np.concatenate([j[1] for j in self._joins])
-            graph = coo_matrix((np.ones(len(u), dtype=np.int8), (u, d)), shape=(n, n)).tocsr()
-            ncomp, comp = connected_components(graph, directed=False)
-        else:
-            ncomp, comp = n, np.arange(n, dtype=np.int64)
-        self._joins = []
-        region_size = np.bincount(comp, weights=sizes, minlength=ncomp).astype(np.int64)
-        region_value = np.zeros(ncomp, dtype=np.int64)
-        region_value[comp] = values
-        small = region_size < self.threshold
-        nxt = np.arange(ncomp, dtype=np.int64)  # regions of threshold size or more stay themselves
-        nxt[small] = -1
-        if self._contacts and self.threshold > 1:
-            # each strip's contacts, in regions, cut down to the best per small region, then the best of those
-            parts = []
-            while self._contacts:
-                cs, cn, ck = self._contacts.pop(0)
-                rs = comp[cs]
-                keep = small[rs]
-                parts.append(_best(rs[keep], comp[cn[keep]], ck[keep], region_size))
-            s, nb, _ = _best(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                             np.concatenate([p[2] for p in parts]), region_size)
-            del parts
-            nxt[s] = nb
-        # follow the chains of largest neighbours by pointer doubling: big regions are fixed points, a
-        # chain that reaches one ends there, a cycle of small regions never does
-        steps = 1
-        while steps <= ncomp:
-            nn = np.where(nxt >= 0, nxt[np.maximum(nxt, 0)], -1)
-            if np.array_equal(nn, nxt):
-                break
-            nxt = nn
-            steps *= 2
-        ok = nxt >= 0
-        ok[ok] = ~small[nxt[ok]]
-        out = np.where(ok, region_value[np.maximum(nxt, 0)], region_value)
-        self._out = out[comp]
-        self.stats = SieveStats(regions=int(ncomp), small=int(small.sum()), merged=int((ok & small).sum()))
-        return self.stats
+    def _settle(self, done: np.ndarray, out: np.ndarray, k: int) -> None:
+        """Fill the waiting pieces that are decided now; write out the tables with nothing waiting, and those
+        held for :data:`HOLD_STRIPS` strips (their last waiting pieces become patches when decided)."""
+        ps_, pl_, pr_ = self._pending
+        ready = done[pr_]
+        if ready.any():
+            rs, rl, rv = ps_[ready], pl_[ready], out[pr_[ready]]
+            for strip in np.unique(rs).tolist():
+                sel = rs == strip
+                table = self._held.get(strip)
+                if table is not None:
+                    table[rl[sel]] = rv[sel].astype(table.dtype)
+                else:
+                    self._late.setdefault(strip, []).append((rl[sel], rv[sel]))
+            self._pending = (ps_[~ready], pl_[~ready], pr_[~ready])
+        waiting = set(np.unique(self._pending[0]).tolist())
+        for strip in sorted(self._held):
+            if strip not in waiting or k - strip >= HOLD_STRIPS:
+                table = self._held.pop(strip)
+                if self._spill is None:
+                    self._tables[strip] = table
+                else:
+                    path = self._spill / f"table{strip}.npy"
+                    np.save(path, table)
+                    self._tables[strip] = path
 
     # -- pass 2
     def apply(self, row0: int, values: np.ndarray) -> np.ndarray:
         """The sieved values of a strip, fed again in the order of :meth:`scan` (same strips, same values)."""
-        if self._out is None:
+        if not self._decided:
             raise RuntimeError("apply before decide")
-        if self._applied >= len(self.strips) or self.strips[self._applied][:2] != (row0, values.shape[0]):
+        i = self._applied
+        if i >= len(self.strips) or self.strips[i][:2] != (row0, values.shape[0]):
             raise ValueError(f"strip at row {row0} ({values.shape[0]} rows) was not scanned in this order")
-        _, _, n = self.strips[self._applied]
-        base = self._applied_base
         out = values.copy()
         if self.threshold > 1:
-            item = self._changeable[self._applied]
+            item = self._changeable[i]
             pixels = np.load(item) if isinstance(item, Path) else item
-            self._changeable[self._applied] = _NOTHING  # not a view: that would keep the pixels
-            if isinstance(item, Path):
-                item.unlink()
-            out.ravel()[pixels[0]] = self._out[pixels[1].astype(np.int64) + (base - 1)]
+            self._changeable[i] = _NOTHING  # not a view: that would keep the pixels
+            table_item = self._tables[i]
+            assert table_item is not None
+            table = np.load(table_item) if isinstance(table_item, Path) else table_item
+            self._tables[i] = None
+            for labels, vals in self._late.pop(i, []):
+                table[labels] = vals.astype(table.dtype)
+            if len(pixels[0]):
+                out.ravel()[pixels[0]] = table[pixels[1]]
+            for path in (item, table_item):
+                if isinstance(path, Path):
+                    path.unlink()
         self._applied += 1
-        self._applied_base += n
         return out
 
 

@@ -318,3 +318,43 @@ def test_mmu_in_square_metres_on_an_epsg4326_map(real_data: Path, tmp_path: Path
     assert res.threshold == math.ceil(20 / abs(area))
     data, valid = _read_masked(src)
     np.testing.assert_array_equal(_read_masked(res.path)[0], gdal_sieve(data, res.threshold, 8, valid))
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=class_maps(), threshold=st.integers(2, 30), connectivity=st.sampled_from([4, 8]),
+       rows=st.integers(1, 5), hold=st.sampled_from([0, 1]))
+def test_tables_written_before_their_pieces_are_decided_are_patched(
+        case: tuple[np.ndarray, np.ndarray | None], threshold: int, connectivity: int, rows: int, hold: int) -> None:
+    """Strip tables leave memory after ``HOLD_STRIPS`` strips even with pieces undecided: those come back as
+    patches, and the map is GDAL's all the same."""
+    import geoseg.gis.strip_sieve as strip_sieve
+
+    data, mask = case
+    saved = strip_sieve.HOLD_STRIPS
+    strip_sieve.HOLD_STRIPS = hold
+    try:
+        got = sieve_array(data, threshold, connectivity=connectivity, mask=mask, strip_rows=rows)
+    finally:
+        strip_sieve.HOLD_STRIPS = saved
+    np.testing.assert_array_equal(got, gdal_sieve(data, threshold, connectivity, mask))
+
+
+def test_memory_is_bounded_by_the_width_not_the_height() -> None:
+    """The regions kept at once (open, or waiting on an open neighbour) do not grow with the map's height:
+    a map 16 times taller, with 16 times the regions, keeps about as many."""
+    rng = np.random.default_rng(5)
+    peaks, counts = [], []
+    for height in (200, 3200):
+        data = ndimage.zoom(rng.integers(1, 5, size=(height // 4, 50)), 4, order=0).astype(np.uint8)
+        data[rng.random(data.shape) < 0.05] = 7  # salt: many one-pixel regions
+        sv = StripSieve(data.shape[1], 20, 4)
+        valid = np.ones(data.shape, bool)
+        for r0 in range(0, height, 10):
+            sv.scan(r0, data[r0:r0 + 10], valid[r0:r0 + 10])
+        stats = sv.decide()
+        peaks.append(sv.peak_regions)
+        counts.append(stats.regions)
+        out = np.concatenate([sv.apply(r0, data[r0:r0 + 10]) for r0 in range(0, height, 10)])
+        np.testing.assert_array_equal(out, gdal_sieve(data, 20, 4, None))
+    assert counts[1] > 10 * counts[0]
+    assert peaks[1] < 2 * peaks[0] and peaks[1] < 4 * data.shape[1]
