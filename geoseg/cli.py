@@ -455,6 +455,9 @@ def export(model: str, fmt: str, output: str | None, output_old: str | None, ops
 @click.option("--expected-accuracy", default=None, metavar="U|ID:U,...",
               help="Conjectured user's accuracy for --target-se and neyman: one value or per class id, e.g. "
                    "1:0.7,2:0.6 [default: 0.9].")
+@click.option("--label-from", default=None, metavar="RASTER",
+              help="Fill the reference column from this one-band raster of reference class ids (a better map, "
+                   "or the demo's truth): each point takes the class under it [default: left empty].")
 @click.option("--vector-format", type=click.Choice(VECTOR_FORMATS), default=None,
               help="Output format [default: from --output's extension].")
 @opt_overwrite
@@ -463,7 +466,8 @@ def sample(ctx: click.Context, classmap: str, **options: Any) -> None:
     """Draw a stratified random sample of points from CLASSMAP for reference interpretation.
 
     The map classes are the strata; points sit at pixel centres and carry class_id, class_name, stratum_px
-    (the stratum's pixels) and an empty reference column to fill in (a class id or name) for geoseg assess.
+    (the stratum's pixels) and an empty reference column to fill in (a class id or name) for geoseg assess,
+    or filled from a reference class raster with --label-from.
     """
     from geoseg.assess import sample_points
 
@@ -476,6 +480,8 @@ def sample(ctx: click.Context, classmap: str, **options: Any) -> None:
         for s in result.strata:
             click.echo(f"{s.id:>4}  {s.name:<22} {s.pixels:>10} {s.weight:8.4f} {s.points:>7}")
         click.echo(f"{result.n} points ({result.allocation}, seed {result.seed}) -> {result.path}")
+        if result.label_from is not None:
+            click.echo(f"reference filled from {result.label_from} for {result.labelled} of {result.n} points")
 
 
 @main.command()

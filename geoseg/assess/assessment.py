@@ -45,9 +45,9 @@ import numpy as np
 import shapely
 
 from geoseg.assess.estimate import Z95, Estimate, stratified_estimate
-from geoseg.assess.strata import MapStrata, read_strata
+from geoseg.assess.strata import MapStrata, read_strata, values_at
 from geoseg.errors import InputError
-from geoseg.io.raster import check_writable, gdal_env, open_scene, scene_stem
+from geoseg.io.raster import check_writable, scene_stem
 from geoseg.io.store import Store
 
 log = logging.getLogger(__name__)
@@ -138,19 +138,10 @@ def _reference_ids(values: Any, strata: MapStrata) -> list[int | str | None]:
 
 
 def _map_values(path: str, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The map class under each point, and whether the point is on a mapped pixel (in the map, not nodata)."""
-    with gdal_env(), open_scene(path) as ds:
-        inv = ~ds.transform
-        cols, rows = inv * (xs, ys)
-        cols, rows = np.floor(np.asarray(cols)), np.floor(np.asarray(rows))
-        inside = (cols >= 0) & (rows >= 0) & (cols < ds.width) & (rows < ds.height)
-        values = np.full(len(xs), -1, dtype=np.int64)
-        mapped = np.zeros(len(xs), dtype=bool)
-        for k in np.flatnonzero(inside):
-            a = ds.read(1, window=((int(rows[k]), int(rows[k]) + 1), (int(cols[k]), int(cols[k]) + 1)), masked=True)
-            if not np.ma.getmaskarray(a)[0, 0]:
-                values[k], mapped[k] = int(a[0, 0]), True
-    return values, inside
+    """The map class under each point (-1 where none: off the map or on nodata), and whether the point is on
+    the map."""
+    values, inside, valid = values_at(path, xs, ys)
+    return np.where(valid, values, -1), inside
 
 
 def _num(v: Any, digits: int = 6) -> float | None:

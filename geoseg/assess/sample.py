@@ -12,6 +12,11 @@ The points file (GeoPackage by default; any format of :data:`geoseg.gis.vectoriz
 ``point_id``, ``class_id`` and ``class_name`` (the map class, the stratum), ``stratum_px`` (the stratum's
 pixel count: its weight in the estimators) and an empty text column ``reference`` for the interpreters'
 class (an id or a name), which ``geoseg assess`` reads back.
+
+With ``label_from`` (``geoseg sample --label-from RASTER``), the ``reference`` column is filled from a
+reference class raster instead (a better map, or the demo's truth): each point takes the value of the pixel
+under it, the point reprojected to the raster's CRS when that differs (:func:`label_points`). Points off the
+raster or on its nodata keep an empty reference; one warning counts them.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from geoseg.assess.estimate import allocate, parse_allocation, sample_size
-from geoseg.assess.strata import MapStrata, count_values, read_classes, read_strata, windows
+from geoseg.assess.strata import MapStrata, count_values, read_classes, read_strata, values_at, windows
 from geoseg.errors import InputError
 from geoseg.gis.vectorize.formats import format_for
-from geoseg.io.raster import check_writable, gdal_env, open_scene
+from geoseg.io.raster import SceneInfo, check_writable, gdal_env, inspect_scene, open_scene
 from geoseg.io.store import Store
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,8 @@ class SampleResult:
     strata: list[Stratum] = field(default_factory=list)
     suggested_n: int | None = None  # eq. 13, with target_se
     target_se: float | None = None
+    label_from: str | None = None  # the reference class raster the reference column was filled from
+    labelled: int = 0  # points whose reference it filled (the others lie off it or on its nodata)
     seconds: float = 0.0
 
 
@@ -171,21 +178,85 @@ def _locate(path: str, ranks: dict[int, np.ndarray]) -> tuple[np.ndarray, np.nda
     return np.concatenate(cls), np.concatenate(rows), np.concatenate(cols)
 
 
-def _write_points(path: Path, fmt: Any, strata: MapStrata, design_: list[Stratum], cls: np.ndarray,
-                  rows: np.ndarray, cols: np.ndarray, overwrite: bool) -> None:
-    import geopandas as gpd
-    import pandas as pd
+def check_reference_raster(path: str | os.PathLike[str]) -> SceneInfo:
+    """Check that ``path`` is a reference class raster :func:`label_points` can read: one band of integers.
 
+    Raises:
+        InputError: unreadable, several bands, or not integers (named as ``--label-from``).
+    """
+    p = os.fspath(path)
+    try:
+        info = inspect_scene(p)
+    except InputError as exc:
+        raise InputError(f"--label-from {exc}") from None
+    if info.count != 1:
+        raise InputError(f"--label-from {p}: has {info.count} bands; give a one-band raster of reference class "
+                         "ids (e.g. gdal_translate -b 1 to keep one band)")
+    if np.dtype(info.dtype).kind not in "iu":
+        raise InputError(f"--label-from {p}: band 1 is {info.dtype}; give a raster of integer reference class "
+                         "ids (convert it, e.g. gdal_translate -ot Byte)")
+    return info
+
+
+def label_points(raster: str | os.PathLike[str], xs: np.ndarray, ys: np.ndarray, crs: Any) -> list[str | None]:
+    """Reference classes for points from a reference class raster: the value of the pixel under each point.
+
+    Args:
+        raster: a one-band integer raster of reference class ids (:func:`check_reference_raster`).
+        xs: the points' x coordinates, shape ``(n,)``, in ``crs``.
+        ys: their y coordinates, shape ``(n,)``.
+        crs: the points' CRS; the points are reprojected to the raster's CRS when it differs. ``None`` (or a
+            raster without a CRS): the coordinates are taken to be in the raster's CRS.
+
+    Returns:
+        Each point's class id as text (the ``reference`` column is text, so that interpreters may also type
+        names), ``None`` for a point off the raster or on its nodata; one warning counts those.
+
+    Raises:
+        InputError: the raster is not a one-band integer raster, or cannot be read.
+    """
+    p = os.fspath(raster)
+    info = check_reference_raster(p)
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if crs is not None and info.crs is not None and info.crs != crs:
+        from rasterio.warp import transform
+
+        log.info("%s: the points are reprojected to the raster's CRS (%s)", p, info.crs.to_string())
+        tx, ty = transform(crs, info.crs, xs.tolist(), ys.tolist())
+        xs, ys = np.asarray(tx, dtype=np.float64), np.asarray(ty, dtype=np.float64)
+    elif (crs is None) != (info.crs is None):
+        log.warning("%s: %s has no CRS; the points' coordinates are taken to be in the raster's", p,
+                    "the map" if crs is None else "the raster")
+    values, inside, valid = values_at(p, xs, ys)
+    off, nodata = int((~inside).sum()), int((inside & ~valid).sum())
+    if off or nodata:
+        log.warning("%s: %d of %d points lie off the raster (%d) or on its nodata (%d); their reference is left "
+                    "empty", p, off + nodata, len(xs), off, nodata)
+    return [str(int(v)) if ok else None for v, ok in zip(values.tolist(), valid.tolist(), strict=True)]
+
+
+def _pixel_centres(strata: MapStrata, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The map coordinates of the centres of the given pixels."""
     t = strata.transform
     xs = t.c + (cols + 0.5) * t.a + (rows + 0.5) * t.b
     ys = t.f + (cols + 0.5) * t.d + (rows + 0.5) * t.e
+    return xs, ys
+
+
+def _write_points(path: Path, fmt: Any, strata: MapStrata, design_: list[Stratum], cls: np.ndarray,
+                  rows: np.ndarray, cols: np.ndarray, overwrite: bool,
+                  reference: list[str | None] | None = None) -> None:
+    import geopandas as gpd
+    import pandas as pd
+
+    xs, ys = _pixel_centres(strata, rows, cols)
     pixels = {s.id: s.pixels for s in design_}
     frame = gpd.GeoDataFrame({
         "point_id": np.arange(1, len(cls) + 1, dtype=np.int64),
         "class_id": cls.astype(np.int64),
         "class_name": [strata.name(int(c)) for c in cls],
         "stratum_px": np.array([pixels[int(c)] for c in cls], dtype=np.int64),
-        "reference": pd.Series([None] * len(cls), dtype=object),
+        "reference": pd.Series([None] * len(cls) if reference is None else reference, dtype=object),
     }, geometry=gpd.points_from_xy(xs, ys), crs=strata.crs)
     if fmt.epsg4326 and strata.crs is not None:
         log.info("%s: GeoJSON (RFC 7946) is written in EPSG:4326; the points are reprojected", path)
@@ -208,7 +279,8 @@ def _write_points(path: Path, fmt: Any, strata: MapStrata, design_: list[Stratum
 def sample_points(classmap: str | os.PathLike[str], output: str | os.PathLike[str], n: int | None = None, *,
                   allocation: str = "proportional", seed: int | None = None, target_se: float | None = None,
                   expected_accuracy: float | str | Mapping[int, float] | None = None,
-                  vector_format: str | None = None, overwrite: bool = False) -> SampleResult:
+                  label_from: str | os.PathLike[str] | None = None, vector_format: str | None = None,
+                  overwrite: bool = False) -> SampleResult:
     """Draw a stratified random sample of points from a class map and write it for interpretation.
 
     Args:
@@ -221,6 +293,8 @@ def sample_points(classmap: str | os.PathLike[str], output: str | os.PathLike[st
         target_se: a target standard error of overall accuracy: eq. 13 suggests the sample size for it.
         expected_accuracy: conjectured user's accuracies for eq. 13 and ``neyman`` (one number, or per class
             id); default :data:`DEFAULT_EXPECTED_ACCURACY`.
+        label_from: a one-band integer raster of reference classes: fills each point's ``reference`` with the
+            class id under it (:func:`label_points`); without it, ``reference`` is left empty.
         vector_format: a name in :data:`geoseg.gis.vectorize.FORMATS`.
         overwrite: replace an existing points file.
 
@@ -228,7 +302,8 @@ def sample_points(classmap: str | os.PathLike[str], output: str | os.PathLike[st
         A :class:`SampleResult`.
 
     Raises:
-        InputError: not a class map, no mapped pixel, a bad option, or more points than pixels.
+        InputError: not a class map, no mapped pixel, a bad option, more points than pixels, or a
+            ``label_from`` that is not a one-band integer raster. Nothing is written then.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
     """
     t0 = time.perf_counter()
@@ -240,6 +315,8 @@ def sample_points(classmap: str | os.PathLike[str], output: str | os.PathLike[st
     if target_se is not None:
         sample_size([1], [DEFAULT_EXPECTED_ACCURACY], target_se)
     parse_expected_accuracy(expected_accuracy, ())
+    if label_from is not None:
+        check_reference_raster(label_from)
     strata = read_strata(classmap)
     plan, suggested = design(strata, n, allocation, target_se=target_se, expected_accuracy=expected_accuracy)
     if suggested is not None:
@@ -251,15 +328,20 @@ def sample_points(classmap: str | os.PathLike[str], output: str | os.PathLike[st
     cls, rows, cols = _locate(strata.path, ranks)
     order = np.lexsort((cols, rows, cls))  # by stratum, then row, then column
     cls, rows, cols = cls[order], rows[order], cols[order]
-    _write_points(path, fmt, strata, plan, cls, rows, cols, overwrite)
+    reference = None
+    if label_from is not None:
+        reference = label_points(label_from, *_pixel_centres(strata, rows, cols), strata.crs)
+    _write_points(path, fmt, strata, plan, cls, rows, cols, overwrite, reference)
     total = int(sum(s.points for s in plan))
     result = SampleResult(path=path, vector_format=fmt.name, n=total, allocation=allocation, seed=int(seed),
                           strata=plan, suggested_n=suggested, target_se=target_se,
+                          label_from=None if label_from is None else os.fspath(label_from),
+                          labelled=0 if reference is None else sum(r is not None for r in reference),
                           seconds=time.perf_counter() - t0)
     log.info("sampled %d points in %d strata of %s to %s in %.1f s", total, len(plan), strata.path, path,
              result.seconds)
     return result
 
 
-__all__ = ["DEFAULT_EXPECTED_ACCURACY", "POINT_COLUMNS", "SampleResult", "Stratum", "design",
-           "parse_expected_accuracy", "sample_points"]
+__all__ = ["DEFAULT_EXPECTED_ACCURACY", "POINT_COLUMNS", "SampleResult", "Stratum", "check_reference_raster",
+           "design", "label_points", "parse_expected_accuracy", "sample_points"]

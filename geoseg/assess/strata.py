@@ -84,6 +84,36 @@ def read_classes(ds: rasterio.DatasetReader, window: Window) -> np.ma.MaskedArra
     return ds.read(1, window=window, masked=True)
 
 
+def values_at(path: str | os.PathLike[str], xs: np.ndarray, ys: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Band 1's value under each point, the points' coordinates in the raster's CRS.
+
+    A point belongs to the pixel that holds it (a point on a pixel's left or top edge to that pixel). One
+    pixel is read per point, so memory and time follow the number of points, never the raster's size.
+
+    Returns:
+        ``(values, inside, valid)``: the values (int64; 0 where not ``valid``), whether each point lies on
+        the raster, and whether it lies on a pixel with a value (on the raster, not nodata or masked).
+
+    Raises:
+        InputError: the raster cannot be read.
+    """
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    values = np.zeros(len(xs), dtype=np.int64)
+    valid = np.zeros(len(xs), dtype=bool)
+    with gdal_env(), open_scene(path) as ds:
+        cols, rows = ~ds.transform * (xs, ys)
+        cols, rows = np.floor(np.asarray(cols)), np.floor(np.asarray(rows))
+        inside = np.isfinite(cols) & np.isfinite(rows)
+        inside &= (cols >= 0) & (rows >= 0) & (cols < ds.width) & (rows < ds.height)
+        for k in np.flatnonzero(inside):
+            r, c = int(rows[k]), int(cols[k])
+            a = ds.read(1, window=((r, r + 1), (c, c + 1)), masked=True)
+            if not np.ma.getmaskarray(a)[0, 0]:
+                values[k], valid[k] = int(a[0, 0]), True
+    return values, inside, valid
+
+
 def count_values(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct values of a 1-D integer array and how often each occurs (ascending): a bincount for
     8- and 16-bit unsigned ids, a sort otherwise."""
@@ -175,4 +205,4 @@ def ha(m2: float | None) -> float | None:
 
 
 __all__ = ["WINDOW_PIXELS", "MapStrata", "count_values", "pixel_row_areas", "read_classes", "read_strata",
-           "windows"]
+           "values_at", "windows"]

@@ -20,15 +20,6 @@ def _run(*args: str) -> object:
     return CliRunner().invoke(main, list(args))
 
 
-def _label_from(points_path: Path, truth: Path, nodata: int | None = None) -> None:
-    """Fill the points' reference column from a truth raster, as an interpreter would."""
-    pts = gpd.read_file(points_path)
-    with rasterio.open(truth) as ds:
-        values = [int(v[0]) for v in ds.sample(list(zip(pts.geometry.x, pts.geometry.y, strict=True)))]
-    pts["reference"] = [None if v == nodata else str(v) for v in values]
-    pts.to_file(points_path)
-
-
 @pytest.fixture(scope="module")
 def demo_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[int, str]]:
     """The demo's synthetic scene's truth (5 classes, a nodata corner) and a map of it with the errors a
@@ -53,14 +44,19 @@ def demo_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
 
 
 def test_readme_workflow_on_a_demo_like_map(demo_like: tuple[Path, Path, dict[int, str]], tmp_path: Path) -> None:
-    """map -> sample -> (labels from the truth) -> assess: the estimated areas' intervals hold the truth's
-    areas, where the map's own pixel counts are off."""
+    """map -> sample labelled from the truth (--label-from) -> assess: the estimated areas' intervals hold the
+    truth's areas, where the map's own pixel counts are off."""
     classes, truth, names = demo_like
     points = tmp_path / "points.gpkg"
-    res = _run("sample", str(classes), "-n", "1500", "--allocation", "min:50", "--seed", "1", "--output", str(points))
+    res = _run("sample", str(classes), "-n", "1500", "--allocation", "min:50", "--seed", "1", "--label-from",
+               str(truth), "--output", str(points))
     assert res.exit_code == 0, res.output  # type: ignore[attr-defined]
     assert "1500 points (min:50, seed 1)" in res.output  # type: ignore[attr-defined]
-    _label_from(points, truth, nodata=0)
+    assert f"reference filled from {truth} for 1500 of 1500 points" in res.output  # type: ignore[attr-defined]
+    pts = gpd.read_file(points)
+    with rasterio.open(truth) as ds:  # what an interpreter reading the truth would write
+        values = [int(v[0]) for v in ds.sample(list(zip(pts.geometry.x, pts.geometry.y, strict=True)))]
+    assert pts["reference"].tolist() == [str(v) for v in values]
     res = _run("assess", str(classes), "--reference", str(points), "--reference-column", "reference",
                "--output-dir", str(tmp_path / "out"))
     assert res.exit_code == 0, res.output  # type: ignore[attr-defined]
@@ -87,13 +83,12 @@ def test_sample_target_se_and_a_real_land_use_map(real_data: Path, tmp_path: Pat
     lulc = real_data / "slovenia_lulc" / "LULC_from_npy.tif"
     points = tmp_path / "lulc.gpkg"
     res = _run("sample", str(lulc), "--target-se", "0.02", "--expected-accuracy", "0.85", "--allocation", "min:5",
-               "--seed", "4", "--output", str(points))
+               "--seed", "4", "--label-from", str(lulc), "--output", str(points))
     assert res.exit_code == 0, res.output  # type: ignore[attr-defined]
     assert "eq. 13:" in res.output  # type: ignore[attr-defined]
     pts = gpd.read_file(points)
     assert 0 < len(pts) <= 100 * 101 and set(pts["class_id"]) == {1, 2, 3, 4, 8}
-    _label_from(points, lulc)
-    assert (pts["class_id"].astype(str) == gpd.read_file(points)["reference"]).all()
+    assert (pts["class_id"].astype(str) == pts["reference"]).all()
     res = _run("assess", str(lulc), "-r", str(points), "-o", str(tmp_path))
     assert res.exit_code == 0, res.output  # type: ignore[attr-defined]
     rec = json.loads((tmp_path / "LULC_from_npy.assessment.json").read_text())
@@ -112,6 +107,10 @@ def test_errors_are_one_line_with_non_zero_exit(demo_like: tuple[Path, Path, dic
         (("sample", str(classes), "-n", "10", "--target-se", "2", "--output", str(points)), "--target-se 2.0"),
         (("sample", str(tmp_path / "nope.tif"), "-n", "10", "--output", str(points)), "no such file"),
         (("sample", str(truth.parent / "scene.tif"), "-n", "10", "--output", str(points)), "has 3 bands"),
+        (("sample", str(classes), "-n", "10", "--label-from", str(truth.parent / "scene.tif"), "--output",
+          str(points)), f"--label-from {truth.parent / 'scene.tif'}: has 3 bands; give a one-band raster"),
+        (("sample", str(classes), "-n", "10", "--label-from", str(tmp_path / "nope.tif"), "--output", str(points)),
+         f"--label-from {tmp_path / 'nope.tif'}: no such file"),
         (("assess", str(classes), "--reference", str(tmp_path / "nope.gpkg")), "no such file"),
     ]
     for args, message in cases:
@@ -127,4 +126,4 @@ def test_errors_are_one_line_with_non_zero_exit(demo_like: tuple[Path, Path, dic
     assert res.exit_code == 1 and "has no column 'label'" in res.output  # type: ignore[attr-defined]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.gpkg"]
     res = _run("sample", "--help")
-    assert res.exit_code == 0 and "--allocation" in res.output  # type: ignore[attr-defined]
+    assert res.exit_code == 0 and "--allocation" in res.output and "--label-from" in res.output  # type: ignore[attr-defined]

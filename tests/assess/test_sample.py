@@ -164,3 +164,121 @@ def test_bad_requests_are_refused_and_nothing_is_written(class_map: Callable[...
         sample_points(path, out, 10, seed=2)
     sample_points(path, out, 12, seed=2, overwrite=True)
     assert len(gpd.read_file(out)) == 12
+
+
+# --- the reference column filled from a reference class raster (--label-from) ---
+
+
+def _index_raster(path: Path, height: int, width: int, transform: object, crs: str, nodata: int | None = None,
+                  **profile: object) -> np.ndarray:
+    """A reference raster whose every pixel holds its own index ``row * width + col``: a point read at the
+    wrong pixel (a row or column off, or in the wrong CRS) gets another value."""
+    from tests.conftest import write_raster
+
+    values = np.arange(height * width, dtype=np.int32).reshape(height, width) + 1
+    write_raster(path, values, crs=crs, transform=transform, nodata=nodata, **profile)
+    return values
+
+
+def _expected_index(xs: np.ndarray, ys: np.ndarray, transform: object, width: int) -> np.ndarray:
+    cols, rows = ~transform * (np.asarray(xs), np.asarray(ys))  # type: ignore[operator]
+    return np.floor(rows).astype(np.int64) * width + np.floor(cols).astype(np.int64) + 1
+
+
+def test_label_from_reads_the_pixel_under_each_point(class_map: Callable[..., Path], tmp_path: Path) -> None:
+    """On the map's grid and on a finer, shifted grid of the same CRS, each point's reference is the value of
+    the pixel that holds it: with every pixel unique, a row or a column off would show."""
+    from rasterio.transform import from_origin
+
+    data = random_map((40, 56), seed=2, nodata_corner=6)
+    path = class_map(data, NAMES, tiled=True, blockxsize=16, blockysize=16)
+    same = from_origin(500_000.0, 5_100_000.0, 2.0, 2.0)  # the map's grid
+    _index_raster(tmp_path / "same.tif", 40, 56, same, "EPSG:32633")
+    res = sample_points(path, tmp_path / "a.gpkg", 80, seed=5, label_from=tmp_path / "same.tif")
+    pts = gpd.read_file(res.path)
+    assert res.labelled == 80 and res.label_from == str(tmp_path / "same.tif")
+    col = np.round((pts.geometry.x - 500_000.0) / 2.0 - 0.5).astype(int)
+    row = np.round((5_100_000.0 - pts.geometry.y) / 2.0 - 0.5).astype(int)
+    assert pts["reference"].tolist() == [str(r * 56 + c + 1) for r, c in zip(row, col, strict=True)]
+    fine = from_origin(499_990.7, 5_100_003.3, 0.7, 0.7)  # 0.7 m pixels, shifted: covers the whole map
+    _index_raster(tmp_path / "fine.tif", 130, 180, fine, "EPSG:32633")
+    res = sample_points(path, tmp_path / "b.gpkg", 80, seed=5, label_from=tmp_path / "fine.tif")
+    pts = gpd.read_file(res.path)
+    expected = _expected_index(pts.geometry.x, pts.geometry.y, fine, 180)
+    assert pts["reference"].tolist() == [str(v) for v in expected]
+    # the same points, the same map classes: only the reference column changed
+    assert pts["class_id"].tolist() == gpd.read_file(tmp_path / "a.gpkg")["class_id"].tolist()
+
+
+def test_label_from_reprojects_the_points_to_the_rasters_crs(class_map: Callable[..., Path], tmp_path: Path) -> None:
+    """A reference raster in EPSG:4326 (pixels of about 1 m): each point is read where it lies on the ground,
+    as pyproj places it, not at its UTM numbers."""
+    import pyproj
+    from rasterio.transform import from_origin
+
+    data = random_map((40, 56), seed=2, nodata_corner=0)
+    path = class_map(data, NAMES)
+    to_geo = pyproj.Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    west, north = to_geo.transform(500_000.0 - 10, 5_100_000.0 + 10)
+    east, south = to_geo.transform(500_000.0 + 56 * 2 + 10, 5_100_000.0 - 40 * 2 - 10)
+    step = 1e-5
+    width, height = int((east - west) / step) + 2, int((north - south) / step) + 2
+    geo = from_origin(west, north, step, step)
+    _index_raster(tmp_path / "geo.tif", height, width, geo, "EPSG:4326")
+    res = sample_points(path, tmp_path / "p.gpkg", 60, seed=8, label_from=tmp_path / "geo.tif")
+    pts = gpd.read_file(res.path)
+    assert res.labelled == 60
+    lon, lat = to_geo.transform(pts.geometry.x.to_numpy(), pts.geometry.y.to_numpy())
+    assert pts["reference"].tolist() == [str(v) for v in _expected_index(lon, lat, geo, width)]
+    assert pts.crs.to_epsg() == 32633  # the points stay in the map's CRS
+
+
+def test_points_off_the_raster_or_on_its_nodata_keep_an_empty_reference(
+        class_map: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reference raster covering the map's left half, with a nodata stripe: the points off it or on the
+    stripe keep an empty reference, counted in one warning line; the others are labelled."""
+    from rasterio.transform import from_origin
+
+    data = random_map((40, 56), seed=2, nodata_corner=0)
+    path = class_map(data, NAMES)
+    ref = np.asarray(data[:, :28], dtype=np.uint8).copy()
+    ref[10:14] = 0
+    from tests.conftest import write_raster
+
+    write_raster(tmp_path / "half.tif", ref, transform=from_origin(500_000.0, 5_100_000.0, 2.0, 2.0), nodata=0)
+    with caplog.at_level("WARNING", logger="geoseg"):
+        res = sample_points(path, tmp_path / "p.gpkg", 120, seed=3, label_from=tmp_path / "half.tif")
+    pts = gpd.read_file(res.path)
+    col = np.round((pts.geometry.x - 500_000.0) / 2.0 - 0.5).astype(int)
+    row = np.round((5_100_000.0 - pts.geometry.y) / 2.0 - 0.5).astype(int)
+    off, stripe = col >= 28, (col < 28) & (row >= 10) & (row < 14)
+    assert off.any() and stripe.any()
+    assert pts["reference"][off | stripe].isna().all()
+    kept = ~(off | stripe)
+    assert pts["reference"][kept].tolist() == [str(c) for c in pts["class_id"][kept]]
+    assert res.labelled == int(kept.sum())
+    lines = [r.getMessage() for r in caplog.records if "half.tif" in r.getMessage()]
+    assert lines == [f"{tmp_path / 'half.tif'}: {int((off | stripe).sum())} of 120 points lie off the raster "
+                     f"({int(off.sum())}) or on its nodata ({int(stripe.sum())}); their reference is left empty"]
+
+
+@pytest.mark.parametrize("kind", ["float", "bands", "absent", "not a raster"])
+def test_a_bad_label_raster_is_refused_and_nothing_is_written(class_map: Callable[..., Path], tmp_path: Path,
+                                                              kind: str) -> None:
+    from tests.conftest import write_raster
+
+    path = class_map(random_map((20, 20), nodata_corner=0), NAMES)
+    bad = tmp_path / "ref.tif"
+    message = {"float": "band 1 is float32; give a raster of integer reference class ids",
+               "bands": "has 3 bands; give a one-band raster of reference class ids",
+               "absent": "no such file", "not a raster": "cannot be read as a raster"}[kind]
+    if kind == "float":
+        write_raster(bad, np.ones((20, 20), dtype=np.float32))
+    elif kind == "bands":
+        write_raster(bad, np.ones((3, 20, 20), dtype=np.uint8))
+    elif kind == "not a raster":
+        bad.write_text("class,x,y\n")
+    with pytest.raises(InputError, match=message) as err:
+        sample_points(path, tmp_path / "p.gpkg", 10, seed=1, label_from=bad)
+    assert str(err.value).startswith(f"--label-from {bad}: ") and "\n" not in str(err.value)
+    assert not (tmp_path / "p.gpkg").exists()
