@@ -13,6 +13,9 @@ safetensors, TorchScript               :class:`~geoseg.predict.inference.Predict
 Everything on the way (:mod:`.api`, :mod:`.engine`, :mod:`.server`, :mod:`.blend`, :mod:`.finish`,
 :mod:`.hardware`, :mod:`.report`) imports torch lazily, inside the functions that need it, so an ONNX job
 that never calls them never loads it; ``tests/predict/test_torch_free.py`` checks ``sys.modules``.
+
+``--backend auto`` is made concrete here too, once per job, by a short measured probe of the backends this
+bundle and machine can run (:func:`choose_backend`, :mod:`geoseg.predict.probe`), torch-free for an ONNX bundle.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def choose_backend(options: Any, tile: int, bands: int, bundle: Bundle | None = 
     PyTorch network in float32, so on a CPU with AMX the probe weighs eager's bf16 against ONNX Runtime's
     fp32). With one candidate nothing is timed. Otherwise every candidate runs a batch of random chips of the
     job's network batch shape through :func:`geoseg.predict.probe.time_backends` (a warm-up, then up to three
-    timed forwards, about 3 s of timed forwards in all) and the fastest median wins; one line logs the times.
+    timed forwards, about 2 s of timed forwards in all) and the fastest median wins; one line logs the times.
     Random chips decide speed only: the chosen backend is still converted from, and checked against eager
     or fp32 on, the job's first batch, as when it is named. Probing an int8 network that the job would
     quantise at its start times the float32 network instead (said in the log line).
@@ -186,7 +189,7 @@ def choose_backend(options: Any, tile: int, bands: int, bundle: Bundle | None = 
         from geoseg.predict.backends import release
 
         release(model.module, keep=winner)  # the losers' conversions go; the winner's is the job's
-    log.info("--backend auto: %s%s; chose %s", result.describe(), note, winner)
+    log.info("--backend auto: %s%s; chose %s (%s)", result.describe(), note, winner, per[winner].precision)
     probe = tuple((name, per[name].precision, s) for name, s in result.seconds.items())
     return dataclasses.replace(per[winner], probe=probe)
 
