@@ -194,7 +194,7 @@ def predict(ctx: click.Context, scenes: tuple[str, ...], job: str | None, **give
         earlier = sum(s.status == "skipped" for s in run.scenes)
         note = f" ({earlier} finished by an earlier run)" if earlier else ""
         click.echo(f"{len(run.scenes)} scene(s){note}, {run.pixels / 1e6:.1f} MPix in {run.seconds:.1f} s "
-                   f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device} "
+                   f"({run.pixels / 1e6 / max(run.seconds, 1e-9):.2f} MPix/s) on {run.device} with {run.options.backend} "
                    f"({run.options.precision}, batch {run.options.batch_size}), {run.scheduler} scheduler")
     if run.failed:
         click.echo(f"Error: {len(run.failed)} of {len(run.scenes)} scene(s) failed; the others were written",

@@ -127,12 +127,14 @@ opt_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "
                                   "on a CPU bf16 with Intel AMX, else fp32; an ONNX bundle fp32 (int8 when "
                                   "exported with --int8). int8: ONNX bundles only, checked against fp32 on the "
                                   "first batch.")
-opt_backend = click.option("--backend", type=click.Choice(["eager", "onnxruntime", "openvino"]), default="eager",
-                           show_default=True,
+opt_backend = click.option("--backend", type=click.Choice(["eager", "onnxruntime", "openvino", "auto"]),
+                           default="eager", show_default=True,
                            help="What runs the network: eager PyTorch, or ONNX Runtime on the CPU (float32; "
                                 "0.6-0.8x eager's time per chip here, checked against eager on the first batch). "
                                 "An ONNX bundle runs without torch, in ONNX Runtime or, with openvino, in OpenVINO "
-                                "(pip install openvino).")
+                                "(pip install openvino). auto: the fastest of those this bundle and machine can "
+                                "run, by a probe of a few batches at the job's start (a few seconds), used for "
+                                "the whole job.")
 opt_workers = click.option("--workers", type=int, default=None,
                            help="Reader threads and Dask workers [default: min(4, CPU cores)].")
 opt_bands = click.option("--bands", callback=int_list, default=None, metavar="N,N,...",

@@ -230,7 +230,7 @@ def predict_scenes(
     started = time.perf_counter()
     bundle = model.bundle if isinstance(model, LoadedModel) else model if isinstance(model, Bundle) else read_bundle(model)
     contract = bundle.contract
-    if bundle.format == "onnx" and opts.backend != "openvino":  # runs without torch (geoseg.predict.runtime)
+    if bundle.format == "onnx" and opts.backend == "eager":  # runs without torch (geoseg.predict.runtime)
         opts.backend = "onnxruntime"
     tile, overlap = _validate(contract, opts)
     scheduler = resolve_scheduler(scheduler)
@@ -247,7 +247,7 @@ def predict_scenes(
         dask_sched = open_dask(scheduler)
     try:
         settings = _device_settings(opts, tile, len(contract.input.bands), ref, dask_sched, loader)
-        opts.precision, opts.batch_size = settings.precision, settings.batch_size
+        opts.precision, opts.batch_size, opts.backend = settings.precision, settings.batch_size, settings.backend
         return _job(paths, bundle, loader, ref, opts, tile, overlap, out_dir, dask_sched, settings, progress, name,
                     merge_vectors, started)
     finally:
@@ -272,14 +272,17 @@ class _Loader:
 
 def _device_settings(opts: PredictOptions, tile: int, bands: int, ref: ModelRef, dask_sched: Any,
                      loader: _Loader) -> DeviceSettings:
-    """``auto`` precision and batch size made concrete once for the job, where the model runs."""
+    """``auto`` backend, precision and batch size made concrete once for the job, where the model runs."""
     from geoseg.predict.runtime import resolve_settings
 
     if dask_sched is not None:
-        return dask_sched.device_settings(ref, opts, tile, bands)
-    settings = resolve_settings(opts, tile, bands, bundle=loader.bundle, load=loader)
-    log.info("model settings: %s, batch %d on %s (%s)", settings.precision, settings.batch_size, settings.device,
-             settings.machine)
+        settings = dask_sched.device_settings(ref, opts, tile, bands)
+    else:
+        settings = resolve_settings(opts, tile, bands, bundle=loader.bundle, load=loader)
+    probed = ", ".join(f"{b} {s:.3f} s" for b, _, s in settings.probe)
+    log.info("model settings: %s%s, %s, batch %d on %s (%s)", settings.backend,
+             f" (auto: {probed} per batch)" if probed else " (auto)" if opts.backend == "auto" else "",
+             settings.precision, settings.batch_size, settings.device, settings.machine)
     return settings
 
 
@@ -295,7 +298,7 @@ def _job(given: list[str | list[str]], bundle: Bundle, loader: _Loader, ref: Mod
     if (opts.resolution is not None or opts.resampling != "nearest") and all(s.scene == s.source for s in scenes):
         log.warning("--resolution and --resampling apply to STAC Items and band-file lists; rasters are read on "
                     "their own grid")
-    plans, results = _preflight(scenes, contract, opts, ref, out, manifest, tile, overlap)
+    plans, results = _preflight(scenes, contract, opts, ref, out, manifest, tile, overlap, settings.probe)
     todo = [p for p in plans if p.stem not in results]
     failed = [r for r in results.values() if r.status == "failed"]
     if failed and len(failed) == len(paths):
@@ -323,15 +326,17 @@ def _job(given: list[str | list[str]], bundle: Bundle, loader: _Loader, ref: Mod
 
 
 def _preflight(scenes: list[StackedScene], contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store,
-               manifest: Manifest, tile: int, overlap: int) -> tuple[list[ScenePlan], dict[str, SceneResult]]:
-    """Plan every scene; a scene that cannot be read, breaks the contract or would overwrite fails alone."""
-    plans: list[ScenePlan] = []
-    results: dict[str, SceneResult] = {}
+               manifest: Manifest, tile: int, overlap: int, probe: tuple[tuple[str, str, float], ...] = ()
+               ) -> tuple[list[ScenePlan], dict[str, SceneResult]]:
+    """Plan every scene; a scene that cannot be read, breaks the contract or would overwrite fails alone.
+
+    After a ``--backend auto`` probe (``probe``: each timed backend and its precision), a job that an earlier
+    run began under another of the candidates resumes with that one (``opts`` and the plans change to it).
+    """
+    planned: list[tuple[StackedScene, ScenePlan | GeoSegError]] = []
     seen: dict[str, str] = {}
-    paths = [s.scene for s in scenes]
     for s in scenes:
-        p = s.scene
-        stem = scene_stem(p)
+        stem = scene_stem(s.scene)
         if stem in seen:
             raise InputError(f"{s.source}: its outputs ({stem}.*) would overwrite those of {seen[stem]}; "
                              "predict scenes with the same file name (or Item id) into different --output-dir")
@@ -339,7 +344,19 @@ def _preflight(scenes: list[StackedScene], contract: Contract, opts: PredictOpti
         try:
             if s.error is not None:
                 raise s.error
-            plan = _plan_scene(p, contract, opts, ref, out, tile, overlap, s.band_indexes)
+            planned.append((s, _plan_scene(s.scene, contract, opts, ref, out, tile, overlap, s.band_indexes)))
+        except GeoSegError as exc:
+            planned.append((s, exc))
+    if len(probe) > 1 and not opts.overwrite:
+        planned = _resume_backend(planned, opts, ref, manifest, probe)
+    plans: list[ScenePlan] = []
+    results: dict[str, SceneResult] = {}
+    for s, plan in planned:
+        p = s.scene
+        stem = scene_stem(p)
+        try:
+            if isinstance(plan, GeoSegError):
+                raise plan
             if manifest.is_done(plan) and not opts.overwrite:
                 log.info("%s: finished by an earlier run; skipped", p)
                 names = output_names(stem, opts.vector_format)
@@ -355,13 +372,41 @@ def _preflight(scenes: list[StackedScene], contract: Contract, opts: PredictOpti
                             (not kind.startswith("confidence") or opts.confidence):
                         check_writable(out.url(name), overwrite=False)
         except GeoSegError as exc:
-            if len(paths) == 1:
+            if len(scenes) == 1:
                 raise
             log.error("%s", exc)
             results[stem] = SceneResult(p, "failed", error=str(exc), exception=exc)
             continue
         plans.append(plan)
     return plans, results
+
+
+def _resume_backend(planned: list[tuple[StackedScene, ScenePlan | GeoSegError]], opts: PredictOptions, ref: ModelRef,
+                    manifest: Manifest, probe: tuple[tuple[str, str, float], ...]
+                    ) -> list[tuple[StackedScene, ScenePlan | GeoSegError]]:
+    """The plans under the backend an earlier run of this job chose by its probe, when that differs from this
+    run's choice: a scene finished or staged under the fingerprint of another candidate (and none under this
+    run's) makes the job resume with that candidate, so that a resumed job never mixes backends nor refuses
+    its own outputs. ``opts`` changes with it."""
+    plans = [p for _, p in planned if isinstance(p, ScenePlan)]
+
+    def began(backend: str, precision: str) -> list[ScenePlan] | None:
+        alt = dataclasses.replace(opts, backend=backend, precision=precision)
+        again = [dataclasses.replace(p, fingerprint=fingerprint(p.info, list(p.band_indexes), p.tile, p.overlap,
+                                                                ref, alt)) for p in plans]
+        return again if any(manifest.is_done(p) or staging_matches(p) for p in again) else None
+
+    if began(opts.backend, opts.precision) is not None:
+        return planned
+    for backend, precision, _ in probe:
+        if backend == opts.backend or (again := began(backend, precision)) is None:
+            continue
+        log.info("--backend auto: resuming with %s (%s), the choice of the run that began this job", backend,
+                 precision)
+        opts.backend, opts.precision = backend, precision
+        by_stem = {p.stem: p for p in again}
+        return [(s, by_stem[p.stem] if isinstance(p, ScenePlan) else p) for s, p in planned]
+    return planned
 
 
 def _plan_scene(p: str, contract: Contract, opts: PredictOptions, ref: ModelRef, out: Store, tile: int,

@@ -4,7 +4,9 @@
 ``(N, C, H, W)`` (channels_last on the CPU) to float32 logits ``(N, K, H, W)`` (the first output when the
 network returns a tuple or list). A backend other than eager is converted from the example in
 ``prepare``, run on it once, and checked there against eager float32: the arg max of the logits must agree
-on ``MIN_AGREEMENT`` of the example's pixels, or ``prepare`` refuses it.
+on ``MIN_AGREEMENT`` of the example's pixels, or ``prepare`` refuses it. The ``--backend auto`` probe
+(:func:`geoseg.predict.runtime.choose_backend`) times them through :func:`probe_forward`, whose conversion the
+job's ``prepare`` then reuses: the check still runs on the job's first batch.
 
 - ``eager``: PyTorch as it is, with autocast when ``amp_dtype`` is given; CPU and CUDA. The default. Without
   autocast on CUDA the convolutions run in float32, not cuDNN's default TF32.
@@ -25,6 +27,7 @@ import contextlib
 import logging
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,6 +122,58 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float((logits.argmax(1) == reference.argmax(1)).float().mean())
 
 
+# conversions made by the --backend auto probe (probe_forward), kept for the job's predictor of the same network:
+# prepare() takes one instead of converting again, and checks it on the job's first batch all the same
+_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], Forward]] = weakref.WeakKeyDictionary()
+
+
+def _convert(net: torch.nn.Module, backend: str, device: torch.device, example: torch.Tensor,
+             amp_dtype: torch.dtype | None) -> tuple[Forward, torch.Tensor]:
+    """``backend``'s forward converted from ``example``, and its logits of ``example`` (the first run)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and exporter warnings about Python control flow
+            forward = _BUILDERS[backend](net, device, example, amp_dtype)
+            logits = forward(example)  # the runtime's first-run optimisation happens here, not on a chip
+    except GeoSegError:
+        raise
+    except Exception as exc:  # any failure to convert: tracing, an unsupported op, the runtime refusing it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"--backend {backend} cannot run this network ({type(exc).__name__}: {first[:200]}); "
+                         "use --backend eager") from exc
+    return forward, logits
+
+
+def probe_forward(net: torch.nn.Module, backend: str, device: torch.device, example: torch.Tensor,
+                  amp_dtype: torch.dtype | None = None) -> Forward:
+    """``backend``'s forward for the ``--backend auto`` probe, which times it on ``example``.
+
+    Eager is :func:`prepare`'s. Another backend is converted from ``example`` here, unchecked (the probe's
+    chips are random), and kept for this network's next :func:`prepare` of the same backend and dtype, which
+    takes it instead of converting again and checks it against eager on the job's first batch all the same.
+    :func:`release` drops what the job will not run.
+
+    Raises:
+        UnknownNameError, InputError: as :func:`prepare`.
+    """
+    if backend not in _BUILDERS:
+        raise unknown_name("backend", backend, BACKENDS)
+    if backend == "eager":
+        return prepare(net, "eager", device, None, amp_dtype)
+    if device.type != "cpu":
+        raise InputError(f"--backend {backend} runs on the CPU only, not {device}; use --backend eager")
+    forward, _ = _convert(net, backend, device, example, amp_dtype)
+    _KEPT.setdefault(net, {})[(backend, str(amp_dtype))] = forward
+    return forward
+
+
+def release(net: torch.nn.Module, keep: str | None = None) -> None:
+    """Drop the probe's conversions of ``net`` (:func:`probe_forward`) but those of backend ``keep``."""
+    kept = _KEPT.get(net, {})
+    for key in [k for k in kept if k[0] != keep]:
+        del kept[key]
+
+
 def prepare(net: torch.nn.Module, backend: str = "eager", device: torch.device | None = None,
             example: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None) -> Forward:
     """A callable that runs ``net`` through ``backend``: float32 ``(N, C, H, W)`` -> float32 logits ``(N, K, H, W)``.
@@ -148,17 +203,11 @@ def prepare(net: torch.nn.Module, backend: str = "eager", device: torch.device |
         raise InputError(f"--backend {backend} runs on the CPU only, not {device}; use --backend eager")
     if example is None:
         raise InputError(f"--backend {backend} needs an example batch of the chips it will run on")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and exporter warnings about Python control flow
-            forward = _BUILDERS[backend](net, device, example, amp_dtype)
-            logits = forward(example)  # the runtime's first-run optimisation happens here, not on a chip
-    except GeoSegError:
-        raise
-    except Exception as exc:  # any failure to convert: tracing, an unsupported op, the runtime refusing it
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise InputError(f"--backend {backend} cannot run this network ({type(exc).__name__}: {first[:200]}); "
-                         "use --backend eager") from exc
+    forward = _KEPT.get(net, {}).pop((backend, str(amp_dtype)), None)  # the probe's conversion, if it made one
+    if forward is None:
+        forward, logits = _convert(net, backend, device, example, amp_dtype)
+    else:
+        logits = forward(example)
     reference = _eager(net, device, example, None)(example)
     agree = agreement(logits, reference)
     log.info("backend %s: %.4f %% arg max agreement with eager float32, max |logit difference| %.3g",
@@ -169,4 +218,4 @@ def prepare(net: torch.nn.Module, backend: str = "eager", device: torch.device |
     return forward
 
 
-__all__ = ["BACKENDS", "MIN_AGREEMENT", "Forward", "agreement", "first_output", "prepare"]
+__all__ = ["BACKENDS", "MIN_AGREEMENT", "Forward", "agreement", "first_output", "prepare", "probe_forward", "release"]

@@ -61,13 +61,14 @@ class Runtime:
         from geoseg.predict.runtime import make_predictor
         from geoseg.predict.server import ModelServer
 
-        if not isinstance(options.batch_size, int) or options.precision == "auto":
+        if not isinstance(options.batch_size, int) or "auto" in (options.precision, options.backend):
             # predict_scenes resolves auto once per job; units made by hand get this process's choice
             from geoseg.predict.runtime import resolve_settings
 
             settings = resolve_settings(options, model.contract.chip_size, len(model.contract.input.bands),
                                         bundle=model.bundle, load=lambda: model)
-            options = dataclasses.replace(options, precision=settings.precision, batch_size=settings.batch_size)
+            options = dataclasses.replace(options, precision=settings.precision, batch_size=settings.batch_size,
+                                          backend=settings.backend)
         assert isinstance(options.batch_size, int)
         self.contract = model.contract
         self.predictor = make_predictor(model, options.device, options.precision, options.tta, options.backend)

@@ -1,9 +1,10 @@
 """What this machine can do: the CPU's features, the device, and the precision and batch size that suit them.
 
-``--precision auto`` and ``--batch-size auto`` are resolved once per job, on a machine that runs the model
-(this process for the local scheduler, one dask worker for a cluster), and the concrete values go into every
-unit and into the scenes' fingerprints: the batch shape and the number format shape the bytes of the
-outputs, so a resumed or distributed job must use the same ones everywhere.
+``--precision auto`` and ``--batch-size auto`` (and ``--backend auto``, by a probe in :mod:`geoseg.predict.runtime`)
+are resolved once per job, on a machine that runs the model (this process for the local scheduler, one dask
+worker for a cluster), and the concrete values go into every unit and into the scenes' fingerprints: the
+batch shape, the number format and the runtime shape the bytes of the outputs, so a resumed or distributed
+job must use the same ones everywhere.
 
 Choices, and the measurements behind them (smp U-Net resnet18, 512 px chips, channels_last):
 
@@ -44,7 +45,7 @@ GPU_MEMORY_SHARE = 0.6  # of the free device memory, for --batch-size auto on CU
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "onnxruntime")  # what runs a PyTorch network (geoseg.predict.backends)
 ONNX_BACKENDS = ("onnxruntime", "openvino")  # what runs an ONNX bundle (geoseg.predict.onnx_predictor)
-ALL_BACKENDS = ("eager", "onnxruntime", "openvino")
+ALL_BACKENDS = ("eager", "onnxruntime", "openvino", "auto")  # auto: the fastest, by a probe (geoseg.predict.runtime)
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,16 @@ def gpu_batch_size(predictor: Any, tile: int, bands: int) -> int:
 
 @dataclass(frozen=True)
 class DeviceSettings:
-    """What a job's units run with: the precision and batch size made concrete, and where it was decided."""
+    """What a job's units run with: the backend, precision and batch size made concrete, and where it was decided."""
 
     precision: str
     batch_size: int
     device: str  # the device the settings were resolved on, e.g. "cpu" or "cuda:0"
     machine: str  # a line describing that machine
+    backend: str = "eager"  # what runs the network (geoseg.predict.backends, geoseg.predict.onnx_predictor)
+    # --backend auto: (backend, its precision, median seconds per batch) of each candidate the probe timed,
+    # fastest first; empty when nothing was probed
+    probe: tuple[tuple[str, str, float], ...] = ()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -60,7 +60,7 @@ def resolve_settings(options: Any, tile: int, bands: int, load: Any = None) -> D
     elif not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise InputError(f"--batch-size {batch}: must be a positive whole number or auto")
     machine = f"{torch.cuda.get_device_name(dev)} (CUDA)" if dev.type == "cuda" else hardware.cpu_features().describe()
-    return DeviceSettings(precision, int(batch), str(dev), machine)
+    return DeviceSettings(precision, int(batch), str(dev), machine, options.backend)
 
 
 # test-time augmentation: (forward transform, inverse transform) on (N, C, H, W) tensors

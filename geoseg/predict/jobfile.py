@@ -64,8 +64,9 @@ class JobOptions(_Strict):
     batch_size: int | str = Field(default="auto", description="chips per model call; auto: chosen per device")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     precision: Precision = "auto"
-    backend: Literal["eager", "onnxruntime", "openvino"] = Field(
-        default="eager", description="eager or onnxruntime (CPU); openvino for ONNX bundles")
+    backend: Literal["eager", "onnxruntime", "openvino", "auto"] = Field(
+        default="eager", description="eager or onnxruntime (CPU); openvino for ONNX bundles; auto: the fastest, "
+                                     "by a probe at the job's start")
     workers: int | None = Field(default=None, ge=1, description="reader threads; default min(4, CPU cores)")
     bands: list[int] | None = Field(default=None, min_length=1, description="1-based scene bands; default the bundle's")
     blend: BlendWindow = "cosine"

@@ -40,7 +40,9 @@ class PredictOptions:
     batch_size: int | str = "auto"  # chips per model call; auto: chosen per device (geoseg.predict.hardware)
     device: str = "auto"
     precision: str = "auto"
-    backend: str = "eager"  # what runs the network: eager PyTorch or onnxruntime (CPU); geoseg.predict.backends
+    # what runs the network: eager PyTorch or onnxruntime (CPU), geoseg.predict.backends; openvino (ONNX bundles);
+    # auto: the fastest by a probe, made concrete once per job (geoseg.predict.runtime.choose_backend)
+    backend: str = "eager"
     workers: int | None = None
     bands: list[int] | None = None
     blend: Any = "cosine"

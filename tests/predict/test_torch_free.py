@@ -61,6 +61,15 @@ def test_an_onnx_bundle_predicts_to_polygons_without_importing_torch(onnx_bundle
     assert report["status"] == "done" and "torch" not in report["versions"]
 
 
+def test_backend_auto_probes_an_onnx_bundle_without_importing_torch(onnx_bundle, tmp_path):
+    _, onnx_dir, scene = onnx_bundle
+    got = _run_cli(["--quiet", "predict", str(scene), "--model", str(onnx_dir), "--output-dir", str(tmp_path),
+                    "--backend", "auto", "--no-vector", "--report", str(tmp_path / "report.json")])
+    assert got == {"rc": 0, "heavy": []}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["backend"] in ("onnxruntime", "openvino")
+
+
 def test_the_torch_free_path_gives_the_class_map_of_the_torch_wrapped_onnx_path(onnx_bundle, tmp_path):
     from geoseg.model.weights import load_model
     from geoseg.predict.api import predict_scenes
