@@ -176,6 +176,47 @@ class SieveStats:
     merged: int = 0
 
 
+def _largest_neighbours(nxt: np.ndarray, cand: np.ndarray, contacts: tuple[np.ndarray, np.ndarray, np.ndarray],
+                        size: np.ndarray, open_: np.ndarray) -> None:
+    """Set ``nxt`` (in place) for the closed small regions ``cand`` whose largest neighbour is known for good:
+    -1 with no neighbour; the best one when every neighbour is closed; the single open one when it is already
+    ahead of every closed one (it can only grow). Others stay -2 (unknown)."""
+    regions = len(nxt)
+    cs, cn, ck = contacts
+    has = np.zeros(regions, dtype=bool)
+    has[cs] = True
+    nxt[cand & ~has] = -1
+    sel = cand[cs]
+    s, nb, key = cs[sel], cn[sel], ck[sel]
+    if not len(s):
+        return
+    nb_open = open_[nb]
+    best = []
+    for side in (~nb_open, nb_open):  # the best closed neighbour, the best open one
+        region = np.full(regions, -1, dtype=np.int64)
+        first = np.zeros(regions, dtype=np.int64)
+        b = _best(s[side], nb[side], key[side], size)
+        region[b[0]], first[b[0]] = b[1], b[2]
+        best.append((region, first, np.where(region >= 0, size[np.maximum(region, 0)], -1)))
+    (best_c, key_c, sc), (best_o, key_o, so) = best
+    n_open = np.bincount(s[nb_open], minlength=regions)
+    go = cand & has
+    nxt[go & (n_open == 0)] = best_c[go & (n_open == 0)]
+    one = go & (n_open == 1) & ((so > sc) | ((so == sc) & (key_o < key_c)))
+    nxt[one] = best_o[one]
+
+
+def _chain_ends(ptr: np.ndarray) -> np.ndarray:
+    """Follow pointers (``>= 0``; negative ends stay) by pointer doubling until nothing changes or every chain
+    as long as the array is followed; a pointer still at a non-fixed point then sits in a cycle."""
+    for _ in range(len(ptr).bit_length() + 1):
+        nn = np.where(ptr >= 0, ptr[np.maximum(ptr, 0)], ptr)
+        if np.array_equal(nn, ptr):
+            break
+        ptr = nn
+    return ptr
+
+
 HOLD_STRIPS = 4  # strips whose output tables wait in memory for their last undecided pieces, then go out
 
 
@@ -268,24 +309,7 @@ class StripSieve:
         m = len(self._val)
         n = 0 if facts is None else facts.n
         nodes = m + n
-        # regions: the kept ones and this strip's pieces, joined across the seam
-        ju: list[np.ndarray] = []
-        jv: list[np.ndarray] = []
-        if facts is not None and self._prev is not None:
-            p_lab, p_val, p_reg = self._prev
-            lab0, val0 = facts.first
-            for su, sd in self._pairs():
-                u, d = p_lab[su], lab0[sd]
-                hit = (u > 0) & (d > 0) & (p_val[su] == val0[sd])
-                ju.append(p_reg[u[hit]])
-                jv.append(m + d[hit].astype(np.int64) - 1)
-        if ju and sum(len(j) for j in ju):
-            u_, v_ = np.concatenate(ju), np.concatenate(jv)
-            graph = coo_matrix((np.ones(len(u_), dtype=np.int8), (u_, v_)), shape=(nodes, nodes)).tocsr()
-            regions, comp = connected_components(graph, directed=False)
-            comp = comp.astype(np.int64)
-        else:
-            regions, comp = nodes, np.arange(nodes, dtype=np.int64)
+        regions, comp = self._join(facts, m, nodes)
         pv = np.zeros(0, np.int64) if facts is None else facts.values.astype(np.int64)
         ps = np.zeros(0, np.int64) if facts is None else facts.sizes.astype(np.int64)
         size = np.zeros(regions, dtype=np.int64)
@@ -337,36 +361,10 @@ class StripSieve:
         # closed small regions: the largest neighbour, once no open one can still overtake
         cand = ~open_ & small & (nxt == -2) & ~done
         if cand.any():
-            has = np.zeros(regions, dtype=bool)
-            has[cs] = True
-            nxt[cand & ~has] = -1
-            sel = cand[cs]
-            s, nb, key = cs[sel], cn[sel], ck[sel]
-            if len(s):
-                nb_open = open_[nb]
-                best_c = np.full(regions, -1, dtype=np.int64)
-                key_c = np.zeros(regions, dtype=np.int64)
-                b = _best(s[~nb_open], nb[~nb_open], key[~nb_open], size)
-                best_c[b[0]], key_c[b[0]] = b[1], b[2]
-                best_o = np.full(regions, -1, dtype=np.int64)
-                key_o = np.zeros(regions, dtype=np.int64)
-                b = _best(s[nb_open], nb[nb_open], key[nb_open], size)
-                best_o[b[0]], key_o[b[0]] = b[1], b[2]
-                n_open = np.bincount(s[nb_open], minlength=regions)
-                sc = np.where(best_c >= 0, size[np.maximum(best_c, 0)], -1)
-                so = np.where(best_o >= 0, size[np.maximum(best_o, 0)], -1)
-                ahead = (so > sc) | ((so == sc) & (key_o < key_c))
-                go = cand & has
-                nxt[go & (n_open == 0)] = best_c[go & (n_open == 0)]
-                one = go & (n_open == 1) & ahead
-                nxt[one] = best_o[one]
-        # chains of largest neighbours, by pointer doubling: decided ends are fixed points
-        ptr = np.where(done, np.where(reached, np.arange(regions), -1), np.where(~open_ & small, nxt, -2))
-        for _ in range(int(regions).bit_length() + 1):
-            nn = np.where(ptr >= 0, ptr[np.maximum(ptr, 0)], ptr)
-            if np.array_equal(nn, ptr):
-                break
-            ptr = nn
+            _largest_neighbours(nxt, cand, (cs, cn, ck), size, open_)
+        # chains of largest neighbours: decided ends are fixed points
+        ptr = _chain_ends(np.where(done, np.where(reached, np.arange(regions), -1),
+                                   np.where(~open_ & small, nxt, -2)))
         new = ~done & ~open_ & small & (ptr != -2)
         ends = np.maximum(ptr, 0)
         good = new & (ptr >= 0) & done[ends] & reached[ends]
@@ -408,6 +406,26 @@ class StripSieve:
             p_reg = np.full(n + 1, -1, dtype=np.int64)
             p_reg[1:] = np.where(keep[reg], idx[reg], -1)
             self._prev = (facts.last[0], facts.last[1], p_reg)
+
+    def _join(self, facts: StripScan | None, m: int, nodes: int) -> tuple[int, np.ndarray]:
+        """Regions of the ``m`` kept ones and this strip's pieces (nodes ``m..``), joined across the seam:
+        ``(count, region of each node)``."""
+        ju: list[np.ndarray] = []
+        jv: list[np.ndarray] = []
+        if facts is not None and self._prev is not None:
+            p_lab, p_val, p_reg = self._prev
+            lab0, val0 = facts.first
+            for su, sd in self._pairs():
+                u, d = p_lab[su], lab0[sd]
+                hit = (u > 0) & (d > 0) & (p_val[su] == val0[sd])
+                ju.append(p_reg[u[hit]])
+                jv.append(m + d[hit].astype(np.int64) - 1)
+        if not sum(len(j) for j in ju):
+            return nodes, np.arange(nodes, dtype=np.int64)
+        u_, v_ = np.concatenate(ju), np.concatenate(jv)
+        graph = coo_matrix((np.ones(len(u_), dtype=np.int8), (u_, v_)), shape=(nodes, nodes)).tocsr()
+        regions, comp = connected_components(graph, directed=False)
+        return int(regions), comp.astype(np.int64)
 
     def _pairs(self) -> list[tuple[slice, slice]]:
         """Column slices of (row above, row below) that touch: straight down, and both diagonals with 8."""
