@@ -7,7 +7,11 @@ then the scene is predicted four ways, each in its own process: PyTorch fp32 (th
 peak memory, whether torch was loaded, the share of pixels with the reference's class, and, with
 ``--labels`` (a class-id raster on the scene's grid), per-class IoU and mean IoU against it.
 
+``--scene`` takes several scenes (and ``--labels`` as many rasters, in the same order): they are predicted as
+one job, and agreement and IoU are counted over all their pixels together (the Amazon case's held-out tiles).
+
     python benchmarks/bench_int8.py --model demo/model --scene demo/scene.tif --labels demo/labels.tif
+    python benchmarks/bench_int8.py --model RUN/model --scene T1.tif T2.tif --labels T1.labels.tif T2.labels.tif
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_predict(scene: str, bundle: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
+def child_predict(scenes: list[str], bundle: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
     import time
 
     from geoseg.errors import InputError
@@ -44,11 +48,11 @@ def child_predict(scene: str, bundle: str, out: str, options: dict[str, Any]) ->
 
     t0 = time.perf_counter()
     try:
-        run = predict_scenes([scene], bundle, out, overwrite=True, vector_format=None, device="cpu", **options)
+        run = predict_scenes(scenes, bundle, out, overwrite=True, vector_format=None, device="cpu", **options)
     except InputError as exc:
         return {"refused": str(exc), "seconds": float("nan"), "peak_memory_mb": peak_memory_mb()}
     return {"seconds": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(),
-            "classes": str(run.scenes[0].classes_path), "precision": run.options.precision,
+            "classes": [str(s.classes_path) for s in run.scenes], "precision": run.options.precision,
             "torch_loaded": "torch" in sys.modules}
 
 
@@ -77,12 +81,15 @@ def _ious(pred: Any, truth: Any, ids: list[int]) -> dict[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--scene", type=Path, required=True)
-    ap.add_argument("--labels", type=Path, default=None, help="truth class ids on the scene's grid")
+    ap.add_argument("--scene", type=Path, nargs="+", required=True, help="one or more scenes, one job")
+    ap.add_argument("--labels", type=Path, nargs="+", default=None,
+                    help="truth class ids on each scene's grid, in --scene's order")
     ap.add_argument("--calibration", type=Path, default=None, help="scene for calibration [default: the bundle's "
                     "calibration.npz, else --scene]")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    if args.labels and len(args.labels) != len(args.scene):
+        ap.error(f"--labels: {len(args.labels)} rasters for {len(args.scene)} scenes; give one per scene")
     import numpy as np
     import rasterio
 
@@ -94,7 +101,7 @@ def main() -> None:
         tmp = args.workdir or Path(d)
         tmp.mkdir(parents=True, exist_ok=True)
         b = read_bundle(args.model)
-        cal = None if bundle_calibration(b) is not None else (args.calibration or args.scene)
+        cal = None if bundle_calibration(b) is not None else (args.calibration or args.scene[0])
         onnx32 = tmp / "onnx-fp32"
         onnx8 = tmp / "onnx-int8"
         if not onnx32.exists():
@@ -108,17 +115,21 @@ def main() -> None:
                 ("ONNX int8 (no torch)", str(onnx8), {"precision": "int8"})]
         runs = {}
         for i, (name, bundle, opts) in enumerate(plan):
-            runs[name] = r = _child("child_predict", str(args.scene), bundle, str(tmp / f"out{i}"), opts)
+            runs[name] = r = _child("child_predict", [str(s) for s in args.scene], bundle, str(tmp / f"out{i}"),
+                                    opts)
             print(f"{name}: {r['seconds']:.1f} s, {r['peak_memory_mb']:.0f} MB"
                   + (f" REFUSED {r['refused']}" if r.get("refused") else ""), flush=True)
-        with rasterio.open(runs["PyTorch fp32"]["classes"]) as ds:
-            ref = ds.read(1)
-        truth = None
-        if args.labels:
-            with rasterio.open(args.labels) as ds:
-                truth = ds.read(1)
+        def read_all(paths: list[Any]) -> Any:  # the scenes' pixels, one after another
+            parts = []
+            for path in paths:
+                with rasterio.open(path) as ds:
+                    parts.append(ds.read(1).ravel())
+            return np.concatenate(parts)
+
+        ref = read_all(runs["PyTorch fp32"]["classes"])
+        truth = read_all(args.labels) if args.labels else None
         ids = [c.id for c in b.contract.classes]
-        print(f"\nmodel {args.model} ({b.contract.model.architecture} {b.contract.model.encoder}), scene {args.scene}; "
+        print(f"\nmodel {args.model} ({b.contract.model.architecture} {b.contract.model.encoder}), scene(s) {', '.join(str(s) for s in args.scene)}; "
               f"int8 calibrated on {meta8['calibration_chips']} chips of {meta8['calibration']}, agreement there "
               f"{100 * meta8['agreement']:.2f} %")
         print(f"{'run':<24} {'wall s':>7} {'peak MB':>8} {'torch':>6} {'agree fp32':>10} {'mean IoU':>9}")
@@ -127,8 +138,7 @@ def main() -> None:
             if r.get("refused"):
                 print(f"{name:<24} refused: {r['refused']}")
                 continue
-            with rasterio.open(r["classes"]) as ds:
-                got = ds.read(1)
+            got = read_all(r["classes"])
             agree = float((got == ref).mean())
             miou = float("nan")
             if truth is not None:

@@ -632,7 +632,8 @@ def report(results: dict[str, dict[str, Any]], header: dict[str, Any], json_path
             sm["margin"] = margin
             lines.append((variant, _spread(sm["mean_iou"]), _f(margin, "+.4f"), _details(sm, case)
                           + ("; FAILED " + " | ".join(failed) if failed else "")))
-        lines.append(("random forest", _spread(rf["mean_iou"]), "", _details(rf, case)))
+        if r["rf"]:
+            lines.append(("random forest", _spread(rf["mean_iou"]), "", _details(rf, case)))
         for i, (method, miou, margin, details) in enumerate(lines):
             print(f"{name if i == 0 else '':<16} {method:<34} {miou:>24} {margin:>8}  {details}")
         if case.tiles:
@@ -644,8 +645,10 @@ def report(results: dict[str, dict[str, Any]], header: dict[str, Any], json_path
                       f"{g.get('epochs_run', '-')} epoch(s) (command {_f(g.get('train_wall_seconds'), '.0f')} s), "
                       f"evaluate {_f(g.get('evaluate_seconds'), '.0f')} s"
                       + (f"; early stopping replayed: {patience_replay(g['history'])}" if g.get("history") else ""))
-        print(f"{'':<16} RF fit + predict " + ", ".join(f"{v['seconds']:.1f} s" for v in r["rf"].values())
-              + f" on {next(iter(r['rf'].values()))['train_pixels']} pixels; case {r['seconds']:.0f} s")
+        if r["rf"]:
+            print(f"{'':<16} RF fit + predict " + ", ".join(f"{v['seconds']:.1f} s" for v in r["rf"].values())
+                  + f" on {next(iter(r['rf'].values()))['train_pixels']} pixels")
+        print(f"{'':<16} case {r['seconds']:.0f} s")
     if json_path:
         json_path.write_text(json.dumps({**header, "cases": results}, indent=1, default=str) + "\n")
         print(f"\nwrote {json_path}")
@@ -668,6 +671,8 @@ def main() -> None:
     ap.add_argument("--weights", nargs="+", default=[], metavar="FILE",
                     help="pretrained weights files: every case also runs once with each as model.encoder_weights")
     ap.add_argument("--no-scratch", action="store_true", help="with --weights: skip the runs from scratch")
+    ap.add_argument("--no-forest", action="store_true",
+                    help="skip the random forest (recipe sweeps that compare geoseg runs with each other)")
     ap.add_argument("--work", type=Path, default=None, help="keep the halves, configs, runs and logs here")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=0, help="config seed, RF seed, sparse polygon choice")
@@ -740,6 +745,8 @@ def main() -> None:
                     print(f"  geoseg {variant}: {g.get('epochs_run', 0)} epoch(s), train "
                           f"{g.get('train_wall_seconds', 0):.0f} s, evaluate {g.get('evaluate_seconds', 0):.0f} s"
                           + (f"; {g['error']}" if "error" in g else ""), flush=True)
+                if args.no_forest:
+                    continue
                 rf = random_forest_tiles(split, case, seed, args) if isinstance(split, TileSplit) \
                     else random_forest(split, case, args, seed)
                 forest[seed] = rf
