@@ -96,6 +96,14 @@ class Runtime:
         self.readers.shutdown(wait=True, cancel_futures=True)
         self.server.close()
 
+    def release(self) -> None:
+        """Close the runtime and free the network's memory where the predictor can (the torch-free
+        :class:`~geoseg.predict.onnx_predictor.OnnxPredictor`): called once the job has no chip left to run."""
+        self.close()
+        release = getattr(self.predictor, "release", None)
+        if release is not None:
+            release()
+
     def take_slot(self, wait: bool) -> bool:
         if not wait:
             return self.slots.acquire(blocking=False)
