@@ -72,6 +72,9 @@ def child_export(bundle: str, scene: str, out: str, int8: bool) -> dict[str, Any
 
 
 def child_predict(scene: str, bundle: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
+    from geoseg.io.workers import share_one_heap
+
+    share_one_heap()  # as `geoseg predict` does, before any thread
     from geoseg.errors import InputError
     from geoseg.predict.api import predict_scenes
     from geoseg.predict.report import peak_memory_mb

@@ -1,5 +1,5 @@
 """Reading and writing: scenes and their windows, local folders and object storage (s3://, https://),
-atomic publishing, VRTs, ground geometry of a grid and how many readers run at once.
+atomic publishing, VRTs, ground geometry of a grid, how many readers run at once and giving freed memory back.
 
 The bottom room: it imports nothing else of geoseg but :mod:`geoseg.errors`.
 """

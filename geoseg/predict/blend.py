@@ -128,16 +128,22 @@ class RollingAccumulator:
         n_classes: probability channels K.
         col_off: the first scene column the buffer covers.
         width: the number of scene columns it covers.
-        chip: the chip size; the buffer holds ``chip + step - 1`` rows, rounded up to a multiple of ``step``.
+        chip: the chip size; the buffer holds ``chip + lag`` rows, rounded up to a multiple of ``step``.
         step: rows released at a time (the output's tile height).
         top: the first scene row the buffer holds (a unit that resumes part-way down starts there).
+        lag: the most rows a chip starts below the buffer's top when it is added. Rows are released ``step``
+            at a time, so ``step - 1`` (the default) always holds; a grid whose chip rows all start a whole
+            number of steps below ``top`` (512 px chips at a 384 px stride, released 128 rows at a time)
+            has 0, and its buffer is ``chip`` rows instead of ``chip + step``.
     """
 
-    def __init__(self, n_classes: int, col_off: int, width: int, chip: int, step: int, top: int = 0):
+    def __init__(self, n_classes: int, col_off: int, width: int, chip: int, step: int, top: int = 0,
+                 lag: int | None = None):
         self.col_off = col_off
         self.width = width
         self.step = step
-        self.rows = -(-(chip + step - 1) // step) * step
+        lag = step - 1 if lag is None else min(max(0, lag), step - 1)
+        self.rows = -(-(chip + lag) // step) * step
         self.top = top
         self.acc = np.zeros((n_classes, self.rows, width), dtype=np.float32)
         self.wsum = np.zeros((self.rows, width), dtype=np.float32)

@@ -43,8 +43,9 @@ from geoseg.predict.units import ModelRef, PredictOptions, Unit, parse_strip, st
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "model", "blend", "write", "cog", "vectorize")
-# rows the blend accumulator finalises at a time: it holds chip + RING_STEP - 1 rows (640 for 512 px chips
-# instead of 1024 with whole strips), and finished rows wait as class ids until their strip of BLOCK rows is full
+# rows the blend accumulator finalises at a time: it holds a chip and the rows its top may lag behind (512 rows for
+# 512 px chips at a 384 px stride, at most 640, instead of 1024 with whole strips), and finished rows wait as
+# class ids until their strip of BLOCK rows is full
 RING_STEP = 128
 Advance = Callable[[str, int, int], None]  # (scene, chips, pixels): called as chips and strips complete
 
@@ -95,6 +96,14 @@ class Runtime:
         self.cancel.set()
         self.readers.shutdown(wait=True, cancel_futures=True)
         self.server.close()
+
+    def release(self) -> None:
+        """Close the runtime and free the network's memory where the predictor can (the torch-free
+        :class:`~geoseg.predict.onnx_predictor.OnnxPredictor`): called once the job has no chip left to run."""
+        self.close()
+        release = getattr(self.predictor, "release", None)
+        if release is not None:
+            release()
 
     def take_slot(self, wait: bool) -> bool:
         if not wait:
@@ -274,7 +283,11 @@ class _Rolling:
         cols = grid.cols_touching(u.c0, u.c1)
         x_lo = grid.xs[cols.start]
         x_hi = min(grid.xs[cols.stop - 1] + grid.chip, u.scene.info.width)
-        acc = RollingAccumulator(len(rt.contract.classes), x_lo, x_hi - x_lo, chip=grid.chip, step=RING_STEP, top=start)
+        # a chip row is added once the rows above it are released, RING_STEP at a time from `start`: it starts
+        # (origin - start) % RING_STEP rows below the top, and the ring holds the chip plus the largest of those
+        lag = max((max(0, grid.ys[r] - start) % RING_STEP for r in grid.rows_touching(start, u.r1)), default=0)
+        acc = RollingAccumulator(len(rt.contract.classes), x_lo, x_hi - x_lo, chip=grid.chip, step=RING_STEP, top=start,
+                                 lag=lag)
         chips = self._chips(start)
         inflight: deque[tuple[Chip, Future[Any]]] = deque()
 

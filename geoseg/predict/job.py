@@ -3,7 +3,9 @@
 The driver loop is the same for both schedulers (:mod:`geoseg.predict.schedule`): it submits every unit, finishes
 a scene as soon as its own units are done, records it in the manifest, and removes its staging. A scene
 whose unit or finishing step fails is marked failed with its reason (its staging removed) while the other
-scenes go on. Ctrl-C cancels what is pending and leaves the staging of unfinished scenes for the next run.
+scenes go on. Once no unit is left to run, the scheduler is told (``units_done``): a local run frees the
+network's memory there, so the last scenes' finishing steps (COGs, quicklook, polygons) do not add to it.
+Ctrl-C cancels what is pending and leaves the staging of unfinished scenes for the next run.
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ def run_plans(plans: list[ScenePlan], model: ModelRef, options: PredictOptions, 
                     _add_unit(value, unit, partial[stem], stages, tracker, scheduler.per_chip_progress)
                     outcome.device, outcome.amp = value.device or outcome.device, value.amp or outcome.amp
                     remaining[stem] -= 1
+                    if not any(k in ("unit", "orphan") for k, _, _ in pending.values()):
+                        scheduler.units_done()  # before the finish it is about to submit, which then runs lighter
                     if remaining[stem] == 0:
                         f = scheduler.submit_finish(by_stem[stem], units[stem], model, options)
                         pending[f] = ("finish", stem, None)

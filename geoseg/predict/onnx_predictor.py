@@ -206,6 +206,13 @@ class OnnxPredictor:
                              "fp32")
         self._checked = True
 
+    def release(self) -> None:
+        """Free the networks' sessions once the job's chips are done (so that finishing the maps, the quicklook
+        and the polygons do not run beside the network's memory); a later batch makes them again."""
+        for session in (self.session, self.fp32):
+            if session is not None:
+                session.release()
+
     def run_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities ``(N, K, H, W)`` float32 (C-contiguous) of a batch ``(N, C, H, W)`` float32.
 

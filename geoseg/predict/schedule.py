@@ -58,6 +58,10 @@ class LocalScheduler:
     def wait_any(self, pending: Iterable[Any]) -> set[Any]:
         return set(cf.wait(list(pending), timeout=0.5, return_when=cf.FIRST_COMPLETED).done)
 
+    def units_done(self) -> None:
+        """Every unit of the job has run: the model's memory goes before the last scenes are finished."""
+        self.runtime.release()
+
     def cancel(self, futures: Iterable[Any]) -> None:
         """Cancel what has not started (one scene's units after it failed)."""
         for f in futures:
@@ -102,6 +106,9 @@ class DaskScheduler:
     def submit_finish(self, plan: ScenePlan, units: list[Unit], model: ModelRef, options: PredictOptions) -> Any:
         key = f"geoseg-finish-{plan.stem}-{self._token}"
         return self.client.submit(finish_scene, plan, units, model, options, key=key, pure=False)
+
+    def units_done(self) -> None:
+        """Every unit of the job has run; the workers keep their models for the next job."""
 
     def wait_any(self, pending: Iterable[Any]) -> set[Any]:
         from distributed import wait

@@ -63,3 +63,34 @@ def test_rolling_accumulator_blends_and_wraps_around_the_ring():
     np.testing.assert_allclose(normalise(sums, wsum)[:, 2], 0.0)
     with pytest.raises(ValueError):
         acc.add(p.copy(), np.ones((4, 6), np.float32), row_off=0, col_off=10)  # already rolled past
+
+
+@pytest.mark.parametrize("chip,stride,step,lag,rows", [(8, 6, 2, 0, 8), (8, 6, 4, 2, 12), (8, 5, 2, 1, 10)])
+def test_a_ring_of_chip_plus_lag_rows_blends_as_the_full_ring(chip, stride, step, lag, rows):
+    """Chip rows that start a whole number of steps below the top need no spare rows: the smaller ring gives
+    the same sums, in the same order; a ring too small for the grid refuses the chip instead of wrapping onto it."""
+    height, width, k = 3 * stride + chip, 5, 2
+    origins = list(range(0, height - chip + 1, stride))
+
+    def blend(lag_given):
+        acc = RollingAccumulator(k, col_off=0, width=width, chip=chip, step=step, lag=lag_given)
+        out = []
+        for i, y in enumerate(origins):
+            while acc.top + step <= y:
+                out.append(np.concatenate([a.copy().reshape(-1) for a in acc.peek(step)]))
+                acc.advance(step)
+            probs = np.random.default_rng(i).random((k, chip, width), dtype=np.float32)
+            acc.add(probs, np.full((chip, width), 0.5 + i, np.float32), y, 0)
+        while acc.top < height:
+            n = min(step, height - acc.top)
+            out.append(np.concatenate([a.copy().reshape(-1) for a in acc.peek(n)]))
+            acc.advance(n)
+        return acc.rows, np.concatenate(out)
+
+    full_rows, full = blend(None)
+    small_rows, small = blend(lag)
+    assert small_rows == rows <= full_rows
+    assert small.tobytes() == full.tobytes()
+    if lag > 0:  # no spare rows where the grid needs some
+        with pytest.raises(ValueError, match="outside the buffer"):
+            blend(0)

@@ -163,3 +163,32 @@ def test_openvino_runs_an_onnx_bundle_to_the_same_classes_without_torch(onnx_bun
     run = predict_scenes([scene], onnx_dir, tmp_path / "ort", device="cpu", vector_format=None)
     with rasterio.open(run.scenes[0].classes_path) as a, rasterio.open(tmp_path / "ov" / "scene.classes.tif") as b:
         assert (a.read(1) == b.read(1)).mean() >= 0.9999
+
+
+def test_the_session_holds_one_run_of_activations_and_the_job_frees_it_before_finishing(onnx_bundle, tmp_path,
+                                                                                      monkeypatch):
+    """No memory pattern (it doubles the activation arena), and the network's memory goes once the chips are
+    done: the finishing step (COGs, quicklook, polygons) runs without it. The model works again afterwards."""
+    import geoseg.predict.schedule as schedule
+    from geoseg.model.onnxrt import load_onnx_model
+    from geoseg.predict.api import predict_scenes
+
+    _, onnx_dir, scene = onnx_bundle
+    loaded = load_onnx_model(onnx_dir)
+    assert loaded.module.session().get_session_options().enable_mem_pattern is False
+    seen = []
+    finish = schedule.finish_scene
+
+    def spy(*args, **kwargs):
+        seen.append(loaded.module.loaded)
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(schedule, "finish_scene", spy)
+    maps = []
+    for name in ("first", "again"):
+        run = predict_scenes([scene], loaded, tmp_path / name, device="cpu", vector_format=None, quicklook=False)
+        assert run.scenes[0].status == "done"
+        with rasterio.open(run.scenes[0].classes_path) as ds:
+            maps.append(ds.read(1))
+    assert seen == [False, False]
+    assert np.array_equal(maps[0], maps[1])
