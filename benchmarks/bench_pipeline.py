@@ -114,7 +114,7 @@ def child_bare_onnx(scene: str, bundle: str, options: dict[str, Any]) -> dict[st
     pred = OnnxPredictor(loaded, "cpu", settings.precision,
                          backend="openvino" if opts.backend == "openvino" else "onnxruntime")
     with rasterio.open(scene) as ds:
-        grid = ChipGrid(ds.width, ds.height, c.chip_size, c.overlap)
+        grid = ChipGrid(ds.width, ds.height, c.chip_size, c.overlap if opts.overlap is None else opts.overlap)
     reader = SceneReader(scene, list(range(1, len(c.input.bands) + 1)), c.input.mean, c.input.std)
     chips = [reader.read(ch.window, (c.chip_size, c.chip_size))[0] for ch in grid]
     reader.close()
@@ -154,7 +154,7 @@ def child_bare(scene: str, bundle: str, options: dict[str, Any]) -> dict[str, An
     settings = resolve_settings(opts, c.chip_size, len(c.input.bands), load=lambda: loaded)
     pred = Predictor(loaded, opts.device, settings.precision)
     with rasterio.open(scene) as ds:
-        grid = ChipGrid(ds.width, ds.height, c.chip_size, c.overlap)
+        grid = ChipGrid(ds.width, ds.height, c.chip_size, c.overlap if opts.overlap is None else opts.overlap)
     reader = SceneReader(scene, list(range(1, len(c.input.bands) + 1)), c.input.mean, c.input.std)
     chips = [reader.read(ch.window, (c.chip_size, c.chip_size))[0] for ch in grid]
     reader.close()
