@@ -3,6 +3,12 @@
 :func:`quantize_onnx` quantises a float32 ONNX network to int8 in the QDQ format (QuantizeLinear /
 DequantizeLinear pairs around each quantised operator, which ONNX Runtime fuses into integer kernels),
 weights per output channel, activations per tensor, their ranges calibrated (min-max) on normalised chips.
+Two kinds of convolution stay float32 (:func:`float_convolutions`): the stem, the first convolution, which
+sees the normalised input (several bands of different ranges in one per-tensor scale), and depthwise
+convolutions (``group`` > 1), whose few weights per channel quantise badly. On an EfficientNet-Lite0 U-Net
+trained on the Amazon tiles, arg-max agreement with float32 went from 98.72 % (all quantised) to 99.50 %
+(stem kept) and 99.82 % (stem and depthwise kept), at the same speed as all quantised; a network without
+depthwise convolutions (ResNet) keeps only its stem.
 The float32 input and the output (probabilities) stay float32, so the network keeps the bundle's contract
 and runs wherever the float32 one runs, QGIS Deepness included.
 
@@ -40,7 +46,7 @@ FP32_FILE = "model.fp32.onnx"  # an int8 export keeps its float32 network here, 
 INT8_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]  # quantised; the rest stays float32 between them
 
 __all__ = ["CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FP32_FILE", "bundle_calibration",
-           "is_int8_bundle", "quantize_onnx", "read_calibration", "scene_chips", "write_calibration"]
+           "float_convolutions", "is_int8_bundle", "quantize_onnx", "read_calibration", "scene_chips", "write_calibration"]
 
 
 def is_int8_bundle(bundle: Bundle) -> bool:
@@ -153,6 +159,15 @@ def _merge_every(n: int) -> int:
     return next(k for k in (4, 3, 5, 7, 11, n + 1) if n % k)
 
 
+def float_convolutions(model: Any) -> list[str]:
+    """Names of the convolutions :func:`quantize_onnx` keeps in float32: the first one (the stem) and every
+    depthwise or grouped one (attribute ``group`` above 1)."""
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    keep = [n.name for n in convs[:1]]
+    keep += [n.name for n in convs[1:] if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    return keep
+
+
 def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chips: np.ndarray, *,
                   per_channel: bool = True) -> Path:
     """Quantise a float32 ONNX network to int8 (static, QDQ), calibrated on ``chips`` ``(N, C, H, W)``.
@@ -184,10 +199,11 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chip
         except Exception as exc:  # the pre-processing is an optimisation; quantise the graph as it is
             log.info("quantisation pre-processing skipped (%s: %s)", type(exc).__name__, exc)
             prepared = src
+        keep_float = float_convolutions(onnx.load(str(prepared), load_external_data=False))
         try:
             quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=per_channel, op_types_to_quantize=INT8_OPS,
+                            per_channel=per_channel, op_types_to_quantize=INT8_OPS, nodes_to_exclude=keep_float,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                            "CalibMaxIntermediateOutputs": _merge_every(len(chips))})
         except Exception as exc:  # onnxruntime's and onnx's own error types
@@ -201,5 +217,6 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chip
             prop = out.metadata_props.add()
             prop.key, prop.value = key, value
     onnx.save(out, str(dst))
-    log.info("quantised %s to int8 (QDQ, per-channel weights) on %d calibration chips", src, len(chips))
+    log.info("quantised %s to int8 (QDQ, per-channel weights; %d convolution(s) kept float32: the stem and the "
+             "depthwise ones) on %d calibration chips", src, len(keep_float), len(chips))
     return dst

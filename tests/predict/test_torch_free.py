@@ -192,3 +192,34 @@ def test_the_session_holds_one_run_of_activations_and_the_job_frees_it_before_fi
             maps.append(ds.read(1))
     assert seen == [False, False]
     assert np.array_equal(maps[0], maps[1])
+
+
+def test_int8_keeps_the_stem_and_the_depthwise_convolutions_in_float32(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from geoseg.model.quantize import float_convolutions, quantize_onnx
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w_stem", (8, 3, 3, 3)), ("w_dw", (8, 1, 3, 3)), ("w_pw", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["image", "w_stem"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Conv", ["b", "w_dw"], ["c"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c", "w_pw"], ["d"], name="pointwise"),
+             helper.make_node("Softmax", ["d"], ["probabilities"], name="softmax", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 16, 16])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 4, 16, 16])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = tmp_path / "net.onnx"
+    onnx.save(model, str(src))
+    assert float_convolutions(model) == ["stem", "depthwise"]
+
+    quantize_onnx(src, tmp_path / "int8.onnx", rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
+    q = onnx.load(str(tmp_path / "int8.onnx"))
+    dequantized = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    weights_quantized = {n.name: any(i in dequantized for i in n.input[1:2]) for n in q.graph.node
+                         if n.op_type == "Conv"}
+    assert weights_quantized == {"stem": False, "depthwise": False, "pointwise": True}
