@@ -131,7 +131,7 @@ def main() -> None:
         ids = [c.id for c in b.contract.classes]
         print(f"\nmodel {args.model} ({b.contract.model.architecture} {b.contract.model.encoder}), scene(s) {', '.join(str(s) for s in args.scene)}; "
               f"int8 calibrated on {meta8['calibration_chips']} chips of {meta8['calibration']}, agreement there "
-              f"{100 * meta8['agreement']:.2f} %")
+              f"{100 * meta8['agreement']:.2f} %, float32 kept: {meta8.get('float32', 'stem')}")
         print(f"{'run':<24} {'wall s':>7} {'peak MB':>8} {'torch':>6} {'agree fp32':>10} {'mean IoU':>9}")
         base_iou = None
         for name, r in runs.items():

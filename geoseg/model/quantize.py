@@ -44,15 +44,33 @@ CALIBRATION_CHIPS = 64  # chips kept for calibration
 CALIBRATION_SIZE = 256  # their side at most (the network is fully convolutional; ranges barely depend on it)
 FP32_FILE = "model.fp32.onnx"  # an int8 export keeps its float32 network here, for predict's agreement check
 INT8_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]  # quantised; the rest stays float32 between them
+FLOAT_LEVELS = ("stem", "decoder")  # what stays float32, finest first (float_convolutions)
 
-__all__ = ["CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FP32_FILE", "bundle_calibration",
-           "float_convolutions", "is_int8_bundle", "quantize_onnx", "read_calibration", "scene_chips", "write_calibration"]
+__all__ = ["CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FLOAT_LEVELS", "FP32_FILE", "argmax_agreement",
+           "bundle_calibration", "float_convolutions", "int8_level", "is_int8_bundle", "quantize_agreeing",
+           "quantize_onnx", "read_calibration", "scene_chips", "write_calibration"]
 
 
 def is_int8_bundle(bundle: Bundle) -> bool:
     """An ONNX bundle written by ``geoseg export --int8``."""
     export = bundle.contract.metadata.get("export") or {}
     return bundle.format == "onnx" and isinstance(export, dict) and export.get("precision") == "int8"
+
+
+def int8_level(bundle: Bundle) -> str:
+    """The float level (:data:`FLOAT_LEVELS`) an int8 export was quantised at (``stem`` for older exports)."""
+    export = bundle.contract.metadata.get("export") or {}
+    info = export.get("int8") if isinstance(export, dict) else None
+    level = info.get("float32") if isinstance(info, dict) else None
+    return level if level in FLOAT_LEVELS else FLOAT_LEVELS[0]
+
+
+def argmax_agreement(probs: np.ndarray, reference: np.ndarray) -> float:
+    """The fraction of pixels whose arg max over classes (axis 1) is the same in two ``(N, K, H, W)`` arrays of
+    probabilities (one channel: the same side of 0.5)."""
+    if probs.shape[1] == 1:
+        return float(((probs > 0.5) == (reference > 0.5)).mean())
+    return float((probs.argmax(1) == reference.argmax(1)).mean())
 
 
 def write_calibration(path: str | os.PathLike[str], chips: np.ndarray) -> Path:
@@ -159,18 +177,24 @@ def _merge_every(n: int) -> int:
     return next(k for k in (4, 3, 5, 7, 11, n + 1) if n % k)
 
 
-def float_convolutions(model: Any) -> list[str]:
-    """Names of the convolutions :func:`quantize_onnx` keeps in float32: the first one (the stem) and every
-    depthwise or grouped one (attribute ``group`` above 1)."""
+def float_convolutions(model: Any, level: str = "stem") -> list[str]:
+    """Names of the convolutions :func:`quantize_onnx` keeps in float32: at level ``stem`` the first one (the
+    stem) and every depthwise or grouped one (attribute ``group`` above 1); at level ``decoder`` also those of
+    the decoder and the segmentation head (smp's module names, which the exported node names carry)."""
+    if level not in FLOAT_LEVELS:
+        raise ValueError(f"unknown float level {level!r}; one of {', '.join(FLOAT_LEVELS)}")
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     keep = [n.name for n in convs[:1]]
     keep += [n.name for n in convs[1:] if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    if level == "decoder":
+        keep += [n.name for n in convs[1:] if n.name not in keep and ("decoder" in n.name or "head" in n.name)]
     return keep
 
 
 def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chips: np.ndarray, *,
-                  per_channel: bool = True) -> Path:
-    """Quantise a float32 ONNX network to int8 (static, QDQ), calibrated on ``chips`` ``(N, C, H, W)``.
+                  per_channel: bool = True, level: str = "stem") -> Path:
+    """Quantise a float32 ONNX network to int8 (static, QDQ), calibrated on ``chips`` ``(N, C, H, W)``, the
+    convolutions of :func:`float_convolutions` at ``level`` kept in float32.
 
     The graph is first prepared as ONNX Runtime recommends (shape inference and graph optimisation),
     the metadata (the contract, Deepness' keys) is carried over, and the result written to ``dst``.
@@ -199,7 +223,7 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chip
         except Exception as exc:  # the pre-processing is an optimisation; quantise the graph as it is
             log.info("quantisation pre-processing skipped (%s: %s)", type(exc).__name__, exc)
             prepared = src
-        keep_float = float_convolutions(onnx.load(str(prepared), load_external_data=False))
+        keep_float = float_convolutions(onnx.load(str(prepared), load_external_data=False), level)
         try:
             quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -217,6 +241,35 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chip
             prop = out.metadata_props.add()
             prop.key, prop.value = key, value
     onnx.save(out, str(dst))
-    log.info("quantised %s to int8 (QDQ, per-channel weights; %d convolution(s) kept float32: the stem and the "
-             "depthwise ones) on %d calibration chips", src, len(keep_float), len(chips))
+    log.info("quantised %s to int8 (QDQ, per-channel weights; %d convolution(s) kept float32, level %s) on %d "
+             "calibration chips", src, len(keep_float), level, len(chips))
     return dst
+
+
+def _outputs(path: Path, chips: np.ndarray) -> np.ndarray:
+    from geoseg.model.onnxrt import make_session
+
+    session = make_session(path)
+    try:
+        out = np.concatenate([session.run(chips[i:i + 4]) for i in range(0, len(chips), 4)])
+    finally:
+        session.release()
+    if out.shape[1] == 1 and session.output != "probabilities":
+        out = 1 / (1 + np.exp(-out))
+    return out
+
+
+def quantize_agreeing(src: str | os.PathLike[str], dst: str | os.PathLike[str], chips: np.ndarray,
+                      check: np.ndarray, target: float, levels: tuple[str, ...] = FLOAT_LEVELS) -> tuple[str, float]:
+    """Quantise ``src`` to ``dst`` at the first of ``levels`` whose arg max agrees with float32 on the ``check``
+    chips on at least ``target`` of the pixels (else at the last level); that level and its agreement."""
+    ref = _outputs(Path(src), check)
+    level, agree = levels[0], 0.0
+    for level in levels:
+        quantize_onnx(src, dst, chips, level=level)
+        agree = argmax_agreement(_outputs(Path(dst), check), ref)
+        log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on %d chip(s)", level, 100 * agree,
+                 len(check))
+        if agree >= target:
+            break
+    return level, agree

@@ -135,6 +135,7 @@ def test_export_int8_keeps_the_contract_the_deepness_keys_and_its_fp32_network(o
     assert {"geoseg_contract", "model_type", "class_names", "tile_size"} <= props
     export_meta = b.contract.metadata["export"]
     assert export_meta["precision"] == "int8" and 0 <= export_meta["int8"]["agreement"] <= 1
+    assert export_meta["int8"]["float32"] in ("stem", "decoder")
     try:
         run = predict_scenes([scene], folder, tmp_path / "out", device="cpu", vector_format=None)
     except InputError as exc:  # a random network may fall below the bar; the refusal is one line
@@ -194,20 +195,23 @@ def test_the_session_holds_one_run_of_activations_and_the_job_frees_it_before_fi
     assert np.array_equal(maps[0], maps[1])
 
 
-def test_int8_keeps_the_stem_and_the_depthwise_convolutions_in_float32(tmp_path):
+def _small_network(tmp_path):
+    """A float32 ONNX network shaped like an exported U-Net: a stem, a depthwise and a pointwise convolution
+    (the encoder), then one convolution named as smp's decoder."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from geoseg.model.quantize import float_convolutions, quantize_onnx
-
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-             for name, shape in (("w_stem", (8, 3, 3, 3)), ("w_dw", (8, 1, 3, 3)), ("w_pw", (4, 8, 1, 1)))]
+             for name, shape in (("w_stem", (8, 3, 3, 3)), ("w_dw", (8, 1, 3, 3)), ("w_pw", (8, 8, 1, 1)),
+                                 ("w_dec", (4, 8, 3, 3)))]
+    dec = "/net/decoder/blocks.0/conv1/Conv"
     nodes = [helper.make_node("Conv", ["image", "w_stem"], ["a"], name="stem", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["b"], name="relu"),
              helper.make_node("Conv", ["b", "w_dw"], ["c"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["c", "w_pw"], ["d"], name="pointwise"),
-             helper.make_node("Softmax", ["d"], ["probabilities"], name="softmax", axis=1)]
+             helper.make_node("Conv", ["d", "w_dec"], ["e"], name=dec, pads=[1, 1, 1, 1]),
+             helper.make_node("Softmax", ["e"], ["probabilities"], name="softmax", axis=1)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 16, 16])],
                               [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 4, 16, 16])],
                               inits)
@@ -215,11 +219,71 @@ def test_int8_keeps_the_stem_and_the_depthwise_convolutions_in_float32(tmp_path)
     model.ir_version = 8
     src = tmp_path / "net.onnx"
     onnx.save(model, str(src))
-    assert float_convolutions(model) == ["stem", "depthwise"]
+    return onnx, model, src, dec, rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
 
-    quantize_onnx(src, tmp_path / "int8.onnx", rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
-    q = onnx.load(str(tmp_path / "int8.onnx"))
+
+def _weights_quantized(onnx, path):
+    q = onnx.load(str(path))
     dequantized = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
-    weights_quantized = {n.name: any(i in dequantized for i in n.input[1:2]) for n in q.graph.node
-                         if n.op_type == "Conv"}
-    assert weights_quantized == {"stem": False, "depthwise": False, "pointwise": True}
+    return {n.name: any(i in dequantized for i in n.input[1:2]) for n in q.graph.node if n.op_type == "Conv"}
+
+
+def test_int8_keeps_the_stem_and_the_depthwise_convolutions_in_float32(tmp_path):
+    from geoseg.model.quantize import float_convolutions, quantize_onnx
+
+    onnx, model, src, dec, chips = _small_network(tmp_path)
+    assert float_convolutions(model) == ["stem", "depthwise"]
+    assert float_convolutions(model, "decoder") == ["stem", "depthwise", dec]
+    with pytest.raises(ValueError, match="unknown float level"):
+        float_convolutions(model, "everything")
+
+    quantize_onnx(src, tmp_path / "int8.onnx", chips)
+    assert _weights_quantized(onnx, tmp_path / "int8.onnx") == {"stem": False, "depthwise": False, "pointwise": True,
+                                                                dec: True}
+    quantize_onnx(src, tmp_path / "int8-decoder.onnx", chips, level="decoder")
+    assert _weights_quantized(onnx, tmp_path / "int8-decoder.onnx") == {"stem": False, "depthwise": False,
+                                                                        "pointwise": True, dec: False}
+
+
+def test_quantize_agreeing_keeps_more_in_float32_only_when_the_finer_level_disagrees(tmp_path):
+    from geoseg.model.quantize import quantize_agreeing
+
+    onnx, _, src, dec, chips = _small_network(tmp_path)
+    level, agree = quantize_agreeing(src, tmp_path / "easy.onnx", chips, chips, target=0.0)
+    assert level == "stem" and 0 < agree <= 1
+    assert _weights_quantized(onnx, tmp_path / "easy.onnx")[dec] is True
+    level, agree = quantize_agreeing(src, tmp_path / "hard.onnx", chips, chips, target=1.01)  # never reached
+    assert level == "decoder" and 0 < agree <= 1
+    assert _weights_quantized(onnx, tmp_path / "hard.onnx")[dec] is False
+
+
+def test_int8_below_the_bar_is_quantised_again_with_the_decoder_in_float32_then_refused(onnx_bundle, tmp_path,
+                                                                                        monkeypatch, caplog):
+    import geoseg.predict.onnx_predictor as op
+    from geoseg.predict.api import predict_scenes
+
+    _, onnx_dir, scene = onnx_bundle
+    levels: list[str] = []
+    real = op.OnnxPredictor._quantize
+
+    def spy(self, first, level):
+        levels.append(level)
+        return real(self, first, level)
+
+    monkeypatch.setattr(op.OnnxPredictor, "_quantize", spy)
+    # the first level falls short of the bar and the second clears it
+    answers = iter([0.9, 1.0])
+    monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: next(answers))
+    with caplog.at_level("INFO"):
+        run = predict_scenes([scene], onnx_dir, tmp_path / "ladder", device="cpu", precision="int8",
+                             vector_format=None, batch_size=4)
+    assert run.scenes[0].status == "done" and levels == ["stem", "decoder"]
+    assert "quantising again with the decoder in float32" in caplog.text
+
+    levels.clear()
+    monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: 0.9)  # no level clears it
+    with pytest.raises(InputError, match=r"int8 agrees with fp32 on only 90\.00 %"):
+        predict_scenes([scene], onnx_dir, tmp_path / "refused", device="cpu", precision="int8",
+                       vector_format=None, batch_size=4)
+    assert levels == ["stem", "decoder"]
+    assert not list((tmp_path / "refused").glob("*.tif"))
