@@ -432,9 +432,11 @@ def _bench(args: argparse.Namespace, venv: Path, work: Path) -> dict:
         t0 = time.perf_counter()
         exports[folder.name] = run_child("child_export", str(bundle), str(scene), str(folder), int8)
         exports[folder.name]["export_s"] = time.perf_counter() - t0
+        q = exports[folder.name].get("int8") or {}
         print(f"exported {folder.name} in {exports[folder.name]['export_s']:.0f} s"
-              + (f": FAILED {exports[folder.name]['failed']}" if exports[folder.name].get("failed") else ""),
-              flush=True)
+              + (f": FAILED {exports[folder.name]['failed']}" if exports[folder.name].get("failed") else "")
+              + (f" (int8 on {q['calibration_chips']} calibration chips: {100 * q['agreement']:.2f} % agreement "
+                 f"with fp32, float32 kept: {q.get('float32', 'stem')})" if q else ""), flush=True)
     n_classes = len(inputs["class_ids"])
     gi: dict[str, Any] = {"label": f"geo-inference ({CHIP}, 50 %)", "seconds": [], "peak_mb": []}
     for r in rows.values():

@@ -64,11 +64,13 @@ def child_make(workdir: str, sizes: list[int], encoder: str, chip: int, overlap:
 
 
 def child_export(bundle: str, scene: str, out: str, int8: bool) -> dict[str, Any]:
+    from geoseg.model.bundle import read_bundle
     from geoseg.model.export import export
 
     if not Path(out).exists():
         export(bundle, "onnx", out, int8=int8, calibration=scene if int8 else None)
-    return {"folder": out}
+    meta = read_bundle(out).contract.metadata.get("export") or {}
+    return {"folder": out, "int8": meta.get("int8")}  # int8: calibration chips, agreement there, float32 kept
 
 
 def child_predict(scene: str, bundle: str, out: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -194,6 +194,7 @@ class OnnxPredictor:
             self._checked = True
             return
         ref = self._probabilities(self.fp32, batch)
+        self.fp32.release()  # only the int8 network runs from here: the two never hold memory together
         levels = FLOAT_LEVELS[FLOAT_LEVELS.index(int8_level(self.bundle)) if self.int8_bundle else 0:]
         agree = 0.0
         for i, level in enumerate(levels):
