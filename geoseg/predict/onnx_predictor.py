@@ -195,14 +195,14 @@ class OnnxPredictor:
             return
         ref = self._probabilities(self.fp32, batch)
         self.fp32.release()  # only the int8 network runs from here: the two never hold memory together
-        levels = FLOAT_LEVELS[FLOAT_LEVELS.index(int8_level(self.bundle)) if self.int8_bundle else 0:]
+        start = int8_level(self.bundle) if self.int8_bundle else FLOAT_LEVELS[0]  # an export's own level first
         agree = 0.0
-        for i, level in enumerate(levels):
-            if self.session is None or i:
-                if self.session is not None:
-                    log.info("int8 agrees with fp32 on %.2f %% of the first batch's pixels; quantising again with "
-                             "the %s in float32", 100 * agree, level)
-                    self.session.release()
+        for i, level in enumerate(FLOAT_LEVELS[FLOAT_LEVELS.index(start):]):
+            if i:  # the level before fell short
+                log.info("int8 agrees with fp32 on %.2f %% of the first batch's pixels; quantising again with the "
+                         "%s in float32", 100 * agree, level)
+                self.session.release()
+            if i or self.session is None:
                 self.session = self._quantize(batch, level)
             self.agreement = agree = argmax_agreement(self._probabilities(self.session, batch), ref)
             log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on the job's first batch "
