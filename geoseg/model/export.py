@@ -38,9 +38,11 @@ from geoseg.model.networks import first_output, input_divisor
 from geoseg.model.quantize import (
     CALIBRATION_FILE,
     FP32_FILE,
+    PERCENTILE,
     bundle_calibration,
     quantize_agreeing,
     scene_chips,
+    step_name,
     write_calibration,
 )
 from geoseg.model.weights import load_model
@@ -320,17 +322,18 @@ def _calibration_chips(loaded: LoadedModel, scene: str | os.PathLike[str] | None
 
 
 def _quantize(path: Path, chips: np.ndarray, source: str) -> dict[str, Any]:
-    """Quantise ``path`` in place (the float32 network moves to ``model.fp32.onnx``) at the first float level
-    whose agreement with fp32 on the calibration chips reaches :data:`EXPORT_AGREEMENT`; the level and that
-    agreement, as export metadata."""
+    """Quantise ``path`` in place (the float32 network moves to ``model.fp32.onnx``) at the first step of
+    :data:`~geoseg.model.quantize.INT8_STEPS` (float level, calibration) whose agreement with fp32 on the
+    calibration chips reaches :data:`EXPORT_AGREEMENT`; the step and that agreement, as export metadata."""
     fp32 = path.with_name(FP32_FILE)
     path.rename(fp32)
-    level, agree = quantize_agreeing(fp32, path, chips, chips, EXPORT_AGREEMENT)
-    log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on %d calibration chips", level,
-             100 * agree, len(chips))
+    (level, method), agree = quantize_agreeing(fp32, path, chips, chips, EXPORT_AGREEMENT)
+    log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on %d calibration chips",
+             step_name((level, method)), 100 * agree, len(chips))
+    ranges = "min-max" if method == "minmax" else f"{PERCENTILE}th percentile"
     return {"calibration": source, "calibration_chips": len(chips), "agreement": round(agree, 6),
-            "float32": level, "fp32_network": FP32_FILE,
-            "quantization": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations, min-max "
+            "float32": level, "calibration_method": method, "fp32_network": FP32_FILE,
+            "quantization": f"ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations, {ranges} "
             f"calibration; float32 kept: the stem and depthwise convolutions{' and the decoder' if level == 'decoder' else ''}"}
 
 

@@ -10,9 +10,10 @@ output is already the probabilities), in float32 or int8:
   the bundle's own when it was exported with ``--int8``, else quantised here, at the job's start, on the
   calibration chips the bundle carries (``calibration.npz``) or, when it carries none, on the job's first
   chips (said in a log line). Either way the int8 network is checked on the job's first batch against the
-  float32 one. Below :data:`MIN_AGREEMENT` of the pixels' arg max it is quantised again with more of the
-  network in float32 (:data:`~geoseg.model.quantize.FLOAT_LEVELS`: the decoder too) and checked again; below
-  the bar at the last level it refuses itself with a one-line reason.
+  float32 one. Below :data:`MIN_AGREEMENT` of the pixels' arg max it is quantised again at the next step of
+  :data:`~geoseg.model.quantize.INT8_STEPS` (the decoder too in float32, then percentile instead of min-max
+  activation ranges) and checked again; below the bar at the last step it refuses itself with a one-line
+  reason.
 
 ``auto`` is ``int8`` for a bundle exported with ``--int8`` and ``fp32`` for any other.
 """
@@ -31,13 +32,14 @@ from geoseg.errors import InputError
 from geoseg.model.bundle import LoadedModel
 from geoseg.model.onnxrt import OnnxSession, import_ort, make_session, softmax
 from geoseg.model.quantize import (
-    FLOAT_LEVELS,
     FP32_FILE,
+    INT8_STEPS,
     argmax_agreement,
     bundle_calibration,
-    int8_level,
+    int8_step,
     is_int8_bundle,
     quantize_onnx,
+    step_name,
 )
 
 log = logging.getLogger(__name__)
@@ -170,9 +172,9 @@ class OnnxPredictor:
             out = np.concatenate([1 - out, out], axis=1)
         return out.astype(np.float32, copy=False)
 
-    def _quantize(self, first: np.ndarray, level: str) -> Any:
-        """An int8 network quantised from the float32 one (the convolutions of ``level`` kept float32),
-        calibrated on the bundle's chips or ``first``."""
+    def _quantize(self, first: np.ndarray, step: tuple[str, str]) -> Any:
+        """An int8 network quantised from the float32 one at ``step`` (the convolutions of its float level kept
+        float32, its calibration), calibrated on the bundle's chips or ``first``."""
         assert self.fp32 is not None
         chips = bundle_calibration(self.bundle)
         if chips is None:
@@ -182,8 +184,9 @@ class OnnxPredictor:
             chips = first
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="geoseg-int8-")
-        out = Path(self._tmp.name) / f"model.int8.{level}.onnx"
-        quantize_onnx(self.fp32.path, out, chips, level=level)
+        level, calibration = step
+        out = Path(self._tmp.name) / f"model.int8.{level}.{calibration}.onnx"
+        quantize_onnx(self.fp32.path, out, chips, level=level, calibration=calibration)
         return make_session(out, self.device.type, self.backend)
 
     def _first_batch(self, batch: np.ndarray) -> None:
@@ -195,18 +198,18 @@ class OnnxPredictor:
             return
         ref = self._probabilities(self.fp32, batch)
         self.fp32.release()  # only the int8 network runs from here: the two never hold memory together
-        start = int8_level(self.bundle) if self.int8_bundle else FLOAT_LEVELS[0]  # an export's own level first
+        start = int8_step(self.bundle) if self.int8_bundle else INT8_STEPS[0]  # an export's own step first
         agree = 0.0
-        for i, level in enumerate(FLOAT_LEVELS[FLOAT_LEVELS.index(start):]):
-            if i:  # the level before fell short
-                log.info("int8 agrees with fp32 on %.2f %% of the first batch's pixels; quantising again with the "
-                         "%s in float32", 100 * agree, level)
+        for i, step in enumerate(INT8_STEPS[INT8_STEPS.index(start):]):
+            if i:  # the step before fell short
+                log.info("int8 agrees with fp32 on %.2f %% of the first batch's pixels; quantising again (float32 "
+                         "kept: %s)", 100 * agree, step_name(step))
                 self.session.release()
             if i or self.session is None:
-                self.session = self._quantize(batch, level)
+                self.session = self._quantize(batch, step)
             self.agreement = agree = argmax_agreement(self._probabilities(self.session, batch), ref)
             log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on the job's first batch "
-                     "(%d chips)", level, 100 * agree, len(batch))
+                     "(%d chips)", step_name(step), 100 * agree, len(batch))
             if agree >= MIN_AGREEMENT:
                 break
         else:

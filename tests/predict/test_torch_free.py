@@ -4,6 +4,7 @@ quantised here or at export, checked against fp32 on the first batch."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -98,7 +99,7 @@ def test_int8_is_checked_against_fp32_and_says_where_it_calibrated(onnx_bundle, 
             return
     assert run.options.precision == "int8" and run.scenes[0].status == "done"
     text = caplog.text
-    assert "calibrates on the job's first 4 chip(s)" in text and "arg max agreement with fp32" in text
+    assert re.search(r"calibrates on the job's first \d+ chip\(s\)", text) and "arg max agreement with fp32" in text
 
 
 def test_precisions_an_onnx_bundle_refuses(onnx_bundle, tmp_path):
@@ -119,7 +120,7 @@ def test_export_int8_keeps_the_contract_the_deepness_keys_and_its_fp32_network(o
     from geoseg.errors import BundleError
     from geoseg.model.bundle import read_bundle
     from geoseg.model.export import export
-    from geoseg.model.quantize import FP32_FILE, is_int8_bundle
+    from geoseg.model.quantize import FP32_FILE, int8_step, is_int8_bundle
     from geoseg.predict.api import predict_scenes
 
     bundle, _, scene = onnx_bundle
@@ -136,6 +137,8 @@ def test_export_int8_keeps_the_contract_the_deepness_keys_and_its_fp32_network(o
     export_meta = b.contract.metadata["export"]
     assert export_meta["precision"] == "int8" and 0 <= export_meta["int8"]["agreement"] <= 1
     assert export_meta["int8"]["float32"] in ("stem", "decoder")
+    assert export_meta["int8"]["calibration_method"] in ("minmax", "percentile")
+    assert int8_step(b) == (export_meta["int8"]["float32"], export_meta["int8"]["calibration_method"])
     try:
         run = predict_scenes([scene], folder, tmp_path / "out", device="cpu", vector_format=None)
     except InputError as exc:  # a random network may fall below the bar; the refusal is one line
@@ -246,44 +249,77 @@ def test_int8_keeps_the_stem_and_the_depthwise_convolutions_in_float32(tmp_path)
 
 
 def test_quantize_agreeing_keeps_more_in_float32_only_when_the_finer_level_disagrees(tmp_path):
-    from geoseg.model.quantize import quantize_agreeing
+    from geoseg.model.quantize import INT8_STEPS, quantize_agreeing
 
     onnx, _, src, dec, chips = _small_network(tmp_path)
-    level, agree = quantize_agreeing(src, tmp_path / "easy.onnx", chips, chips, target=0.0)
-    assert level == "stem" and 0 < agree <= 1
+    step, agree = quantize_agreeing(src, tmp_path / "easy.onnx", chips, chips, target=0.0)
+    assert step == ("stem", "minmax") and 0 < agree <= 1
     assert _weights_quantized(onnx, tmp_path / "easy.onnx")[dec] is True
-    level, agree = quantize_agreeing(src, tmp_path / "hard.onnx", chips, chips, target=1.01)  # never reached
-    assert level == "decoder" and 0 < agree <= 1
+    step, agree = quantize_agreeing(src, tmp_path / "hard.onnx", chips, chips, target=1.01)  # never reached
+    assert step == INT8_STEPS[-1] == ("decoder", "percentile") and 0 < agree <= 1
     assert _weights_quantized(onnx, tmp_path / "hard.onnx")[dec] is False
 
 
-def test_int8_below_the_bar_is_quantised_again_with_the_decoder_in_float32_then_refused(onnx_bundle, tmp_path,
-                                                                                        monkeypatch, caplog):
+def _activation_ranges(onnx, path):
+    """Each quantised activation's (min, max) as its QuantizeLinear's uint8 scale and zero point give it."""
+    from onnx import numpy_helper
+
+    q = onnx.load(str(path))
+    consts = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    out = {}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in consts:
+            scale, zero = float(consts[n.input[1]]), int(consts[n.input[2]])
+            out[n.input[0]] = (-zero * scale, (255 - zero) * scale)
+    return out
+
+
+def test_min_max_ranges_take_every_chip_and_percentile_ranges_are_no_wider(tmp_path, capsys):
+    from geoseg.model.quantize import quantize_onnx
+
+    onnx, _, src, _, chips = _small_network(tmp_path)
+    calm = _activation_ranges(onnx, quantize_onnx(src, tmp_path / "calm.onnx", np.concatenate([chips] * 16)))
+    for i in (0, 5, 127):  # an outlier pixel in one of 128 chips, first, within or after the calibrator's slices
+        spiky = np.concatenate([chips] * 16)
+        spiky[i, :, 3, 3] = 1000.0
+        minmax = _activation_ranges(onnx, quantize_onnx(src, tmp_path / f"minmax{i}.onnx", spiky))
+        assert minmax["c"][1] > 10 * calm["c"][1], i  # every chip sets the ranges, wherever it comes
+        pct = _activation_ranges(onnx, quantize_onnx(src, tmp_path / f"pct{i}.onnx", spiky, calibration="percentile"))
+        assert pct.keys() == minmax.keys() == {"c", "d", "e"}
+        for name, (lo, hi) in pct.items():  # never wider than what occurred (a range symmetric about 0, clipped)
+            assert hi - lo <= 1.01 * (minmax[name][1] - minmax[name][0]), (i, name)
+        assert any(hi - lo < 0.95 * (minmax[n][1] - minmax[n][0]) for n, (lo, hi) in pct.items()), i
+    assert capsys.readouterr().out == ""  # the percentile calibrator's prints stay off stdout
+    with pytest.raises(ValueError, match="unknown calibration"):
+        quantize_onnx(src, tmp_path / "x.onnx", chips, calibration="entropy")
+
+
+def test_int8_below_the_bar_is_quantised_again_at_each_step_then_refused(onnx_bundle, tmp_path, monkeypatch, caplog):
     import geoseg.predict.onnx_predictor as op
     from geoseg.predict.api import predict_scenes
 
     _, onnx_dir, scene = onnx_bundle
-    levels: list[str] = []
+    steps: list[tuple[str, str]] = []
     real = op.OnnxPredictor._quantize
 
-    def spy(self, first, level):
-        levels.append(level)
-        return real(self, first, level)
+    def spy(self, first, step):
+        steps.append(step)
+        return real(self, first, step)
 
     monkeypatch.setattr(op.OnnxPredictor, "_quantize", spy)
-    # the first level falls short of the bar and the second clears it
+    # the first step falls short of the bar and the second clears it
     answers = iter([0.9, 1.0])
     monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: next(answers))
     with caplog.at_level("INFO"):
         run = predict_scenes([scene], onnx_dir, tmp_path / "ladder", device="cpu", precision="int8",
                              vector_format=None, batch_size=4)
-    assert run.scenes[0].status == "done" and levels == ["stem", "decoder"]
-    assert "quantising again with the decoder in float32" in caplog.text
+    assert run.scenes[0].status == "done" and steps == [("stem", "minmax"), ("decoder", "minmax")]
+    assert "quantising again (float32 kept: decoder)" in caplog.text
 
-    levels.clear()
-    monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: 0.9)  # no level clears it
+    steps.clear()
+    monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: 0.9)  # no step clears it
     with pytest.raises(InputError, match=r"int8 agrees with fp32 on only 90\.00 %"):
         predict_scenes([scene], onnx_dir, tmp_path / "refused", device="cpu", precision="int8",
                        vector_format=None, batch_size=4)
-    assert levels == ["stem", "decoder"]
+    assert steps == [("stem", "minmax"), ("decoder", "minmax"), ("decoder", "percentile")]
     assert not list((tmp_path / "refused").glob("*.tif"))
