@@ -19,8 +19,8 @@ from scipy import ndimage
 from tests._training import tiny_config, write_scene
 from tests.conftest import make_bundle, write_raster
 
-MOMENTS = 2  # random moments per signal, drawn over the uninterrupted run's duration (other ones per signal:
-# the two signals together try four moments)
+MOMENTS = 1  # random moments per signal, drawn over the uninterrupted run's duration (other ones per signal:
+# the two signals together try two moments; the suite's whole run stays under ten minutes)
 
 
 def _cli(*args: str) -> list[str]:
@@ -46,19 +46,26 @@ def _finals(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_predict_killed_at_random_moments_then_rerun_gives_identical_outputs(tmp_path, sig):
-    rng = np.random.default_rng([11, sig])
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory) -> tuple[list[str], float, Path]:
+    """One uninterrupted predict, shared by both signals: its arguments, its duration and its output folder."""
+    tmp_path = tmp_path_factory.mktemp("interrupt")
     field = ndimage.zoom(np.random.default_rng(11).normal(size=(3, 48, 48)), (1, 32, 32), order=1).astype(np.float32)
     scene = write_raster(tmp_path / "scene.tif", field)
     model = make_bundle(tmp_path / "m", n_bands=3, chip=256, overlap=32)
     args = ["predict", str(scene), "-m", str(model), "--probabilities", "--workers", "2"]
     t0 = time.perf_counter()
     subprocess.run(_cli(*args, "-o", str(tmp_path / "ref")), check=True, timeout=300)
-    duration = time.perf_counter() - t0
-    ref = _finals(tmp_path / "ref")
+    return args, time.perf_counter() - t0, tmp_path / "ref"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_predict_killed_at_random_moments_then_rerun_gives_identical_outputs(tmp_path, sig, predicted):
+    rng = np.random.default_rng([11, sig])
+    args, duration, ref_dir = predicted
+    ref = _finals(ref_dir)
     assert {"scene.classes.tif", "scene.probs.tif", "scene.gpkg"} <= set(ref)
-    ref_polys = pyogrio.read_dataframe(tmp_path / "ref" / "scene.gpkg")
+    ref_polys = pyogrio.read_dataframe(ref_dir / "scene.gpkg")
     for k, after in enumerate(sorted(rng.uniform(0.3, 1.0, MOMENTS) * duration)):
         out = tmp_path / f"out{k}"
         _run_and_kill(_cli(*args, "-o", str(out)), after, sig)
@@ -79,14 +86,21 @@ def test_predict_killed_at_random_moments_then_rerun_gives_identical_outputs(tmp
         assert _temporaries(out) == [], (after, _temporaries(out))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_train_killed_at_random_moments_resumes(tmp_path, sig):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, float]:
+    """One uninterrupted training run, shared by both signals: its config and its duration."""
+    tmp_path = tmp_path_factory.mktemp("interrupt-train")
     image, labels = write_scene(tmp_path, size=128)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(image, labels, epochs=6, steps_per_epoch=4)))
     t0 = time.perf_counter()
     subprocess.run(_cli("train", str(cfg), "-o", str(tmp_path / "ref")), check=True, timeout=300)
-    duration = time.perf_counter() - t0
+    return cfg, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_train_killed_at_random_moments_resumes(tmp_path, sig, trained):
+    cfg, duration = trained
     rng = np.random.default_rng([12, sig])
     for k, after in enumerate(sorted(rng.uniform(0.3, 1.0, MOMENTS) * duration)):
         out = tmp_path / f"run{k}"
