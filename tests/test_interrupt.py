@@ -19,6 +19,9 @@ from scipy import ndimage
 from tests._training import tiny_config, write_scene
 from tests.conftest import make_bundle, write_raster
 
+# one worker runs this module, so each signal's test shares the module's uninterrupted runs (pytest-xdist)
+pytestmark = pytest.mark.xdist_group("interrupt")
+
 MOMENTS = 1  # random moments per signal, drawn over the uninterrupted run's duration (other ones per signal:
 # the two signals together try two moments; the suite's whole run stays under ten minutes)
 
