@@ -398,12 +398,12 @@ def test_a_killed_vectorize_leaves_no_partial_file_and_runs_again(tmp_path, dela
     time.sleep(delay)
     if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)  # the command and its worker processes
-    p.wait()
+    p.wait(timeout=120)
     import pyogrio
 
     # killed or not, what carries the final name is whole: the output is published only once written
     left = pyogrio.read_info(dst)["features"] if dst.exists() else None
-    r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
+    r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     assert not [f.name for f in tmp_path.iterdir() if f.name.startswith(".polys")]  # the killed run's temporaries
     whole = pyogrio.read_info(dst)["features"]

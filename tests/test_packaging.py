@@ -53,7 +53,7 @@ b = make_bundle(__import__('pathlib').Path({str(tmp_path)!r}) / 'm', n_bands=3, 
 onnx_dir = export(b, 'onnx', {str(tmp_path / 'm-onnx')!r}).folder
 write_raster(__import__('pathlib').Path({str(scene)!r}), np.random.default_rng(0).normal(size=(3, 70, 60)).astype(np.float32))
 """
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=240)
     probe = f"""
 import sys, json
 from geoseg.cli import main
@@ -61,7 +61,8 @@ main(['-q', 'predict', {str(scene)!r}, '--model', {str(tmp_path / 'm-onnx')!r}, 
       {str(tmp_path / 'out')!r}], standalone_mode=False)
 print('MODULES=' + json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))
 """
-    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT,
+                         timeout=240).stdout
     tops = __import__("json").loads(next(ln for ln in out.splitlines() if ln.startswith("MODULES="))[8:])
     assert not set(tops) & set(HEAVY)
     dists = packages_distributions()
