@@ -58,8 +58,8 @@ PERCENTILE = 99.999  # ONNX Runtime's default for its percentile calibration
 INT8_STEPS: tuple[tuple[str, str], ...] = (("stem", "minmax"), ("decoder", "minmax"), ("decoder", "percentile"))
 
 __all__ = ["CALIBRATIONS", "CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FLOAT_LEVELS", "FP32_FILE",
-           "INT8_STEPS", "argmax_agreement", "bundle_calibration", "float_convolutions", "int8_step", "is_int8_bundle",
-           "quantize_agreeing", "quantize_onnx", "read_calibration", "scene_chips", "step_name", "write_calibration"]
+           "INT8_STEPS", "argmax_agreement", "bundle_calibration", "float_convolutions", "int8_backends", "int8_step",
+           "is_int8_bundle", "quantize_agreeing", "quantize_onnx", "read_calibration", "scene_chips", "step_name", "write_calibration"]
 
 
 def is_int8_bundle(bundle: Bundle) -> bool:
@@ -295,10 +295,18 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], chip
     return dst
 
 
-def _outputs(path: Path, chips: np.ndarray) -> np.ndarray:
+def int8_backends() -> tuple[str, ...]:
+    """The CPU runtimes installed here that run an int8 ONNX network: ONNX Runtime, and OpenVINO when it is
+    importable (it runs the same QDQ file with int8 kernels of its own, so its agreement differs)."""
+    import importlib.util
+
+    return ("onnxruntime",) + (("openvino",) if importlib.util.find_spec("openvino") is not None else ())
+
+
+def _outputs(path: Path, chips: np.ndarray, backend: str = "onnxruntime") -> np.ndarray:
     from geoseg.model.onnxrt import make_session
 
-    session = make_session(path)
+    session = make_session(path, "cpu", backend)
     try:
         out = np.concatenate([session.run(chips[i:i + 4]) for i in range(0, len(chips), 4)])
     finally:
@@ -309,18 +317,20 @@ def _outputs(path: Path, chips: np.ndarray) -> np.ndarray:
 
 
 def quantize_agreeing(src: str | os.PathLike[str], dst: str | os.PathLike[str], chips: np.ndarray,
-                      check: np.ndarray, target: float, steps: tuple[tuple[str, str], ...] = INT8_STEPS
-                      ) -> tuple[tuple[str, str], float]:
+                      check: np.ndarray, target: float, steps: tuple[tuple[str, str], ...] = INT8_STEPS,
+                      backends: tuple[str, ...] = ("onnxruntime",)) -> tuple[tuple[str, str], float, dict[str, float]]:
     """Quantise ``src`` to ``dst`` at the first of ``steps`` (float level, calibration) whose arg max agrees with
-    float32 on the ``check`` chips on at least ``target`` of the pixels (else at the last step); that step and
-    its agreement."""
-    ref = _outputs(Path(src), check)
-    step, agree = steps[0], 0.0
+    float32 on the ``check`` chips on at least ``target`` of the pixels in every one of ``backends`` (each
+    int8 network against the float32 one in the same runtime, as predict checks it), else at the last step;
+    that step, its lowest agreement, and each backend's."""
+    refs = {b: _outputs(Path(src), check, b) for b in backends}
+    step, agree, each = steps[0], 0.0, dict.fromkeys(backends, 0.0)
     for step in steps:
         quantize_onnx(src, dst, chips, level=step[0], calibration=step[1])
-        agree = argmax_agreement(_outputs(Path(dst), check), ref)
-        log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on %d chip(s)", step_name(step),
-                 100 * agree, len(check))
+        each = {b: argmax_agreement(_outputs(Path(dst), check, b), ref) for b, ref in refs.items()}
+        agree = min(each.values())
+        log.info("int8 (float32 kept: %s): %s arg max agreement with fp32 on %d chip(s)", step_name(step),
+                 ", ".join(f"{100 * a:.4f} % in {b}" for b, a in each.items()), len(check))
         if agree >= target:
             break
-    return step, agree
+    return step, agree, each

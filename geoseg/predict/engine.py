@@ -133,6 +133,9 @@ def worker_runtime(model: ModelRef, options: PredictOptions) -> Runtime:
            options.resolved_workers())
     with _RUNTIMES_LOCK:
         rt = _RUNTIMES.get(key)
+        if rt is not None and rt.server.failed:  # a model that failed (an int8 refusal, memory) is made anew
+            _RUNTIMES.pop(key).close()
+            rt = None
         if rt is None:
             from geoseg.model.bundle import bundle_digest
             from geoseg.predict.runtime import load_for_predict

@@ -151,6 +151,7 @@ class OnnxPredictor:
         elif self.int8_bundle:
             self.session = given or make_session(path, self.device.type, backend)
         self._checked = self.precision == "fp32"
+        self._refused: InputError | None = None  # the first batch's refusal, raised again for every later batch
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.agreement: float | None = None
 
@@ -199,7 +200,7 @@ class OnnxPredictor:
         ref = self._probabilities(self.fp32, batch)
         self.fp32.release()  # only the int8 network runs from here: the two never hold memory together
         start = int8_step(self.bundle) if self.int8_bundle else INT8_STEPS[0]  # an export's own step first
-        agree = 0.0
+        agree, best = 0.0, (-1.0, start)
         for i, step in enumerate(INT8_STEPS[INT8_STEPS.index(start):]):
             if i:  # the step before fell short
                 log.info("int8 agrees with fp32 on %.2f %% of the first batch's pixels; quantising again (float32 "
@@ -208,14 +209,19 @@ class OnnxPredictor:
             if i or self.session is None:
                 self.session = self._quantize(batch, step)
             self.agreement = agree = argmax_agreement(self._probabilities(self.session, batch), ref)
+            best = max(best, (agree, step))
             log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on the job's first batch "
                      "(%d chips)", step_name(step), 100 * agree, len(batch))
             if agree >= MIN_AGREEMENT:
                 break
         else:
-            raise InputError(f"{self.bundle.path}: int8 agrees with fp32 on only {100 * agree:.2f} % of the pixels "
-                             f"of the first batch (at least {100 * MIN_AGREEMENT:.1f} % needed); use --precision "
-                             "fp32")
+            # said once: the batches queued behind this one get the same error, not another round of quantising
+            self.agreement = best[0]
+            self._refused = InputError(
+                f"{self.bundle.path}: int8 agrees with fp32 on only {100 * best[0]:.2f} % of the pixels of the "
+                f"first batch ({len(batch)} chip(s); best of {i + 1} quantisation(s), float32 kept: "
+                f"{step_name(best[1])}; at least {100 * MIN_AGREEMENT:.1f} % needed); use --precision fp32")
+            raise self._refused
         self._checked = True
 
     def release(self) -> None:
@@ -231,6 +237,8 @@ class OnnxPredictor:
         Raises:
             InputError: on the first batch, when int8 disagrees with fp32 on too many pixels.
         """
+        if self._refused is not None:
+            raise self._refused
         if not self._checked:
             self._first_batch(batch)
         session = self.session

@@ -96,6 +96,11 @@ class ModelServer:
             self._queue.put(_STOP)
             self._thread.join()
 
+    @property
+    def failed(self) -> bool:
+        """Whether a batch failed: every later chip fails with that error."""
+        return self._error is not None
+
     def submit(self, data: np.ndarray) -> Future[tuple[np.ndarray, float]]:
         """Queue one chip ``(C, H, W)`` float32.
 
@@ -136,7 +141,10 @@ class ModelServer:
                 self._finish(*pending)
                 pending = None
             items, stop = self._gather()
-            if items:
+            if items and self._error is not None:  # the model failed: what was queued behind fails the same way
+                self._fail(items, self._error)
+                launched = None
+            elif items:
                 try:
                     launched = self._launch(items, slot)
                 except BaseException as exc:  # resolve the futures, never kill the thread silently

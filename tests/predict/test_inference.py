@@ -84,3 +84,51 @@ def test_on_a_cpu_every_network_call_has_the_same_shape():
         got = [f.result()[0] for f in futures]
     assert set(rec.shapes) == {2}
     assert [float(g[0, 0, 0]) for g in got] == [0, 2, 4, 6, 8]
+
+
+def test_after_a_failed_batch_the_queued_chips_fail_the_same_way_without_running():
+    """A refusal (an int8 network below the bar) or a crash is said once: the chips queued behind it get the
+    same error, the network is not called again, and the server says it failed."""
+    import threading
+
+    class Failing:
+        device = type("D", (), {"type": "cpu"})()
+        torch_cuda = False
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.started = threading.Event()
+            self.go = threading.Event()
+
+        def run_batch(self, batch: np.ndarray) -> np.ndarray:
+            self.calls += 1
+            self.started.set()
+            self.go.wait(5)  # the other chips queue up meanwhile
+            raise ValueError("refused")
+
+    pred = Failing()
+    with ModelServer(pred, batch_size=1, max_wait=0.01) as server:
+        futures = [server.submit(np.zeros((1, 2, 2), np.float32))]
+        assert pred.started.wait(5)
+        futures += [server.submit(np.zeros((1, 2, 2), np.float32)) for _ in range(4)]
+        pred.go.set()
+        errors = [f.exception(5) for f in futures]
+        assert server.failed
+    assert pred.calls == 1 and all(isinstance(e, ValueError) and str(e) == "refused" for e in errors)
+
+
+def test_a_worker_does_not_keep_a_runtime_whose_model_failed(tmp_path):
+    from geoseg.model.bundle import bundle_digest, read_bundle
+    from geoseg.predict.engine import worker_runtime
+    from geoseg.predict.units import ModelRef, PredictOptions
+
+    bundle = make_bundle(tmp_path / "m", n_bands=3, chip=32, overlap=8)
+    ref, options = ModelRef(str(bundle), bundle_digest(read_bundle(bundle).files)), PredictOptions(device="cpu")
+    rt = worker_runtime(ref, options)
+    assert worker_runtime(ref, options) is rt  # kept for the worker's next unit
+    rt.server.submit(np.zeros((2, 32), np.float32)).exception(30)  # a chip of the wrong shape fails the model
+    assert rt.server.failed
+    fresh = worker_runtime(ref, options)
+    assert fresh is not rt and not fresh.server.failed
+    probs, _ = fresh.server.submit(np.zeros((3, 32, 32), np.float32)).result(30)
+    assert probs.shape[1:] == (32, 32)
