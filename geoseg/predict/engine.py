@@ -228,12 +228,32 @@ def run_unit(unit: Unit, runtime: Runtime | None = None, advance: Advance | None
             reader = SceneReader(plan.info.path, list(plan.band_indexes), rt.contract.input.mean,
                                  rt.contract.input.std)
             try:
+                wants = getattr(rt.predictor, "wants_check_chips", None)
+                if wants is not None and wants():  # an int8 network not yet checked: a sample of the scene too
+                    rt.predictor.add_check_chips(_spread_chips(plan, reader))
                 _Rolling(unit, rt, reader, store, result, advance).run(start)
             finally:
                 reader.close()
     finally:
         rt.unit_gate.release()
     return result
+
+
+def _spread_chips(plan: Any, reader: SceneReader) -> np.ndarray:
+    """Up to :data:`~geoseg.predict.onnx_predictor.CHECK_SPREAD` chips of the scene's grid, evenly spread over
+    it (the first and last left out: the first batch has the scene's start), read as predict reads them;
+    chips less than half valid are skipped."""
+    from geoseg.predict.onnx_predictor import CHECK_SPREAD
+
+    grid, info = plan.grid, plan.info
+    chips = list(grid)
+    picks = np.unique(np.linspace(0, len(chips) - 1, CHECK_SPREAD + 2).round().astype(int))[1:-1]
+    out = []
+    for i in picks:
+        data, valid = reader.read(clip_to_scene(chips[i].window, info.width, info.height), size=(grid.chip, grid.chip))
+        if valid.mean() >= 0.5:
+            out.append(data)
+    return np.stack(out) if out else np.zeros((0,), np.float32)
 
 
 @dataclass

@@ -355,3 +355,33 @@ def test_int8_below_the_bar_is_quantised_again_at_each_step_then_refused(onnx_bu
                        vector_format=None, batch_size=1)
     assert steps == [("stem", "minmax"), ("decoder", "minmax"), ("decoder", "percentile")]
     assert not list((tmp_path / "refused").glob("*.tif"))
+
+
+def test_int8_is_checked_on_the_first_batch_and_chips_spread_over_the_scene(onnx_bundle, tmp_path, monkeypatch,
+                                                                             caplog):
+    """One chip is too few pixels to judge int8 by (and the first chips share the scene's first rows): the check
+    adds CHECK_SPREAD chips from across the scene, once per process."""
+    import geoseg.predict.onnx_predictor as op
+    from geoseg.predict.api import predict_scenes
+
+    _, onnx_dir, scene = onnx_bundle
+    firsts: list[int] = []
+    checked: list[int] = []
+    real_first, real_agree = op.OnnxPredictor._first_batch, op.argmax_agreement
+
+    def first(self, batch):
+        firsts.append(len(batch))
+        return real_first(self, batch)
+
+    def agree(got, ref):
+        checked.append(len(got))
+        return real_agree(got, ref)
+
+    monkeypatch.setattr(op.OnnxPredictor, "_first_batch", first)
+    monkeypatch.setattr(op, "argmax_agreement", agree)
+    with caplog.at_level("INFO"):
+        run = predict_scenes([scene], onnx_dir, tmp_path / "spread", device="cpu", precision="int8",
+                             vector_format=None)
+    assert run.scenes[0].status == "done"
+    assert len(firsts) == 1 and checked and all(n == firsts[0] + op.CHECK_SPREAD for n in checked)
+    assert f"the job's first batch and {op.CHECK_SPREAD} chips spread over the scene" in caplog.text
