@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError
+from geoseg.io.store import staged_file
 from geoseg.model.bundle import LoadedModel
 from geoseg.model.onnxrt import OnnxSession, import_ort, make_session, softmax
 from geoseg.model.quantize import (
@@ -51,10 +52,27 @@ MIN_AGREEMENT = 0.995  # as geoseg.predict.backends: the arg max must agree on t
 # trained 300 s (bench_peer): the first chip alone refused int8 at 83.6 % and 99.44 % where the scene as a whole
 # kept 99.8 % of its classes; each check chip costs one float32 and one int8 forward per step, once per process
 CHECK_SPREAD = 4
+INT8_CACHE_VERSION = 1  # bumped when quantize_onnx changes what it writes for the same inputs
 ONNX_PRECISIONS = ("auto", "fp32", "int8")
 
 __all__ = ["CHECK_SPREAD", "MIN_AGREEMENT", "ONNX_PRECISIONS", "DeviceName", "OnnxPredictor", "argmax_agreement",
            "onnx_device", "onnx_precision"]
+
+
+def int8_cache_path(fp32: Path, chips: np.ndarray, step: tuple[str, str]) -> Path:
+    """Where an int8 network quantised at predict time is kept for later runs (the system's temporary folder,
+    as fetched bundles are): named by the float32 network's bytes, the calibration chips, the step and the
+    ONNX Runtime version, so that a run with the same bundle does not quantise again (tens of seconds and
+    about 1 GB for a ResNet-18 U-Net)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with fp32.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(np.ascontiguousarray(chips, dtype=np.float32).tobytes())
+    h.update(repr((step, import_ort().__version__, INT8_CACHE_VERSION)).encode())
+    return Path(tempfile.gettempdir()) / "geoseg-int8" / f"{h.hexdigest()[:24]}.onnx"
 
 
 @dataclass(frozen=True)
@@ -190,9 +208,20 @@ class OnnxPredictor:
                         "job's first %d chip(s); export with --int8 to calibrate on training chips",
                         self.bundle.path, len(first))
             chips = first
+        level, calibration = step
+        cached = int8_cache_path(Path(self.fp32.path), chips, step)
+        if cached.is_file():
+            log.info("int8 (float32 kept: %s): the network quantised by an earlier run (%s)", step_name(step), cached)
+            return make_session(cached, self.device.type, self.backend)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with staged_file(cached) as tmp:
+                quantize_onnx(self.fp32.path, tmp, chips, level=level, calibration=calibration)
+            return make_session(cached, self.device.type, self.backend)
+        except OSError as exc:  # a temporary folder that cannot be written: quantise for this run only
+            log.debug("int8 cache %s not written (%s)", cached, exc)
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="geoseg-int8-")
-        level, calibration = step
         out = Path(self._tmp.name) / f"model.int8.{level}.{calibration}.onnx"
         quantize_onnx(self.fp32.path, out, chips, level=level, calibration=calibration)
         return make_session(out, self.device.type, self.backend)

@@ -385,3 +385,37 @@ def test_int8_is_checked_on_the_first_batch_and_chips_spread_over_the_scene(onnx
     assert run.scenes[0].status == "done"
     assert len(firsts) == 1 and checked and all(n == firsts[0] + op.CHECK_SPREAD for n in checked)
     assert f"the job's first batch and {op.CHECK_SPREAD} chips spread over the scene" in caplog.text
+
+
+def test_an_int8_network_quantised_at_predict_time_is_reused_by_the_next_run(onnx_bundle, tmp_path, monkeypatch,
+                                                                              caplog):
+    import tempfile
+
+    import geoseg.predict.onnx_predictor as op
+    from geoseg.predict.api import predict_scenes
+
+    import shutil
+
+    from geoseg.model.quantize import CALIBRATION_FILE, write_calibration
+
+    _, src, scene = onnx_bundle
+    onnx_dir = shutil.copytree(src, tmp_path / "m-onnx")  # a float32 bundle that carries calibration chips
+    write_calibration(onnx_dir / CALIBRATION_FILE, np.random.default_rng(5).normal(size=(4, 3, 64, 64)))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this test's own cache
+    (tmp_path / "tmp").mkdir()
+    calls: list[str] = []
+    real = op.quantize_onnx
+
+    def spy(src, dst, chips, **kw):
+        calls.append(str(dst))
+        return real(src, dst, chips, **kw)
+
+    monkeypatch.setattr(op, "quantize_onnx", spy)
+    first = predict_scenes([scene], onnx_dir, tmp_path / "a", device="cpu", precision="int8", vector_format=None)
+    assert len(calls) >= 1 and list((tmp_path / "tmp" / "geoseg-int8").glob("*.onnx"))
+    calls.clear()
+    with caplog.at_level("INFO"):
+        again = predict_scenes([scene], onnx_dir, tmp_path / "b", device="cpu", precision="int8", vector_format=None)
+    assert calls == [] and "quantised by an earlier run" in caplog.text
+    a, b = (rasterio.open(r.scenes[0].classes_path).read() for r in (first, again))
+    assert (a == b).all()
