@@ -126,7 +126,7 @@ opt_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "
                              help="Number format of the network. auto: bf16 on CUDA where supported (else fp16); "
                                   "on a CPU bf16 with Intel AMX, else fp32; an ONNX bundle fp32 (int8 when "
                                   "exported with --int8). int8: ONNX bundles only, checked against fp32 on the "
-                                  "first batch and 4 chips spread over the scene.")
+                                  "scene's first chip and 4 more spread over it.")
 opt_backend = click.option("--backend", type=click.Choice(["eager", "onnxruntime", "openvino", "auto"]),
                            default="eager", show_default=True,
                            help="What runs the network: eager PyTorch, or ONNX Runtime on the CPU (float32; "

@@ -229,8 +229,8 @@ def run_unit(unit: Unit, runtime: Runtime | None = None, advance: Advance | None
                                  rt.contract.input.std)
             try:
                 wants = getattr(rt.predictor, "wants_check_chips", None)
-                if wants is not None and wants():  # an int8 network not yet checked: a sample of the scene too
-                    rt.predictor.add_check_chips(_spread_chips(plan, reader))
+                if wants is not None and wants():  # an int8 network not yet checked: chips of the scene to check on
+                    rt.predictor.add_check_chips(_check_chips(plan, reader))
                 _Rolling(unit, rt, reader, store, result, advance).run(start)
             finally:
                 reader.close()
@@ -239,20 +239,21 @@ def run_unit(unit: Unit, runtime: Runtime | None = None, advance: Advance | None
     return result
 
 
-def _spread_chips(plan: Any, reader: SceneReader) -> np.ndarray:
-    """Up to :data:`~geoseg.predict.onnx_predictor.CHECK_SPREAD` chips of the scene's grid, evenly spread over
-    it (the first and last left out: the first batch has the scene's start), read as predict reads them;
-    chips less than half valid are skipped."""
-    from geoseg.predict.onnx_predictor import CHECK_SPREAD
+def _check_chips(plan: Any, reader: SceneReader) -> np.ndarray:
+    """The int8 check's :data:`~geoseg.predict.onnx_predictor.CHECK_CHIPS` chips of the scene's grid, the first
+    and others evenly spread over it, read as predict reads them (chips less than half valid are skipped): the
+    same chips in every run, whatever the reader threads do."""
+    from geoseg.predict.onnx_predictor import CHECK_CHIPS
 
     grid, info = plan.grid, plan.info
-    chips = list(grid)
-    picks = np.unique(np.linspace(0, len(chips) - 1, CHECK_SPREAD + 2).round().astype(int))[1:-1]
+    n = len(grid)
+    picks = np.unique(np.linspace(0, n - 1, CHECK_CHIPS + 1)[:-1].round().astype(int)) if n > 1 else [0]
     out = []
-    for i in picks:
-        data, valid = reader.read(clip_to_scene(chips[i].window, info.width, info.height), size=(grid.chip, grid.chip))
-        if valid.mean() >= 0.5:
-            out.append(data)
+    for i, chip in enumerate(grid):
+        if i in picks:
+            data, valid = reader.read(clip_to_scene(chip.window, info.width, info.height), size=(grid.chip, grid.chip))
+            if valid.mean() >= 0.5:
+                out.append(data)
     return np.stack(out) if out else np.zeros((0,), np.float32)
 
 

@@ -9,10 +9,12 @@ output is already the probabilities), in float32 or int8:
 - ``int8``: a network quantised by ONNX Runtime's static QDQ quantisation (:mod:`geoseg.model.quantize`):
   the bundle's own when it was exported with ``--int8``, else quantised here, at the job's start, on the
   calibration chips the bundle carries (``calibration.npz``) or, when it carries none, on the job's first
-  chips (said in a log line). Either way the int8 network is checked against the float32 one on the job's
-  first batch and, when the engine gives them (:meth:`OnnxPredictor.add_check_chips`), :data:`CHECK_SPREAD`
-  chips spread over the first scene: one chip (a CPU batch at 512 px) is too few pixels, and the first
-  chips of a scene share its first rows. Below :data:`MIN_AGREEMENT` of the pixels' arg max it is quantised again at the next step of
+  chips (said in a log line). Either way the int8 network is checked against the float32 one before its
+  first batch runs: on :data:`CHECK_CHIPS` chips of the job's first scene, its first chip and others spread
+  evenly over its grid, when the engine gives them (:meth:`OnnxPredictor.add_check_chips`), else on the
+  first batch. One chip (a CPU batch at 512 px) is too few pixels, the first chips of a scene share its
+  first rows, and which chip reaches the model first depends on the reader threads, so the engine's chips
+  make the check the same in every run. Below :data:`MIN_AGREEMENT` of the pixels' arg max it is quantised again at the next step of
   :data:`~geoseg.model.quantize.INT8_STEPS` (the decoder too in float32, then percentile instead of min-max
   activation ranges) and checked again; below the bar at the last step it refuses itself with a one-line
   reason.
@@ -48,14 +50,15 @@ from geoseg.model.quantize import (
 log = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.995  # as geoseg.predict.backends: the arg max must agree on this share of the first batch
-# chips spread over the job's first scene that join its first batch in the int8 check. Measured on two U-Nets
-# trained 300 s (bench_peer): the first chip alone refused int8 at 83.6 % and 99.44 % where the scene as a whole
-# kept 99.8 % of its classes; each check chip costs one float32 and one int8 forward per step, once per process
-CHECK_SPREAD = 4
+# chips of the job's first scene the int8 check runs on: its first and others evenly spread over its grid.
+# Measured on two U-Nets trained 300 s (bench_peer): the first chip alone refused int8 at 83.6 % and 99.44 %
+# where the scene as a whole kept 99.8 % of its classes; each check chip costs one float32 and one int8 forward
+# per step, once per process
+CHECK_CHIPS = 5
 INT8_CACHE_VERSION = 1  # bumped when quantize_onnx changes what it writes for the same inputs
 ONNX_PRECISIONS = ("auto", "fp32", "int8")
 
-__all__ = ["CHECK_SPREAD", "MIN_AGREEMENT", "ONNX_PRECISIONS", "DeviceName", "OnnxPredictor", "argmax_agreement",
+__all__ = ["CHECK_CHIPS", "MIN_AGREEMENT", "ONNX_PRECISIONS", "DeviceName", "OnnxPredictor", "argmax_agreement",
            "onnx_device", "onnx_precision"]
 
 
@@ -176,7 +179,7 @@ class OnnxPredictor:
             self.session = given or make_session(path, self.device.type, backend)
         self._checked = self.precision == "fp32"
         self._refused: InputError | None = None  # the first batch's refusal, raised again for every later batch
-        self._spread: np.ndarray | None = None  # chips spread over the first scene, checked with the first batch
+        self._spread: np.ndarray | None = None  # the engine's check chips (add_check_chips)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.agreement: float | None = None
 
@@ -197,6 +200,12 @@ class OnnxPredictor:
         if out.shape[1] == 1:  # one sigmoid channel: background and foreground
             out = np.concatenate([1 - out, out], axis=1)
         return out.astype(np.float32, copy=False)
+
+    def _in_slices(self, session: Any, x: np.ndarray, n: int) -> np.ndarray:
+        """Probabilities of ``x`` run ``n`` chips at a time, the job's batch: a runtime keeps the memory of the
+        largest batch it ran for the rest of the job."""
+        n = max(1, n)
+        return np.concatenate([self._probabilities(session, x[i:i + n]) for i in range(0, len(x), n)])
 
     def _quantize(self, first: np.ndarray, step: tuple[str, str]) -> Any:
         """An int8 network quantised from the float32 one at ``step`` (the convolutions of its float level kept
@@ -227,28 +236,29 @@ class OnnxPredictor:
         return make_session(out, self.device.type, self.backend)
 
     def wants_check_chips(self) -> bool:
-        """Whether the int8 check is still to come and would take chips spread over the scene."""
+        """Whether the int8 check is still to come and would take the engine's check chips."""
         return not self._checked and self._refused is None and self._spread is None and self.fp32 is not None
 
     def add_check_chips(self, chips: np.ndarray) -> None:
-        """Chips ``(N, C, H, W)`` float32, normalised, of the first batch's size, spread over the job's first
-        scene: the int8 check runs on them with the first batch (the engine reads them)."""
+        """Chips ``(N, C, H, W)`` float32, normalised, of the first batch's size, from the job's first scene
+        (its first chip and others spread over it): the int8 check runs on them instead of the first batch."""
         if len(chips):
             self._spread = np.ascontiguousarray(chips, dtype=np.float32)
 
     def _first_batch(self, first: np.ndarray) -> None:
-        """Make the int8 network if needed and check it against float32 on this batch and the spread chips;
-        refuse it below the bar."""
+        """Make the int8 network if needed and check it against float32 on the engine's check chips (else on
+        this first batch); refuse it below the bar."""
         if self.fp32 is None:
             log.warning("%s: an int8 export without its float32 network (%s); int8 runs unchecked against fp32",
                         self.bundle.path, FP32_FILE)
             self._checked = True
             return
         spread, self._spread = self._spread, None
-        batch = first if spread is None or spread.shape[1:] != first.shape[1:] else np.concatenate([first, spread])
-        where = (f"the job's first batch ({len(first)} chip(s))" if len(batch) == len(first) else
-                 f"the job's first batch and {len(batch) - len(first)} chips spread over the scene")
-        ref = self._probabilities(self.fp32, batch)
+        given = spread is not None and spread.shape[1:] == first.shape[1:]
+        batch = spread if spread is not None and given else first
+        where = (f"{len(batch)} chips of the scene (its first and others spread over it)" if given else
+                 f"the job's first batch ({len(first)} chip(s))")
+        ref = self._in_slices(self.fp32, batch, len(first))
         self.fp32.release()  # only the int8 network runs from here: the two never hold memory together
         start = int8_step(self.bundle) if self.int8_bundle else INT8_STEPS[0]  # an export's own step first
         agree, best = 0.0, (-1.0, start)
@@ -259,7 +269,7 @@ class OnnxPredictor:
                 self.session.release()
             if i or self.session is None:
                 self.session = self._quantize(batch, step)
-            self.agreement = agree = argmax_agreement(self._probabilities(self.session, batch), ref)
+            self.agreement = agree = argmax_agreement(self._in_slices(self.session, batch, len(first)), ref)
             best = max(best, (agree, step))
             log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on %s", step_name(step),
                      100 * agree, where)
@@ -269,8 +279,8 @@ class OnnxPredictor:
             # said once: the batches queued behind this one get the same error, not another round of quantising
             self.agreement = best[0]
             self._refused = InputError(
-                f"{self.bundle.path}: int8 agrees with fp32 on only {100 * best[0]:.2f} % of the pixels of the "
-                f"first batch and the check chips ({len(batch)} chip(s); best of {i + 1} quantisation(s), float32 kept: "
+                f"{self.bundle.path}: int8 agrees with fp32 on only {100 * best[0]:.2f} % of the pixels of "
+                f"{where} (best of {i + 1} quantisation(s), float32 kept: "
                 f"{step_name(best[1])}; at least {100 * MIN_AGREEMENT:.1f} % needed); use --precision fp32")
             raise self._refused
         self._checked = True
