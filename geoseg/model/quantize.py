@@ -59,7 +59,8 @@ INT8_STEPS: tuple[tuple[str, str], ...] = (("stem", "minmax"), ("decoder", "minm
 
 __all__ = ["CALIBRATIONS", "CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FLOAT_LEVELS", "FP32_FILE",
            "INT8_STEPS", "argmax_agreement", "bundle_calibration", "float_convolutions", "int8_backends", "int8_step",
-           "is_int8_bundle", "quantize_agreeing", "quantize_onnx", "read_calibration", "scene_chips", "step_name", "write_calibration"]
+           "is_int8_bundle", "quantize_agreeing", "quantize_onnx", "read_calibration", "scene_chips", "step_name",
+           "write_calibration"]
 
 
 def is_int8_bundle(bundle: Bundle) -> bool:

@@ -246,14 +246,13 @@ def _check_chips(plan: Any, reader: SceneReader) -> np.ndarray:
     from geoseg.predict.onnx_predictor import CHECK_CHIPS
 
     grid, info = plan.grid, plan.info
-    n = len(grid)
-    picks = np.unique(np.linspace(0, n - 1, CHECK_CHIPS + 1)[:-1].round().astype(int)) if n > 1 else [0]
+    cols = grid.shape[1]
     out = []
-    for i, chip in enumerate(grid):
-        if i in picks:
-            data, valid = reader.read(clip_to_scene(chip.window, info.width, info.height), size=(grid.chip, grid.chip))
-            if valid.mean() >= 0.5:
-                out.append(data)
+    for i in np.unique(np.linspace(0, len(grid) - 1, CHECK_CHIPS + 1)[:-1].round().astype(int)):
+        chip = grid.chip_at(*divmod(int(i), cols))  # grid order is row-major
+        data, valid = reader.read(clip_to_scene(chip.window, info.width, info.height), size=(grid.chip, grid.chip))
+        if valid.mean() >= 0.5:
+            out.append(data)
     return np.stack(out) if out else np.zeros((0,), np.float32)
 
 

@@ -14,9 +14,9 @@ output is already the probabilities), in float32 or int8:
   evenly over its grid, when the engine gives them (:meth:`OnnxPredictor.add_check_chips`), else on the
   first batch. One chip (a CPU batch at 512 px) is too few pixels, the first chips of a scene share its
   first rows, and which chip reaches the model first depends on the reader threads, so the engine's chips
-  make the check the same in every run. Below :data:`MIN_AGREEMENT` of the pixels' arg max it is quantised again at the next step of
-  :data:`~geoseg.model.quantize.INT8_STEPS` (the decoder too in float32, then percentile instead of min-max
-  activation ranges) and checked again; below the bar at the last step it refuses itself with a one-line
+  make the check the same in every run. Below :data:`MIN_AGREEMENT` of the pixels' arg max it is quantised
+  again at the next step of :data:`~geoseg.model.quantize.INT8_STEPS` (the decoder too in float32, then
+  percentile instead of min-max activation ranges) and checked again; below the bar at the last step it refuses itself with a one-line
   reason.
 
 ``auto`` is ``int8`` for a bundle exported with ``--int8`` and ``fp32`` for any other.
@@ -69,10 +69,9 @@ def int8_cache_path(fp32: Path, chips: np.ndarray, step: tuple[str, str]) -> Pat
     about 1 GB for a ResNet-18 U-Net)."""
     import hashlib
 
-    h = hashlib.sha256()
-    with fp32.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    from geoseg.model.bundle import bundle_digest
+
+    h = hashlib.sha256(bundle_digest([fp32]).encode())
     h.update(np.ascontiguousarray(chips, dtype=np.float32).tobytes())
     h.update(repr((step, import_ort().__version__, INT8_CACHE_VERSION)).encode())
     return Path(tempfile.gettempdir()) / "geoseg-int8" / f"{h.hexdigest()[:24]}.onnx"
@@ -218,21 +217,20 @@ class OnnxPredictor:
                         self.bundle.path, len(first))
             chips = first
         level, calibration = step
-        cached = int8_cache_path(Path(self.fp32.path), chips, step)
-        if cached.is_file():
-            log.info("int8 (float32 kept: %s): the network quantised by an earlier run (%s)", step_name(step), cached)
-            return make_session(cached, self.device.type, self.backend)
+        out = int8_cache_path(Path(self.fp32.path), chips, step)
+        if out.is_file():
+            log.info("int8 (float32 kept: %s): the network quantised by an earlier run (%s)", step_name(step), out)
+            return make_session(out, self.device.type, self.backend)
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            with staged_file(cached) as tmp:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with staged_file(out) as tmp:
                 quantize_onnx(self.fp32.path, tmp, chips, level=level, calibration=calibration)
-            return make_session(cached, self.device.type, self.backend)
         except OSError as exc:  # a temporary folder that cannot be written: quantise for this run only
-            log.debug("int8 cache %s not written (%s)", cached, exc)
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="geoseg-int8-")
-        out = Path(self._tmp.name) / f"model.int8.{level}.{calibration}.onnx"
-        quantize_onnx(self.fp32.path, out, chips, level=level, calibration=calibration)
+            log.debug("int8 cache %s not written (%s)", out, exc)
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="geoseg-int8-")
+            out = Path(self._tmp.name) / f"model.int8.{level}.{calibration}.onnx"
+            quantize_onnx(self.fp32.path, out, chips, level=level, calibration=calibration)
         return make_session(out, self.device.type, self.backend)
 
     def wants_check_chips(self) -> bool:
@@ -254,10 +252,10 @@ class OnnxPredictor:
             self._checked = True
             return
         spread, self._spread = self._spread, None
-        given = spread is not None and spread.shape[1:] == first.shape[1:]
-        batch = spread if spread is not None and given else first
-        where = (f"{len(batch)} chips of the scene (its first and others spread over it)" if given else
-                 f"the job's first batch ({len(first)} chip(s))")
+        if spread is not None and spread.shape[1:] == first.shape[1:]:
+            batch, where = spread, f"{len(spread)} chips of the scene (its first and others spread over it)"
+        else:
+            batch, where = first, f"the job's first batch ({len(first)} chip(s))"
         ref = self._in_slices(self.fp32, batch, len(first))
         self.fp32.release()  # only the int8 network runs from here: the two never hold memory together
         start = int8_step(self.bundle) if self.int8_bundle else INT8_STEPS[0]  # an export's own step first
