@@ -58,7 +58,8 @@ PERCENTILE = 99.999  # ONNX Runtime's default for its percentile calibration
 INT8_STEPS: tuple[tuple[str, str], ...] = (("stem", "minmax"), ("decoder", "minmax"), ("decoder", "percentile"))
 
 __all__ = ["CALIBRATIONS", "CALIBRATION_CHIPS", "CALIBRATION_FILE", "CALIBRATION_SIZE", "FLOAT_LEVELS", "FP32_FILE",
-           "INT8_STEPS", "argmax_agreement", "bundle_calibration", "float_convolutions", "int8_backends", "int8_step",
+           "INT8_STEPS", "argmax_agreement", "bundle_calibration", "class_agreement", "float_convolutions",
+           "int8_backends", "int8_step",
            "is_int8_bundle", "quantize_agreeing", "quantize_onnx", "read_calibration", "scene_chips", "step_name",
            "write_calibration"]
 
@@ -89,8 +90,13 @@ def argmax_agreement(probs: np.ndarray, reference: np.ndarray) -> float:
     """The fraction of pixels whose arg max over classes (axis 1) is the same in two ``(N, K, H, W)`` arrays of
     probabilities (one channel: the same side of 0.5)."""
     if probs.shape[1] == 1:
-        return float(((probs > 0.5) == (reference > 0.5)).mean())
-    return float((probs.argmax(1) == reference.argmax(1)).mean())
+        return class_agreement(probs > 0.5, reference > 0.5)
+    return class_agreement(probs.argmax(1), reference.argmax(1))
+
+
+def class_agreement(classes: np.ndarray, reference: np.ndarray) -> float:
+    """The fraction of pixels of the same class in two arrays of class indexes of one shape."""
+    return float((classes == reference).mean())
 
 
 def write_calibration(path: str | os.PathLike[str], chips: np.ndarray) -> Path:

@@ -41,6 +41,7 @@ from geoseg.model.quantize import (
     INT8_STEPS,
     argmax_agreement,
     bundle_calibration,
+    class_agreement,
     int8_step,
     is_int8_bundle,
     quantize_onnx,
@@ -166,6 +167,8 @@ class OnnxPredictor:
         module = model.module
         given = (module if backend == "onnxruntime" and isinstance(module, OnnxSession)
                  and module.device_type == self.device.type else None)
+        if given is None and isinstance(module, OnnxSession):
+            module.release()  # the loader's ONNX Runtime session (it checked the graph): not what runs here
         fp32_path = path.parent / FP32_FILE if self.int8_bundle else path
         self.fp32: Any = None  # an OnnxSession or OpenVinoSession
         if fp32_path.is_file():
@@ -200,11 +203,13 @@ class OnnxPredictor:
             out = np.concatenate([1 - out, out], axis=1)
         return out.astype(np.float32, copy=False)
 
-    def _in_slices(self, session: Any, x: np.ndarray, n: int) -> np.ndarray:
-        """Probabilities of ``x`` run ``n`` chips at a time, the job's batch: a runtime keeps the memory of the
-        largest batch it ran for the rest of the job."""
+    def _classes_in_slices(self, session: Any, x: np.ndarray, n: int) -> np.ndarray:
+        """The arg max class index ``(N, H, W)`` of ``x``'s probabilities, run ``n`` chips at a time, the job's
+        batch: a runtime keeps the memory of the largest batch it ran for the rest of the job, and only the
+        indexes are kept (the probabilities of the check chips would be 4 bytes a class a pixel)."""
         n = max(1, n)
-        return np.concatenate([self._probabilities(session, x[i:i + n]) for i in range(0, len(x), n)])
+        return np.concatenate([self._probabilities(session, x[i:i + n]).argmax(1).astype(np.uint16)
+                               for i in range(0, len(x), n)])
 
     def _quantize(self, first: np.ndarray, step: tuple[str, str]) -> Any:
         """An int8 network quantised from the float32 one at ``step`` (the convolutions of its float level kept
@@ -256,7 +261,7 @@ class OnnxPredictor:
             batch, where = spread, f"{len(spread)} chips of the scene (its first and others spread over it)"
         else:
             batch, where = first, f"the job's first batch ({len(first)} chip(s))"
-        ref = self._in_slices(self.fp32, batch, len(first))
+        ref = self._classes_in_slices(self.fp32, batch, len(first))
         self.fp32.release()  # only the int8 network runs from here: the two never hold memory together
         start = int8_step(self.bundle) if self.int8_bundle else INT8_STEPS[0]  # an export's own step first
         agree, best = 0.0, (-1.0, start)
@@ -267,7 +272,7 @@ class OnnxPredictor:
                 self.session.release()
             if i or self.session is None:
                 self.session = self._quantize(batch, step)
-            self.agreement = agree = argmax_agreement(self._in_slices(self.session, batch, len(first)), ref)
+            self.agreement = agree = class_agreement(self._classes_in_slices(self.session, batch, len(first)), ref)
             best = max(best, (agree, step))
             log.info("int8 (float32 kept: %s): %.4f %% arg max agreement with fp32 on %s", step_name(step),
                      100 * agree, where)

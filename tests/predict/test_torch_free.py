@@ -173,6 +173,43 @@ def test_openvino_runs_an_onnx_bundle_to_the_same_classes_without_torch(onnx_bun
         assert (a.read(1) == b.read(1)).mean() >= 0.9999
 
 
+def test_openvino_compiles_for_the_batch_shape_pads_a_short_batch_and_recompiles_for_another(onnx_bundle):
+    """OpenVINO's fixed-shape kernels are faster than its dynamic ones: the network is compiled for the shape
+    of the batches it runs; a job's shorter last batch is padded to it (the same probabilities as run alone),
+    a batch of another chip size compiles it again."""
+    pytest.importorskip("openvino")
+    from geoseg.model.onnxrt import OnnxSession, OpenVinoSession
+
+    _, onnx_dir, _ = onnx_bundle
+    ov, ort = OpenVinoSession(onnx_dir / "model.onnx"), OnnxSession(onnx_dir / "model.onnx")
+    x = np.random.default_rng(2).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    full = ov.run(x)
+    assert ov._shape == (3, 3, 64, 64) and full.shape == (3, 3, 64, 64)
+    request = ov.session()
+    short = ov.run(x[:1])  # padded to 3 chips, not recompiled
+    assert ov.session() is request and short.shape == (1, 3, 64, 64)
+    assert np.allclose(short, full[:1], atol=1e-5) and np.allclose(full, ort.run(x), atol=1e-4)
+    other = ov.run(x[:2, :, :32, :32])  # another chip size: compiled again
+    assert ov._shape == (2, 3, 32, 32) and ov.session() is not request
+    assert np.allclose(other, ort.run(x[:2, :, :32, :32]), atol=1e-4)
+
+
+def test_openvino_frees_the_loaders_onnx_runtime_session(onnx_bundle):
+    """The loader checks the graph in ONNX Runtime; with --backend openvino that session would hold a second
+    copy of the network for the whole job."""
+    from geoseg.model.onnxrt import load_onnx_model
+    from geoseg.predict.onnx_predictor import OnnxPredictor
+
+    _, onnx_dir, _ = onnx_bundle
+    loaded = load_onnx_model(onnx_dir)
+    assert loaded.module.loaded
+    OnnxPredictor(loaded, device="cpu", backend="openvino")
+    assert not loaded.module.loaded
+    loaded = load_onnx_model(onnx_dir)
+    pred = OnnxPredictor(loaded, device="cpu", backend="onnxruntime")
+    assert loaded.module.loaded and pred.session is loaded.module  # ONNX Runtime runs the loader's session
+
+
 def test_the_session_holds_one_run_of_activations_and_the_job_frees_it_before_finishing(onnx_bundle, tmp_path,
                                                                                       monkeypatch):
     """No memory pattern (it doubles the activation arena), and the network's memory goes once the chips are
@@ -337,7 +374,7 @@ def test_int8_below_the_bar_is_quantised_again_at_each_step_then_refused(onnx_bu
     monkeypatch.setattr(op.OnnxPredictor, "_quantize", spy)
     # the first step falls short of the bar and the second clears it
     answers = iter([0.9, 1.0])
-    monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: next(answers))
+    monkeypatch.setattr(op, "class_agreement", lambda got, ref: next(answers))
     with caplog.at_level("INFO"):
         run = predict_scenes([scene], onnx_dir, tmp_path / "ladder", device="cpu", precision="int8",
                              vector_format=None, batch_size=4)
@@ -348,7 +385,7 @@ def test_int8_below_the_bar_is_quantised_again_at_each_step_then_refused(onnx_bu
     # no step clears it; the message gives the best of them. One chip a batch: the batches queued behind the
     # first get its refusal, not another round of quantising
     answers = iter([0.9, 0.95, 0.93])
-    monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: next(answers))
+    monkeypatch.setattr(op, "class_agreement", lambda got, ref: next(answers))
     with pytest.raises(InputError, match=r"int8 agrees with fp32 on only 95\.00 % .*best of 3 quantisation\(s\), "
                                          r"float32 kept: decoder;"):
         predict_scenes([scene], onnx_dir, tmp_path / "refused", device="cpu", precision="int8",
@@ -366,21 +403,21 @@ def test_int8_is_checked_on_the_same_chips_of_the_scene_in_every_run(onnx_bundle
 
     _, onnx_dir, scene = onnx_bundle
     checked: list[np.ndarray] = []
-    real_agree = op.argmax_agreement
+    real_agree = op.class_agreement
 
     def agree(got, ref):
         checked.append(ref)
         assert 0 <= real_agree(got, ref) <= 1
         return 1.0  # this tiny random network's verdict is not the point here
 
-    monkeypatch.setattr(op, "argmax_agreement", agree)
+    monkeypatch.setattr(op, "class_agreement", agree)
     with caplog.at_level("INFO"):
         for k in range(2):
             run = predict_scenes([scene], onnx_dir, tmp_path / f"run{k}", device="cpu", precision="int8",
                                  vector_format=None, batch_size=1)
             assert run.scenes[0].status == "done"
     assert len(checked) >= 2 and all(len(r) == op.CHECK_CHIPS for r in checked)
-    assert np.array_equal(checked[0], checked[-1])  # the same chips, the same fp32 probabilities
+    assert np.array_equal(checked[0], checked[-1])  # the same chips, the same fp32 classes
     assert f"{op.CHECK_CHIPS} chips of the scene (its first and others spread over it)" in caplog.text
 
 
@@ -406,7 +443,7 @@ def test_an_int8_network_quantised_at_predict_time_is_reused_by_the_next_run(onn
         return real(src, dst, chips, **kw)
 
     monkeypatch.setattr(op, "quantize_onnx", spy)
-    monkeypatch.setattr(op, "argmax_agreement", lambda got, ref: 1.0)  # passes at the first step: one network
+    monkeypatch.setattr(op, "class_agreement", lambda got, ref: 1.0)  # passes at the first step: one network
     first = predict_scenes([scene], onnx_dir, tmp_path / "a", device="cpu", precision="int8", vector_format=None)
     assert len(calls) >= 1 and list((tmp_path / "tmp" / "geoseg-int8").glob("*.onnx"))
     calls.clear()
