@@ -66,6 +66,11 @@ geo-inference lives in its own virtual environment (``--venv``; made with ``pyth
 geo-inference==3.2.4`` on first use, about 2 min, reused afterwards), so its pins never touch ours. Only if that
 clean install fails is the venv made again with ``--system-site-packages``.
 
+``--cpu-isa NAME`` caps oneDNN's instruction set for every row, geo-inference's included (``ONEDNN_MAX_CPU_ISA``,
+read by PyTorch's and OpenVINO's CPU kernels and by geoseg's ``--precision auto``): ``--cpu-isa AVX512_CORE_BF16``
+runs an AMX machine as a CPU with AVX-512 VNNI and BF16 but no AMX. ONNX Runtime's kernels do not read it (its
+int8 convolutions use VNNI, not AMX; its float32 neither).
+
 With ``--repeats N`` each row runs N times (interleaved); the table shows the fastest times and the largest
 peak. Timings on a shared machine are noisy: compare ratios within one run only.
 """
@@ -375,7 +380,12 @@ def main() -> None:
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows")
     ap.add_argument("--keep", action="store_true", help="keep the scene, bundles, exports and outputs")
     ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
+    ap.add_argument("--cpu-isa", default=None, metavar="NAME",
+                    help="cap oneDNN's instruction set in every row (ONEDNN_MAX_CPU_ISA), e.g. AVX512_CORE_BF16: "
+                         "a CPU without AMX")
     args = ap.parse_args()
+    if args.cpu_isa:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.cpu_isa.upper()  # the children inherit it
 
     venv = ensure_venv(args.venv.resolve(), args.gi_spec)
     work = Path(tempfile.mkdtemp(prefix="geoseg-bench-peer-"))
@@ -490,7 +500,7 @@ def _bench(args: argparse.Namespace, venv: Path, work: Path) -> dict:
         "size": args.size, "repeats": args.repeats, "seed": args.seed, "chip": CHIP, "train_seconds": args.train_seconds,
         "inputs": inputs, "exports": exports, "rows": rows, "geo_inference": gi,
         "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0]},
+                    "python": sys.version.split()[0], "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")},
         "note": "seconds: fastest of the repeats; peak: largest; the CPU may have been shared",
     }
 
@@ -512,7 +522,9 @@ def _f(v: float | None, width: int, fmt: str) -> str:
 def _print(res: dict) -> None:
     gi, inputs = res["geo_inference"], res["inputs"]
     gi_s, gi_mb = min(gi["seconds"]), max(gi["peak_mb"])
-    print(f"\n{res['machine']['processor']}, {res['machine']['cpus']} CPUs")
+    isa = res["machine"].get("onednn_max_cpu_isa")
+    print(f"\n{res['machine']['processor']}, {res['machine']['cpus']} CPUs"
+          + (f", oneDNN capped at {isa} (ONEDNN_MAX_CPU_ISA)" if isa else ""))
     print(f"{res['size']}x{res['size']} 3-band uint8 scene, {inputs['architecture']} {inputs['encoder']} "
           f"({inputs['weights']}), {len(inputs['class_ids'])} classes, {CHIP} px chips, CPU; geo-inference "
           f"{res['venv']['geo_inference']} (torch {res['venv']['torch']}), geoseg torch {inputs['torch']}")

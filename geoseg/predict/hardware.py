@@ -11,7 +11,9 @@ Choices, and the measurements behind them (smp U-Net resnet18, 512 px chips, cha
 - CPU precision: bf16 autocast only where the CPU multiplies bf16 tiles natively (Intel AMX): there it
   measured ~3x faster per chip than fp32. On a CPU with AVX512-BF16 but no AMX it measured slower than fp32
   (0.28-0.30 s vs 0.20 s per chip on a 2-core Xeon whose hypervisor hides AMX), so ``auto`` stays fp32 there.
-  Detected from the CPU's feature flags (torch's own checks), never from the model name.
+  Detected from the CPU's feature flags (torch's own checks), never from the model name, and capped where
+  the environment caps oneDNN's instruction set (``ONEDNN_MAX_CPU_ISA``, read by PyTorch's and OpenVINO's CPU
+  kernels alike: ``AVX512_CORE_BF16`` runs an AMX machine as one without AMX).
 - CPU batch: about one 512 x 512 chip of pixels per batch (batch 1 at 512 px, 4 at 256, 16 at 128). A
   CPU runs a batch as one long convolution over every chip, so a larger batch does not run faster per
   chip (batch 8 at 512 px was 1.3x slower per chip than batch 1) and holds its activations in memory
@@ -90,11 +92,25 @@ def cpu_features() -> CpuFeatures:
 
     torch = sys.modules.get("torch")
     if torch is None:
-        return CpuFeatures(name, cpu_cores(), "amx_tile" in flags, "avx512_bf16" in flags)
-    cpu = getattr(torch, "cpu", None)
-    amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-    avx512_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+        amx, avx512_bf16 = "amx_tile" in flags, "avx512_bf16" in flags
+    else:
+        cpu = getattr(torch, "cpu", None)
+        amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+        avx512_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    cap = isa_cap()
+    if cap is not None:
+        amx = amx and "AMX" in cap
+        avx512_bf16 = avx512_bf16 and any(k in cap for k in ("BF16", "FP16", "AMX", "AVX10"))
     return CpuFeatures(name, cpu_cores(), amx, avx512_bf16)
+
+
+def isa_cap() -> str | None:
+    """The instruction set oneDNN is capped at by the environment (``ONEDNN_MAX_CPU_ISA``, or the older
+    ``DNNL_MAX_CPU_ISA``), upper case; ``None`` when uncapped (unset, ``ALL`` or ``DEFAULT``)."""
+    import os
+
+    value = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return None if value in ("", "ALL", "DEFAULT") else value
 
 
 def resolve_precision(precision: str, device: Any) -> str:

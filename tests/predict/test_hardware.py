@@ -35,12 +35,31 @@ def test_auto_precision_on_cpu_follows_the_detected_features(monkeypatch, amx, a
     assert hw.resolve_precision("fp32", "cpu") == "fp32" and hw.resolve_precision("bf16", "cpu") == "bf16"
 
 
-def test_cpu_features_are_detected_not_guessed():
+def test_cpu_features_are_detected_not_guessed(monkeypatch):
     import torch
 
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)
     f = hw.cpu_features()
     assert f.amx == torch.cpu._is_amx_tile_supported() and f.avx512_bf16 == torch.cpu._is_avx512_bf16_supported()
     assert f.cores >= 1 and f.name in f.describe()
+
+
+@pytest.mark.parametrize("cap, amx, bf16", [("avx512_core_bf16", False, True), ("AVX512_CORE_VNNI", False, False),
+                                            ("AVX2", False, False), ("AVX512_CORE_AMX", True, True),
+                                            ("ALL", True, True)])
+def test_an_instruction_set_capped_by_the_environment_caps_the_features(monkeypatch, cap, amx, bf16):
+    """ONEDNN_MAX_CPU_ISA caps PyTorch's and OpenVINO's CPU kernels: an AMX machine capped at AVX512_CORE_BF16
+    runs as one without AMX, so --precision auto must not pick bf16 there."""
+    import torch
+
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    f = hw.cpu_features()
+    assert f.amx == (amx and torch.cpu._is_amx_tile_supported())
+    assert f.avx512_bf16 == (bf16 and torch.cpu._is_avx512_bf16_supported())
+    if not f.amx:
+        assert hw.resolve_precision("auto", "cpu") == "fp32"
 
 
 def test_bad_precision_and_batch_are_refused():
