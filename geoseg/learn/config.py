@@ -197,6 +197,9 @@ class EarlyStoppingConfig(_Strict):
 
 
 UNBOUNDED_EPOCHS = 1_000_000
+FINE_TUNE_PASSES = 200.0
+"""Passes over the labelled training pixels after which a run from pretrained weights ends unless told
+otherwise (``passes``): measured on SpaceNet buildings over three seeds, benchmarks/RESULTS.md."""
 
 
 class TrainConfig(_Strict):
@@ -217,6 +220,10 @@ class TrainConfig(_Strict):
     epochs: int | None = Field(default=None, ge=1, description="passes over the training chips; default 20, or "
                                                                "as many as max_seconds allows when it is set")
     steps_per_epoch: int | None = Field(default=None, ge=1, description="batches per epoch; overrides samples_per_epoch")
+    passes: float | None = Field(default=None, gt=0, description=(
+        "most passes over the labelled training pixels (how often each is seen, on average): the schedule "
+        f"completes at this, epochs or max_seconds, whichever comes first; unset: {FINE_TUNE_PASSES:g} when "
+        "model.encoder_weights is set and epochs is not (fine-tuning a small set longer over-fits it), else no limit"))
     batch_size: int = Field(default=8, ge=1)
     max_seconds: float | None = Field(
         default=None, gt=0, description="time budget in seconds: the learning-rate schedule completes within it "
@@ -272,6 +279,13 @@ class TrainConfig(_Strict):
         if self.epochs is not None:
             return self.epochs
         return UNBOUNDED_EPOCHS if self.max_seconds else 20
+
+    @property
+    def pass_limit(self) -> float | None:
+        """``passes``; unset: :data:`FINE_TUNE_PASSES` from pretrained weights without ``epochs``, else none."""
+        if self.passes is not None:
+            return self.passes
+        return FINE_TUNE_PASSES if self.model.encoder_weights and self.epochs is None else None
 
     @property
     def overlap(self) -> int:

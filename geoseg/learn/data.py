@@ -198,22 +198,29 @@ class ChipRules:
         labelled = float(cov.labelled[r0:r1, c0:c1].sum()) / n_cells
         return valid >= self.min_valid and labelled >= max(self.min_labelled, 1e-9)
 
+    def _window_sum(self, cov: SceneCoverage, a: np.ndarray) -> np.ndarray:
+        """The sum of a per-cell grid over the chip at each cell-aligned origin."""
+        rows, cols = cov.shape
+        k = self.chip // cov.cell
+        kr, kc = min(k, rows), min(k, cols)
+        s = np.zeros((rows + 1, cols + 1), dtype=np.float64)
+        s[1:, 1:] = a.cumsum(0).cumsum(1)
+        return s[kr:, kc:] - s[:-kr, kc:] - s[kr:, :-kc] + s[:-kr, :-kc]
+
     def candidates(self, cov: SceneCoverage, split: str) -> np.ndarray:
         """Bool ``(rows, cols)``: cell-aligned chip origins (in cells) that the split may use."""
         rows, cols = cov.shape
         k = self.chip // cov.cell
-        kr, kc = min(k, rows), min(k, cols)
         n_cells = k * k
-
-        def window_sum(a: np.ndarray) -> np.ndarray:
-            s = np.zeros((rows + 1, cols + 1), dtype=np.float64)
-            s[1:, 1:] = a.cumsum(0).cumsum(1)
-            return s[kr:, kc:] - s[:-kr, kc:] - s[kr:, :-kc] + s[:-kr, :-kc]
-
-        in_split = window_sum((cov.split == SPLITS.index(split)).astype(np.float64)) == kr * kc
-        valid = window_sum(cov.valid) / n_cells >= self.min_valid
-        labelled = window_sum(cov.labelled) / n_cells >= max(self.min_labelled, 1e-9)
+        in_split = self._window_sum(cov, (cov.split == SPLITS.index(split)).astype(np.float64)) \
+            == min(k, rows) * min(k, cols)
+        valid = self._window_sum(cov, cov.valid) / n_cells >= self.min_valid
+        labelled = self._window_sum(cov, cov.labelled) / n_cells >= max(self.min_labelled, 1e-9)
         return in_split & valid & labelled
+
+    def labelled_pixels(self, cov: SceneCoverage) -> np.ndarray:
+        """Float ``(rows, cols)``: labelled pixels (with valid imagery) in the chip at each cell-aligned origin."""
+        return self._window_sum(cov, cov.labelled) * cov.cell * cov.cell
 
 
 class RandomChipSampler:
@@ -228,11 +235,16 @@ class RandomChipSampler:
         self.seed = seed
         self._origins: list[np.ndarray] = []
         self._cells: list[int] = []
+        labelled = 0.0
         for cov in coverages:
-            self._origins.append(np.argwhere(rules.candidates(cov, split)))
+            usable = rules.candidates(cov, split)
+            self._origins.append(np.argwhere(usable))
             self._cells.append(cov.cell)
+            labelled += float(rules.labelled_pixels(cov)[usable].sum())
         self.chip = rules.chip
         self.total = sum(len(o) for o in self._origins)
+        self.labelled_per_chip = labelled / self.total if self.total else 0.0
+        """Labelled pixels in a chip, on average over the usable origins (every one is equally likely)."""
 
     def __len__(self) -> int:
         return self.samples if self.total else 0
@@ -258,10 +270,17 @@ class GridChipSampler:
     def __init__(self, scenes: Sequence[TrainScene], coverages: Sequence[SceneCoverage], rules: ChipRules,
                  split: str, overlap: int = 0):
         self._locations: list[ChipLocation] = []
+        labelled = 0.0
         for s, cov in zip(scenes, coverages, strict=True):
             grid = ChipGrid(s.info.width, s.info.height, rules.chip, overlap)
-            self._locations.extend(ChipLocation(s.index, ch.window) for ch in grid
-                                   if rules.window_ok(cov, ch.window, split))
+            chips = [ch.window for ch in grid if rules.window_ok(cov, ch.window, split)]
+            self._locations.extend(ChipLocation(s.index, w) for w in chips)
+            c = cov.cell
+            labelled += sum(float(cov.labelled[int(w.row_off) // c:math.ceil((w.row_off + w.height) / c),
+                                               int(w.col_off) // c:math.ceil((w.col_off + w.width) / c)].sum())
+                            for w in chips) * c * c
+        self.labelled_per_chip = labelled / len(self._locations) if self._locations else 0.0
+        """Labelled pixels in a chip, on average over the grid's chips."""
 
     def locations(self, epoch: int = 0) -> list[ChipLocation]:
         return list(self._locations)

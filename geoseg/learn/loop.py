@@ -68,6 +68,20 @@ class Samples:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train) / self.batch_size)
 
+    @property
+    def passes_per_epoch(self) -> float:
+        """How often an epoch sees each labelled training pixel, on average."""
+        labelled = float(self.data.class_counts.sum())
+        return len(self.train) * self.train.labelled_per_chip / labelled if labelled else 0.0
+
+    def step_limit(self, cfg: TrainConfig) -> int:
+        """Optimiser steps of the whole run: ``epochs`` of them, or fewer where ``passes`` binds first."""
+        steps = self.steps_per_epoch * cfg.epoch_limit
+        limit = cfg.pass_limit
+        if limit is not None and self.passes_per_epoch > 0:
+            steps = min(steps, math.ceil(limit / self.passes_per_epoch * self.steps_per_epoch))
+        return max(steps, 1)
+
 
 @dataclass
 class Progress:
@@ -81,7 +95,7 @@ class Progress:
     best_scores: dict[str, Any] = field(default_factory=dict)
     chips: int = 0  # training chips seen
     seconds: float = 0.0  # wall time of the run's epochs (every session of a resumed run)
-    stopped_by: str = "epochs"  # epochs, max_seconds or early_stopping
+    stopped_by: str = "epochs"  # epochs, passes, max_seconds or early_stopping
 
 
 @dataclass
@@ -125,8 +139,8 @@ class Trainer:
         if cfg.optimizer.ema is not None:  # torch's own EMA; normalisation statistics are averaged too
             swa = torch.optim.swa_utils
             ema = swa.AveragedModel(net, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.optimizer.ema), use_buffers=True)
-        schedule = Schedule(cfg.optimizer.schedule, cfg.optimizer.lr, opt, samples.steps_per_epoch * cfg.epoch_limit,
-                            cfg.max_seconds, cfg.optimizer.warmup)
+        schedule = Schedule(cfg.optimizer.schedule, cfg.optimizer.lr, opt, samples.step_limit(cfg), cfg.max_seconds,
+                            cfg.optimizer.warmup)
         freeze = EncoderFreeze(net, cfg.model.freeze_encoder_fraction, cfg.model.freeze_bn) \
             if cfg.model.freeze_encoder_fraction > 0 else None
         return cls(cfg, device, net, criterion, opt, schedule, scaler, use_amp, amp_dtype,

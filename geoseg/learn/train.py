@@ -127,8 +127,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _config_hash(cfg: TrainConfig) -> str:
     d = cfg.model_dump(mode="json")
     # what may change between an interrupted run and its resumption
-    for key in ("epochs", "max_seconds", "device", "threads", "plots", "tensorboard", "preview_chips", "early_stopping",
-                "keep"):
+    for key in ("epochs", "passes", "max_seconds", "device", "threads", "plots", "tensorboard", "preview_chips",
+                "early_stopping", "keep"):
         d.pop(key, None)
     d["data"].pop("workers", None)
     # keys at their defaults: the hash of a run begun before the keys existed
@@ -292,7 +292,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         if state.get("config_hash") != cfg_hash or "progress" not in state:
             raise ConfigError(f"{out / 'config.yaml'}: the config differs from the interrupted run's (other than "
-                              "epochs, max_seconds, device or early stopping); resume with the same config or "
+                              "epochs, passes, max_seconds, device or early stopping); resume with the same config or "
                               "start a new run")
         done = trainer.restore(state)
         ended = done.epoch >= cfg.epoch_limit or trainer.schedule.done or (
@@ -313,8 +313,10 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     trainer.net.load_state_dict(used_weights(trainer.net, best["model"]))
     done.best_scores = dict(best.get("scores") or {})
-    _say_what_the_budget_bought(cfg, done)
-    bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history, _summary(cfg, done), out)
+    passes = done.chips / max(len(samples.train), 1) * samples.passes_per_epoch
+    _say_what_the_budget_bought(cfg, done, passes)
+    bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history,
+                               _summary(cfg, done, passes), out)
     if cfg.plots:
         plots(cfg, samples.data, samples.val, trainer.net, device, done.history, done.best_scores, out / "plots")
     return TrainResult(bundle_path, out, done.best_scores, int(best["epoch"]), len(done.history),
@@ -361,14 +363,14 @@ def _fit(cfg: TrainConfig, samples: Samples, trainer: Trainer, done: Progress, o
             done.history.append(row)
             done.epoch, done.seconds = epoch, clock()
             _keep_epoch(cfg, trainer, done, row, val_scores, mode, out / "checkpoints" / "best.ckpt")
-            if trainer.schedule.done and done.epoch < cfg.epoch_limit:
-                done.stopped_by = "max_seconds"
+            if trainer.schedule.done and done.epoch < cfg.epoch_limit:  # the passes or the time budget
+                done.stopped_by = "passes" if trainer.schedule.steps >= trainer.schedule.total_steps else "max_seconds"
             _atomic_save(trainer.checkpoint(done, cfg_hash), out / "checkpoints" / "last.ckpt")
             write_csv(out / "metrics.csv", done.history)
             tb.log(row, epoch)
             log.info("epoch %d/%s: %s", epoch, shown(cfg.epoch_limit),
                      ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
-            if done.stopped_by == "max_seconds":
+            if done.stopped_by in ("passes", "max_seconds"):
                 break
     finally:
         tb.close()
@@ -391,15 +393,17 @@ def _keep_epoch(cfg: TrainConfig, trainer: Trainer, done: Progress, row: dict[st
                      best_path)
 
 
-def _summary(cfg: TrainConfig, done: Progress) -> dict[str, Any]:
-    return {"epochs_run": done.epoch, "chips_seen": done.chips, "seconds": round(done.seconds, 1),
+def _summary(cfg: TrainConfig, done: Progress, passes: float) -> dict[str, Any]:
+    return {"epochs_run": done.epoch, "chips_seen": done.chips, "passes": round(passes, 1),
+            "seconds": round(done.seconds, 1),
             "best_epoch": done.best_epoch, "kept": cfg.keep, "stopped_by": done.stopped_by}
 
 
-def _say_what_the_budget_bought(cfg: TrainConfig, done: Progress) -> None:
+def _say_what_the_budget_bought(cfg: TrainConfig, done: Progress, passes: float) -> None:
     best = done.best_scores.get("miou")
-    log.info("trained %d epoch(s), %d chips in %.0f s (stopped by %s); kept epoch %d (%s)%s", done.epoch,
-                done.chips, done.seconds, done.stopped_by.replace("_", " "), done.best_epoch, cfg.keep,
+    log.info("trained %d epoch(s), %d chips (%.0f passes over the labelled pixels) in %.0f s (stopped by %s); "
+             "kept epoch %d (%s)%s", done.epoch, done.chips, passes, done.seconds, done.stopped_by.replace("_", " "),
+             done.best_epoch, cfg.keep,
                 f", validation mean IoU {best:.3f}" if isinstance(best, float) else "")
 
 __all__ = ["train", "TrainResult", "TrainProgress", "LOSSES", "build_loss", "build_model", "make_contract"]

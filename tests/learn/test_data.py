@@ -195,3 +195,34 @@ def test_missing_or_bad_inputs_raise_input_errors(tmp_path):
         prepare_data(config_from_dict(tiny_config(image, tmp_path / "nope.tif")))
     with pytest.raises(InputError, match="bands"):
         prepare_data(config_from_dict(tiny_config(image, labels, data={"bands": [1, 4]})))
+
+
+def test_samplers_know_how_many_labelled_pixels_a_chip_holds(tmp_path):
+    # what sizes a run by passes over the labelled pixels (config passes): checked against the labels themselves
+    image, labels = write_scene(tmp_path)
+    data = prepare_data(config_from_dict(tiny_config(image, labels, data={"val_fraction": 0.0})))
+    labelled = label_array() != 0  # the image is nodata exactly where the labels are
+    rules = ChipRules(32, 0.5, 0.01)
+    cell = data.coverages[0].cell
+    rnd = RandomChipSampler(data.coverages, rules, "train", 10, seed=0)
+    want = np.mean([labelled[r * cell: r * cell + 32, c * cell: c * cell + 32].sum() for r, c in rnd._origins[0]])
+    assert rnd.labelled_per_chip == pytest.approx(want)
+    grid = GridChipSampler(data.scenes, data.coverages, rules, "train")
+    want = np.mean([labelled[int(loc.window.row_off): int(loc.window.row_off) + 32,
+                             int(loc.window.col_off): int(loc.window.col_off) + 32].sum() for loc in grid])
+    assert grid.labelled_per_chip == pytest.approx(want) and 32 * 32 * 0.5 < want < 32 * 32
+    assert int(data.class_counts.sum()) == labelled.sum()
+
+
+def test_sparse_labels_hold_few_labelled_pixels_per_chip(tmp_path):
+    image, _ = write_scene(tmp_path)
+    lab = np.zeros((128, 128), dtype=np.uint8)
+    lab[40:50, 40:50] = 3  # one small polygon
+    lab[90:96, 100:110] = 1
+    labels = write_raster(tmp_path / "sparse.tif", lab, nodata=0, transform=TRANSFORM)
+    data = prepare_data(config_from_dict(tiny_config(image, labels, data={"val_fraction": 0.0})))
+    rnd = RandomChipSampler(data.coverages, ChipRules(32, 0.5, 0.01), "train", 10, seed=0)
+    cell = data.coverages[0].cell
+    want = np.mean([(lab[r * cell: r * cell + 32, c * cell: c * cell + 32] != 0).sum() for r, c in rnd._origins[0]])
+    assert rnd.labelled_per_chip == pytest.approx(want) and 10 < want < 100  # a chip sees part of the 160
+    assert int(data.class_counts.sum()) == 160

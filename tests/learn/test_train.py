@@ -264,6 +264,27 @@ def test_a_time_budget_ends_the_run_with_its_schedule_complete_and_says_what_it_
     assert 0 < training["seconds"] <= 4.0 + 3.0  # the budget, and the last validation it kept time for
 
 
+def test_passes_over_the_labelled_pixels_end_the_run_with_its_schedule_complete(tmp_path, scene):
+    cfg = tiny_config(*scene, epochs=None, steps_per_epoch=2, max_seconds=600.0, passes=3.0,
+                      optimizer={"schedule": "onecycle"})
+    res = train(cfg, tmp_path / "run")
+    training = json.loads((res.bundle_path / "model.json").read_text())["metadata"]["training"]
+    assert res.stopped_by == training["stopped_by"] == "passes"
+    per_step = training["passes"] / (res.chips_seen / 4)  # 4 chips a step
+    assert 3.0 <= training["passes"] < 3.0 + per_step + 1e-6  # the step that reached 3 passes was the last
+    assert res.history[-1]["lr"] < 1e-3 / 100  # annealed within the passes
+    assert training["seconds"] < 600
+
+
+def test_pretrained_weights_cap_the_passes_unless_told_otherwise(scene):
+    weights = {"encoder_weights": "encoder.safetensors"}
+    assert config_from_dict(tiny_config(*scene, epochs=None, max_seconds=60.0, model=weights)).pass_limit == 200
+    assert config_from_dict(tiny_config(*scene, epochs=None, model=weights)).pass_limit == 200
+    assert config_from_dict(tiny_config(*scene, epochs=None, max_seconds=60.0)).pass_limit is None  # from scratch
+    assert config_from_dict(tiny_config(*scene, epochs=50, model=weights)).pass_limit is None  # epochs decide
+    assert config_from_dict(tiny_config(*scene, epochs=50, model=weights, passes=10)).pass_limit == 10
+
+
 def test_a_bundle_holds_only_the_weights_its_network_uses(tmp_path, scene):
     from geoseg.model.weights import load_model
 
@@ -384,7 +405,7 @@ def test_keep_may_change_on_resume_and_an_unset_ema_keeps_older_runs_resumable(s
     import hashlib
 
     d = base.model_dump(mode="json")
-    for key in ("epochs", "max_seconds", "device", "threads", "plots", "tensorboard", "preview_chips",
+    for key in ("epochs", "passes", "max_seconds", "device", "threads", "plots", "tensorboard", "preview_chips",
                 "early_stopping", "keep"):
         d.pop(key)
     d["data"].pop("workers")
