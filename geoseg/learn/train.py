@@ -368,7 +368,7 @@ def _fit(cfg: TrainConfig, samples: Samples, trainer: Trainer, done: Progress, o
             _atomic_save(trainer.checkpoint(done, cfg_hash), out / "checkpoints" / "last.ckpt")
             write_csv(out / "metrics.csv", done.history)
             tb.log(row, epoch)
-            log.info("epoch %d/%s: %s", epoch, shown(cfg.epoch_limit),
+            log.info("epoch %d%s: %s", epoch, f"/{shown(cfg.epoch_limit)}" if shown(cfg.epoch_limit) else "",
                      ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
             if done.stopped_by in ("passes", "max_seconds"):
                 break
