@@ -299,7 +299,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
             cfg.early_stopping.patience is not None and done.bad_epochs >= cfg.early_stopping.patience)
         if ended:  # (killed before its bundle was written): the bundle from the best checkpoint
             log.warning("%s: the run already ended (%d epochs, %.0f s, stopped by %s); writing its bundle. Raise "
-                        "epochs or max_seconds to train on", out, done.epoch, done.seconds, done.stopped_by)
+                        "epochs, passes or max_seconds to train on", out, done.epoch, done.seconds, done.stopped_by)
         else:
             log.info("resuming %s at epoch %d", out, done.epoch + 1)
             done.stopped_by = "epochs"
