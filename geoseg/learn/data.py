@@ -182,20 +182,26 @@ class ChipRules:
     min_valid: float
     min_labelled: float
 
-    def window_ok(self, cov: SceneCoverage, window: Window, split: str) -> bool:
+    @staticmethod
+    def cells(cov: SceneCoverage, window: Window) -> tuple[slice, slice]:
+        """The coverage cells a window covers (within the scene; empty slices for a window outside it)."""
         c = cov.cell
         rows, cols = cov.shape
         r0, c0 = max(int(window.row_off) // c, 0), max(int(window.col_off) // c, 0)
         r1 = min(math.ceil((window.row_off + window.height) / c), rows)
         c1 = min(math.ceil((window.col_off + window.width) / c), cols)
-        if r1 <= r0 or c1 <= c0:
+        return slice(r0, max(r1, r0)), slice(c0, max(c1, c0))
+
+    def window_ok(self, cov: SceneCoverage, window: Window, split: str) -> bool:
+        rs, cs = self.cells(cov, window)
+        if rs.stop <= rs.start or cs.stop <= cs.start:
             return False
-        if not (cov.split[r0:r1, c0:c1] == SPLITS.index(split)).all():
+        if not (cov.split[rs, cs] == SPLITS.index(split)).all():
             return False
         # cells past the scene edge (small scenes) count as invalid
-        n_cells = math.ceil(window.height / c) * math.ceil(window.width / c)
-        valid = float(cov.valid[r0:r1, c0:c1].sum()) / n_cells
-        labelled = float(cov.labelled[r0:r1, c0:c1].sum()) / n_cells
+        n_cells = math.ceil(window.height / cov.cell) * math.ceil(window.width / cov.cell)
+        valid = float(cov.valid[rs, cs].sum()) / n_cells
+        labelled = float(cov.labelled[rs, cs].sum()) / n_cells
         return valid >= self.min_valid and labelled >= max(self.min_labelled, 1e-9)
 
     def _window_sum(self, cov: SceneCoverage, a: np.ndarray) -> np.ndarray:
@@ -275,10 +281,7 @@ class GridChipSampler:
             grid = ChipGrid(s.info.width, s.info.height, rules.chip, overlap)
             chips = [ch.window for ch in grid if rules.window_ok(cov, ch.window, split)]
             self._locations.extend(ChipLocation(s.index, w) for w in chips)
-            c = cov.cell
-            labelled += sum(float(cov.labelled[int(w.row_off) // c:math.ceil((w.row_off + w.height) / c),
-                                               int(w.col_off) // c:math.ceil((w.col_off + w.width) / c)].sum())
-                            for w in chips) * c * c
+            labelled += sum(float(cov.labelled[rules.cells(cov, w)].sum()) for w in chips) * cov.cell * cov.cell
         self.labelled_per_chip = labelled / len(self._locations) if self._locations else 0.0
         """Labelled pixels in a chip, on average over the grid's chips."""
 

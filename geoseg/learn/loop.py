@@ -68,11 +68,14 @@ class Samples:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train) / self.batch_size)
 
+    def passes(self, chips: int) -> float:
+        """How often ``chips`` training chips see each labelled training pixel, on average."""
+        labelled = float(self.data.class_counts.sum())
+        return chips * self.train.labelled_per_chip / labelled if labelled else 0.0
+
     @property
     def passes_per_epoch(self) -> float:
-        """How often an epoch sees each labelled training pixel, on average."""
-        labelled = float(self.data.class_counts.sum())
-        return len(self.train) * self.train.labelled_per_chip / labelled if labelled else 0.0
+        return self.passes(len(self.train))
 
     def step_limit(self, cfg: TrainConfig) -> int:
         """Optimiser steps of the whole run: ``epochs`` of them, or fewer where ``passes`` binds first."""

@@ -313,7 +313,7 @@ def _run(cfg: TrainConfig, out: Path, resume: bool, progress: ProgressCallback |
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     trainer.net.load_state_dict(used_weights(trainer.net, best["model"]))
     done.best_scores = dict(best.get("scores") or {})
-    passes = done.chips / max(len(samples.train), 1) * samples.passes_per_epoch
+    passes = samples.passes(done.chips)
     _say_what_the_budget_bought(cfg, done, passes)
     bundle_path = write_bundle(cfg, samples.data, trainer.net, done.best_scores, done.history,
                                _summary(cfg, done, passes), out)
@@ -403,7 +403,6 @@ def _say_what_the_budget_bought(cfg: TrainConfig, done: Progress, passes: float)
     best = done.best_scores.get("miou")
     log.info("trained %d epoch(s), %d chips (%.0f passes over the labelled pixels) in %.0f s (stopped by %s); "
              "kept epoch %d (%s)%s", done.epoch, done.chips, passes, done.seconds, done.stopped_by.replace("_", " "),
-             done.best_epoch, cfg.keep,
-                f", validation mean IoU {best:.3f}" if isinstance(best, float) else "")
+             done.best_epoch, cfg.keep, f", validation mean IoU {best:.3f}" if isinstance(best, float) else "")
 
 __all__ = ["train", "TrainResult", "TrainProgress", "LOSSES", "build_loss", "build_model", "make_contract"]
